@@ -5,6 +5,7 @@ Quantization: Towards Lossless CNNs with Low-Precision Weights", ICLR 2017,
 Algorithm 1.
 """
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
@@ -104,17 +105,6 @@ def inq(bits: int, *, strategy: str = "magnitude",
                             params),
         n1=jax.tree.map(layer_n1, params, selected))
 
-  @jax.jit
-  def step_core(params, state, counts, key):
-    selected = partition_lib.quantizable_mask(params, quantizable)
-    frozen = partition_lib.extend_masks(params, state.frozen, counts,
-                                        selected, strategy, key)
-    params = jax.tree.map(
-        lambda w, f, n1, sel: jnp.where(f, pow2.pow2_quantize(w, bits, n1=n1),
-                                        w) if sel else w,
-        params, frozen, state.n1, selected)
-    return params, INQState(frozen=frozen, n1=state.n1)
-
   def step_fn(params: PyTree, state: INQState, portion,
               key: Optional[jax.Array] = None) -> Tuple[PyTree, INQState]:
     partition_lib.check_strategy(strategy, key)
@@ -128,9 +118,27 @@ def inq(bits: int, *, strategy: str = "magnitude",
     check_finite_quantizable(
         params, partition_lib.quantizable_mask(params, quantizable))
     counts = partition_lib.frozen_counts(params, portion)
-    return step_core(params, state, counts, key)
+    return _step_core(params, state, counts, key, bits=bits,
+                      strategy=strategy, quantizable=quantizable)
 
   return INQ(init=init_fn, step=step_fn)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("bits", "strategy", "quantizable"))
+def _step_core(params, state, counts, key, *, bits, strategy, quantizable):
+  """Jitted body of an INQ step: extend the masks, quantize what is frozen.
+
+  Module-level so that quantizers with equal settings share compilations.
+  """
+  selected = partition_lib.quantizable_mask(params, quantizable)
+  frozen = partition_lib.extend_masks(params, state.frozen, counts, selected,
+                                      strategy, key)
+  params = jax.tree.map(
+      lambda w, f, n1, sel: jnp.where(f, pow2.pow2_quantize(w, bits, n1=n1), w)
+      if sel else w,
+      params, frozen, state.n1, selected)
+  return params, INQState(frozen=frozen, n1=state.n1)
 
 
 def check_finite_quantizable(params: PyTree, selected: PyTree) -> None:

@@ -14,7 +14,7 @@ One bit flags zero and ``b - 1`` bits index ``2^(b-2)`` signed magnitudes, so
 ``P`` has ``2^(b-1) + 1`` values (2 bits is ternary ``{0, ±2^n1}``).
 """
 
-from typing import Optional
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -126,10 +126,13 @@ def pow2_quantize(w, bits: int, *, n1=None) -> jax.Array:
   validation.check_floating(w, "w")
   validation.check_finite(w, "w")
   if n1 is None:
-    n1, n2 = pow2_exponents(jnp.max(jnp.abs(w)), bits)
-  else:
-    n1 = jnp.asarray(n1, jnp.int32)
-    n2 = n1 + 1 - num_magnitudes(bits)
+    n1, _ = pow2_exponents(jnp.max(jnp.abs(w)), bits)
+  return _quantize_core(w, jnp.asarray(n1, jnp.int32), bits)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _quantize_core(w: jax.Array, n1: jax.Array, bits: int) -> jax.Array:
+  n2 = n1 + 1 - num_magnitudes(bits)
   abs_w = jnp.abs(w)
   exponent = jnp.clip(_round_exponent(abs_w), n2, n1)
   magnitude = jnp.ldexp(jnp.ones_like(w), exponent)
@@ -168,9 +171,13 @@ def pow2_encode(q, bits: int, n1) -> jax.Array:
   Returns:
     uint8 codes of the shape of ``q``.
   """
-  bits = check_bits(bits)
-  q = jnp.asarray(q)
-  n2 = jnp.asarray(n1, jnp.int32) + 1 - num_magnitudes(bits)
+  return _encode_core(jnp.asarray(q), jnp.asarray(n1, jnp.int32),
+                      check_bits(bits))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _encode_core(q: jax.Array, n1: jax.Array, bits: int) -> jax.Array:
+  n2 = n1 + 1 - num_magnitudes(bits)
   _, exponent = jnp.frexp(jnp.abs(q))
   magnitude_field = jnp.where(q != 0, exponent.astype(jnp.int32) - n2, 0)
   sign_field = jnp.where(q < 0, 1 << (bits - 1), 0)
@@ -189,9 +196,15 @@ def pow2_decode(codes, bits: int, n1, dtype=jnp.float32) -> jax.Array:
   Returns:
     ``(-1)^sign_bit · 2^(n2 + m - 1)``, or 0 where ``m == 0``.
   """
-  bits = check_bits(bits)
-  codes = jnp.asarray(codes).astype(jnp.int32)
-  n2 = jnp.asarray(n1, jnp.int32) + 1 - num_magnitudes(bits)
+  return _decode_core(jnp.asarray(codes), jnp.asarray(n1, jnp.int32),
+                      check_bits(bits), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _decode_core(codes: jax.Array, n1: jax.Array, bits: int,
+                 dtype) -> jax.Array:
+  codes = codes.astype(jnp.int32)
+  n2 = n1 + 1 - num_magnitudes(bits)
   magnitude_field = codes & ((1 << (bits - 1)) - 1)
   value = jnp.ldexp(jnp.ones(codes.shape, dtype), n2 + magnitude_field - 1)
   value = jnp.where(codes >> (bits - 1) == 1, -value, value)

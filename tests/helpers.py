@@ -1,0 +1,38 @@
+"""Utilities shared by the tests."""
+
+import contextlib
+import pathlib
+
+import jax
+import pytest
+
+REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / (
+    "reference")
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def reference_file(name: str) -> pathlib.Path:
+  """Path of a shared reference file, skipping the test when it is absent."""
+  path = REFERENCE_DIR / name
+  if not path.exists():
+    pytest.skip(f"reference data {path} is not available")
+  return path
+
+
+@contextlib.contextmanager
+def count_compilations():
+  """Counts XLA backend compilations inside the block: ``with ... as n:``
+  then ``n[0]``."""
+  count = [0]
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == _COMPILE_EVENT:
+      count[0] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield count
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
