@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from inq_jax import partition as partition_lib
+from inq_jax import partitioning as partition_lib
 from inq_jax import validation
 
 PyTree = Any

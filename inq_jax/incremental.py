@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from inq_jax import partition as partition_lib
+from inq_jax import partitioning as partition_lib
 from inq_jax import pow2
 from inq_jax import validation
 

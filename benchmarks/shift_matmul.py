@@ -1,0 +1,146 @@
+"""Times the shift-matmul kernel (4- and 8-bit codes) against a bf16 jnp.dot.
+
+Usage::
+
+    python -m benchmarks.shift_matmul            # full sweep (accelerator)
+    python -m benchmarks.shift_matmul --quick    # tiny sizes, seconds on CPU
+
+Prints median times, speedups over the bf16 dot, and the weight bandwidth
+(packed weight bytes / time) as a share of the device's peak HBM bandwidth;
+writes JSON to ``benchmarks/results/shift_matmul_<device>.json``. On CPU the
+kernel runs in the Pallas interpreter: those numbers say nothing about GPU or
+TPU performance and are labelled so.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from inq_jax import packing
+from inq_jax import shift_kernel as sm
+
+# Peak HBM bandwidth in bytes/s by jax device_kind (vendor data sheets).
+PEAK_BANDWIDTH = {
+    "NVIDIA H100 80GB HBM3": 3.35e12,
+    "NVIDIA H100 SXM": 3.35e12,
+    "NVIDIA H100 PCIe": 2.0e12,
+    "NVIDIA H200": 4.8e12,
+    "NVIDIA A100-SXM4-80GB": 2.039e12,
+    "NVIDIA A100-SXM4-40GB": 1.555e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 8.19e11,
+    "TPU v5e": 8.19e11,
+    "TPU v5p": 2.765e12,
+    "TPU v6 lite": 1.64e12,
+}
+FULL_M = (1, 8, 16, 64, 256, 1024, 4096)
+FULL_KN = (4096, 8192)
+QUICK_M = (1, 8)
+QUICK_KN = (128,)
+
+
+def _median_seconds(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _random_packed(bits: int, k: int, n: int) -> packing.PackedPow2:
+  """Uniform random codes: the kernel's cost does not depend on values."""
+  rows = packing.round_up(k, packing.default_k_tile(k)) // \
+      packing.codes_per_byte(bits)
+  data = jax.random.randint(jax.random.key(bits), (rows, n), 0, 2**8,
+                            jnp.int32).astype(jnp.uint8)
+  if bits > 4:
+    data = data & jnp.uint8(2**bits - 1)
+  return packing.PackedPow2(data=data, n1=jnp.int32(-3), shape=(k, n),
+                            bits=bits, k_tile=packing.default_k_tile(k))
+
+
+def run(ms, kns, repeats: int):
+  device = jax.devices()[0]
+  kind = device.device_kind
+  peak = PEAK_BANDWIDTH.get(kind)
+  rows = []
+  for kn in kns:
+    dense_w = jax.random.normal(jax.random.key(0), (kn, kn), jnp.bfloat16)
+    packs = {bits: _random_packed(bits, kn, kn) for bits in (4, 8)}
+    for m in ms:
+      x = jax.random.normal(jax.random.key(1), (m, kn), jnp.bfloat16)
+      dense = _median_seconds(
+          jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32
+                                       ).astype(jnp.bfloat16)),
+          x, dense_w, repeats=repeats)
+      row = {"m": m, "k": kn, "n": kn, "dense_bf16_s": dense,
+             "dense_weight_bw": dense_w.nbytes / dense}
+      for bits, packed in packs.items():
+        seconds = _median_seconds(jax.jit(sm.shift_matmul), x, packed,
+                                  repeats=repeats)
+        row[f"kernel_{bits}bit_s"] = seconds
+        row[f"kernel_{bits}bit_speedup"] = dense / seconds
+        row[f"kernel_{bits}bit_weight_bw"] = packed.data.nbytes / seconds
+      rows.append(row)
+  return {"device": str(device), "device_kind": kind,
+          "platform": device.platform, "peak_bandwidth": peak,
+          "interpret": device.platform == "cpu", "rows": rows}
+
+
+def _share(bandwidth, peak) -> str:
+  return f"{100 * bandwidth / peak:5.1f}%" if peak else "  n/a"
+
+
+def print_table(result) -> None:
+  if result["interpret"]:
+    print("CPU / Pallas interpret mode: times are NOT meaningful for GPU or "
+          "TPU targets.")
+  print(f"device: {result['device_kind']}  peak HBM: "
+        f"{result['peak_bandwidth'] or 'n/a'} B/s")
+  print(f"{'M':>5} {'K=N':>5} {'bf16 dot ms':>11} {'4-bit ms':>9} "
+        f"{'x':>5} {'bw%':>6} {'8-bit ms':>9} {'x':>5} {'bw%':>6} "
+        f"{'dot bw%':>7}")
+  peak = result["peak_bandwidth"]
+  for r in result["rows"]:
+    print(f"{r['m']:5d} {r['k']:5d} {1e3 * r['dense_bf16_s']:11.3f} "
+          f"{1e3 * r['kernel_4bit_s']:9.3f} {r['kernel_4bit_speedup']:5.2f} "
+          f"{_share(r['kernel_4bit_weight_bw'], peak):>6} "
+          f"{1e3 * r['kernel_8bit_s']:9.3f} {r['kernel_8bit_speedup']:5.2f} "
+          f"{_share(r['kernel_8bit_weight_bw'], peak):>6} "
+          f"{_share(r['dense_weight_bw'], peak):>7}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny sizes (M in 1, 8; K = N = 128) for CPU.")
+  parser.add_argument("--m", type=int, nargs="*", help="override M values.")
+  parser.add_argument("--kn", type=int, nargs="*",
+                      help="override K = N values.")
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--out", default=os.path.join(
+      os.path.dirname(__file__), "results"))
+  args = parser.parse_args()
+  ms = args.m or (QUICK_M if args.quick else FULL_M)
+  kns = args.kn or (QUICK_KN if args.quick else FULL_KN)
+  repeats = args.repeats or (3 if args.quick else 20)
+  result = run(ms, kns, repeats)
+  print_table(result)
+  os.makedirs(args.out, exist_ok=True)
+  name = result["device_kind"].replace(" ", "_").replace("/", "_")
+  suffix = "_quick" if args.quick else ""
+  path = os.path.join(args.out, f"shift_matmul_{name}{suffix}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

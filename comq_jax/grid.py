@@ -1,0 +1,171 @@
+"""Quantization grids shared by COMQ and its round-to-nearest baseline.
+
+Reference: A. Zhang et al., "COMQ: A Backpropagation-Free Algorithm for
+Post-Training Quantization", arXiv 2403.07134 (2024), and the official code
+(AozhongZhang/COMQ, ``quant.py``) for the asymmetric min-max grid.
+
+Every grid here is, per output channel ``j``, a sorted table of ``L`` values
+
+.. math::
+
+  G_j = \\{ u_{j,t} \\cdot \\delta_j : t = 0, \\dots, L-1 \\}
+
+with ``u`` the *level units* (fixed while COMQ runs) and ``δ`` the step
+(the only thing a scale update changes). Internally weights are in channel-major
+("torch") layout ``(d_out, d_in)``: row ``j`` is output channel ``j``.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inq_jax import pow2
+
+GRIDS = ("asymmetric", "symmetric", "pow2")
+GRANULARITIES = ("channel", "layer")
+
+
+class Grid(NamedTuple):
+  """Per-channel quantization grid, values ``units * step[:, None]``.
+
+  Attributes:
+    units: ``(d_out, L)`` sorted level units (they already include ``scalar``).
+    step: ``(d_out,)`` multiplier of the units.
+    unit_scale: ``(d_out,)`` units per integer code step (``scalar`` for the
+      uniform grids, 1 for pow2 and for constant channels), so the reported
+      scale is ``step * unit_scale``.
+    zero_point: ``(d_out,)`` int32 code of the level nearest to ``0 - min``:
+      uniform grids decode as ``scale * (code - zero_point)``; for pow2,
+      ``code - zero_point`` is the signed magnitude index.
+    exponent: ``(d_out,)`` int32, for pow2 the INQ ``n1`` of each channel
+      (``step = 2^n1``); zeros for the uniform grids.
+  """
+  units: jax.Array
+  step: jax.Array
+  unit_scale: jax.Array
+  zero_point: jax.Array
+  exponent: jax.Array
+
+  def values(self) -> jax.Array:
+    """``(d_out, L)`` grid values."""
+    return self.units * self.step[:, None]
+
+
+def check_options(*, bits, grid, granularity, scalar) -> None:
+  """Raises ValueError on a bad bit width, mode string or ``scalar``."""
+  pow2.check_bits(bits)
+  if grid not in GRIDS:
+    raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}.")
+  if granularity not in GRANULARITIES:
+    raise ValueError(
+        f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+  if not isinstance(scalar, (int, float)) or not 0.0 < scalar <= 1.0:
+    raise ValueError(f"scalar must be a number in (0, 1], got {scalar!r}.")
+  if grid == "pow2" and scalar != 1.0:
+    raise ValueError(
+        "grid='pow2' needs scalar=1.0: a shrink factor would move the levels "
+        f"off the powers of two, got scalar={scalar!r}.")
+
+
+def _reduce(wt, fn, granularity):
+  """Per-row reduction, or one value broadcast to all rows for 'layer'."""
+  per_row = fn(wt, axis=1)
+  if granularity == "layer":
+    return jnp.broadcast_to(fn(per_row), per_row.shape)
+  return per_row
+
+
+def make_grid(wt, *, bits: int, grid: str = "asymmetric",
+              granularity: str = "channel", scalar: float = 1.0) -> Grid:
+  """Builds the grid of each output channel from the weights.
+
+  * ``"asymmetric"`` (official COMQ): ``δ = (max - min) / (2^b - 1)``,
+    ``z = round_half_even(min / δ)``, units ``scalar * (z + t)`` for
+    ``t = 0..2^b-1``. Evaluating ``(scalar * (z + t)) * δ`` is bit-identical
+    to the official float32 code. A constant channel ``c`` (``δ = 0``) gets
+    ``δ = |c|`` (or 1 when ``c = 0``) with unit ``sign(c) + t``, so ``c`` is
+    on the grid exactly.
+  * ``"symmetric"``: ``δ = max|w| / (2^(b-1) - 1)``, units
+    ``scalar * t`` for ``t = -(2^(b-1)-1)..2^(b-1)-1`` (``2^b - 1`` levels,
+    zero included; 2 bits is ternary). An all-zero channel gets ``δ = 1``.
+  * ``"pow2"``: the INQ level set ``{0, ±2^n2, ..., ±2^n1}`` with
+    ``n1 = floor(log2(4 max|w| / 3))`` (:func:`inq_jax.pow2.pow2_exponents`),
+    i.e. units ``{0, ±2^-k : k = 0..2^(b-2)-1}`` and step ``2^n1``; values
+    can be packed with :func:`inq_jax.pow2.pow2_encode` using
+    ``exponent`` as ``n1`` (per channel, or per layer).
+
+  With ``granularity="layer"`` the statistics are taken over the whole
+  matrix and broadcast to every channel.
+
+  Args:
+    wt: ``(d_out, d_in)`` weights, channel-major.
+    bits: bit width in 2..8.
+    grid: ``"asymmetric"``, ``"symmetric"`` or ``"pow2"``.
+    granularity: ``"channel"`` or ``"layer"``.
+    scalar: the official ``--scalar`` shrink factor λ in (0, 1].
+
+  Returns:
+    A :class:`Grid`.
+  """
+  check_options(bits=bits, grid=grid, granularity=granularity, scalar=scalar)
+  dtype = wt.dtype
+  d_out = wt.shape[0]
+  exponent = jnp.zeros((d_out,), jnp.int32)
+  if grid == "asymmetric":
+    hi = _reduce(wt, jnp.max, granularity)
+    lo = _reduce(wt, jnp.min, granularity)
+    n_levels = 2**bits - 1
+    constant = hi == lo
+    step = jnp.where(constant, jnp.abs(lo), (hi - lo) / n_levels)
+    step = jnp.where(step == 0, jnp.ones_like(step), step)
+    zero = jnp.round(lo / step)
+    t = jnp.arange(2**bits, dtype=dtype)[None, :]
+    lam = jnp.where(constant, jnp.ones_like(step), jnp.full_like(step, scalar))
+    units = lam[:, None] * (zero[:, None] + t)
+    zero_point = (-zero).astype(jnp.int32)
+  elif grid == "symmetric":
+    half = 2 ** (bits - 1) - 1
+    step = _reduce(jnp.abs(wt), jnp.max, granularity) / half
+    step = jnp.where(step == 0, jnp.ones_like(step), step)
+    t = jnp.arange(-half, half + 1, dtype=dtype)[None, :]
+    lam = jnp.full_like(step, scalar)
+    units = jnp.broadcast_to(scalar * t, (d_out, 2 * half + 1))
+    zero_point = jnp.full((d_out,), half, jnp.int32)
+  else:
+    n_mag = pow2.num_magnitudes(bits)
+    exponent, _ = pow2.pow2_exponents(
+        _reduce(jnp.abs(wt), jnp.max, granularity), bits)
+    # The zero-channel sentinel exponent gives step 0: every level is 0.
+    step = jnp.ldexp(jnp.ones((d_out,), dtype), exponent)
+    mags = np.ldexp(1.0, -np.arange(n_mag))
+    table = np.concatenate([-mags, [0.0], mags[::-1]]).astype(dtype)
+    units = jnp.broadcast_to(jnp.asarray(table)[None, :], (d_out, table.size))
+    lam = jnp.ones_like(step)
+    zero_point = jnp.full((d_out,), n_mag, jnp.int32)
+  return Grid(units=units, step=step, unit_scale=lam, zero_point=zero_point,
+              exponent=exponent)
+
+
+def nearest(values, target):
+  """Index and value of the grid point nearest to ``target``, per row.
+
+  Ties go to the lower grid value (the first index reaching the minimum, as
+  the official ``argmin``), since ``values`` rows are sorted ascending.
+
+  Args:
+    values: ``(d_out, L)`` grid values.
+    target: ``(d_out,)`` or ``(d_out, k)`` targets.
+
+  Returns:
+    ``(index, value)`` of the shape of ``target``.
+  """
+  squeeze = target.ndim == 1
+  t = target[:, :, None] if not squeeze else target[:, None, None]
+  dist = jnp.abs(values[:, None, :] - t)
+  index = jnp.argmin(dist, axis=-1).astype(jnp.int32)
+  value = jnp.take_along_axis(values, index, axis=1)
+  if squeeze:
+    return index[:, 0], value[:, 0]
+  return index, value

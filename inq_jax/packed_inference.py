@@ -1,0 +1,206 @@
+"""Inference of an INQ-quantized Flax model through the shift-matmul kernel.
+
+:func:`pack_variables` replaces each quantized kernel in ``variables["params"]``
+with a :class:`inq_jax.packing.PackedPow2`. :func:`packed_apply` runs
+``model.apply`` under a Flax method interceptor: every ``nn.Dense`` and
+``nn.Conv`` whose ``kernel`` is packed computes its product with
+:func:`inq_jax.shift_kernel.shift_matmul`; all other modules run unchanged.
+
+* Dense: ``x @ W + b`` over the last axis of ``x``.
+* Conv: ``lax.conv_general_dilated_patches`` (same padding, strides and
+  dilations as ``nn.Conv``) gives features ordered ``(cin, kh, kw)``; they are
+  reordered to ``(kh, kw, cin)``, the row-major order of the packed matrix
+  view of the ``(kh, kw, cin, cout)`` kernel, then multiplied. Feature groups,
+  masks and circular/causal padding are not supported (ValueError).
+* Integer activations: an int8 input to a packed layer takes the exact
+  integer path; its output is :func:`inq_jax.shift_kernel.to_float` of the
+  exact sum in ``float32`` (one rounding for bits <= 4), plus the bias.
+* Float activations: products accumulate in f32 on the matrix units; the
+  output has the dtype ``nn.Dense``/``nn.Conv`` would give (``module.dtype``,
+  else ``x`` promoted with the parameters).
+
+Reference: A. Zhou et al., "Incremental Network Quantization: Towards
+Lossless CNNs with Low-Precision Weights", ICLR 2017.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from inq_jax import packing
+from inq_jax import shift_kernel
+from inq_jax.partitioning import Predicate
+
+PyTree = Any
+
+
+def pack_variables(variables: PyTree, n1_or_state, bits: int,
+                   quantizable: Optional[Predicate] = None, *,
+                   k_tile: Optional[int] = None) -> PyTree:
+  """Packs the quantized kernels of ``variables["params"]``.
+
+  Args:
+    variables: Flax variables (``{"params": ..., "batch_stats": ...}``) after
+      INQ with portion 1.
+    n1_or_state: the :class:`inq_jax.INQState` (or its ``n1`` tree) of
+      ``variables["params"]``.
+    bits: code width used by INQ.
+    quantizable: the predicate given to :func:`inq_jax.incremental` (default
+      :func:`inq_jax.default_quantizable`).
+    k_tile: optional ``K`` step for every layer.
+
+  Returns:
+    ``variables`` with packed kernels; the other collections are kept.
+  """
+  out = dict(variables)
+  out["params"] = packing.pack_params(variables["params"], n1_or_state, bits,
+                                      quantizable, k_tile=k_tile)
+  return out
+
+
+def _output_dtype(module: nn.Module, x: jax.Array):
+  if module.dtype is not None:
+    return module.dtype
+  if x.dtype == jnp.int8:
+    return jnp.dtype(module.param_dtype)
+  return jnp.promote_types(x.dtype, module.param_dtype)
+
+
+def _product(x: jax.Array, packed: packing.PackedPow2, dtype,
+             kernel_options) -> jax.Array:
+  """``x @ W`` through the kernel, in ``dtype``."""
+  if x.dtype == jnp.int8:
+    return shift_kernel.to_float(
+        shift_kernel.shift_matmul(x, packed, **kernel_options), dtype)
+  if x.dtype not in shift_kernel.FLOAT_DTYPES:
+    x = x.astype(dtype)
+  return shift_kernel.shift_matmul(x, packed, **kernel_options).astype(
+      dtype)
+
+
+def _add_bias(module: nn.Module, y: jax.Array, dtype) -> jax.Array:
+  if not module.use_bias:
+    return y
+  bias = module.get_variable("params", "bias").astype(dtype)
+  return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+
+
+def conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
+  """Patches of ``x`` for ``module``, features in ``(kh, kw, cin)`` order.
+
+  Args:
+    module: an ``nn.Conv`` (its kernel size, strides, padding, dilations).
+    x: ``(batch, *spatial, cin)``.
+
+  Returns:
+    ``(batch, *out_spatial, prod(kernel_size) * cin)``.
+
+  Raises:
+    ValueError: for feature groups, masks, circular or causal padding, or an
+      input without exactly one batch axis.
+  """
+  rank = len(module.kernel_size)
+  if module.feature_group_count != 1 or module.mask is not None:
+    raise ValueError("packed Conv supports feature_group_count=1 and no mask.")
+  padding = nn.linear.canonicalize_padding(module.padding, rank)
+  if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+    raise ValueError(f"packed Conv supports SAME, VALID or explicit padding, "
+                     f"got {padding!r}.")
+  if x.ndim != rank + 2:
+    raise ValueError(f"packed Conv needs inputs (batch, *spatial, features) "
+                     f"with {rank} spatial axes, got shape {x.shape}.")
+
+  def per_axis(value):
+    if value is None:
+      return (1,) * rank
+    return (value,) * rank if isinstance(value, int) else tuple(value)
+
+  spatial = "".join("HWDXYZ"[:rank])
+  numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+  # Patches are a convolution with a 0/1 filter; HIGHEST keeps f32 exact.
+  patches = jax.lax.conv_general_dilated_patches(
+      x.astype(jnp.float32) if x.dtype == jnp.int8 else x,
+      filter_shape=tuple(module.kernel_size),
+      window_strides=per_axis(module.strides), padding=padding,
+      lhs_dilation=per_axis(module.input_dilation),
+      rhs_dilation=per_axis(module.kernel_dilation),
+      dimension_numbers=numbers, precision=jax.lax.Precision.HIGHEST)
+  cin, taps = x.shape[-1], patches.shape[-1] // x.shape[-1]
+  reordered = jnp.swapaxes(
+      patches.reshape(patches.shape[:-1] + (cin, taps)), -1, -2)
+  return reordered.reshape(patches.shape).astype(x.dtype)
+
+
+def _interceptor(kernel_options):
+  """Routes packed Dense/Conv calls through the kernel."""
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != "__call__" or
+        type(module) not in (nn.Dense, nn.Conv) or
+        not module.has_variable("params", "kernel")):
+      return next_fun(*args, **kwargs)
+    packed = module.get_variable("params", "kernel")
+    if not isinstance(packed, packing.PackedPow2):
+      return next_fun(*args, **kwargs)
+    (x,) = args
+    dtype = _output_dtype(module, x)
+    if isinstance(module, nn.Conv):
+      x = conv_patches(module, x)
+    y = _product(x, packed, dtype, kernel_options)
+    return _add_bias(module, y, dtype)
+
+  return intercept
+
+
+def packed_apply(model: nn.Module, packed_variables: PyTree, *args,
+                 block_m: Optional[int] = None, block_n: Optional[int] = None,
+                 interpret: Optional[bool] = None, **kwargs):
+  """``model.apply`` with packed Dense/Conv kernels run by the shift kernel.
+
+  Args:
+    model: a Flax linen module.
+    packed_variables: from :func:`pack_variables`.
+    *args: inputs to ``model.apply`` (e.g. images; int8 inputs to a packed
+      first layer take the exact integer path).
+    block_m: optional kernel block override, see
+      :func:`inq_jax.shift_kernel.shift_matmul`.
+    block_n: optional kernel block override.
+    interpret: optional interpret-mode override.
+    **kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+
+  Returns:
+    What ``model.apply`` returns.
+  """
+  options = dict(block_m=block_m, block_n=block_n, interpret=interpret)
+  with nn.intercept_methods(_interceptor(options)):
+    return model.apply(packed_variables, *args, **kwargs)
+
+
+def evaluate_packed(model: nn.Module, variables: PyTree, n1_or_state,
+                    bits: int, *args,
+                    quantizable: Optional[Predicate] = None, **kwargs):
+  """Packs an INQ-quantized model and runs it through the kernel (jitted).
+
+  The entry point for experiments: call it once per evaluation batch, or
+  call :func:`pack_variables` once and jit :func:`packed_apply` yourself to
+  pack only once.
+
+  Args:
+    model: the Flax module.
+    variables: its variables after INQ with portion 1.
+    n1_or_state: the final :class:`inq_jax.INQState` (or its ``n1`` tree).
+    bits: code width used by INQ.
+    *args: inputs for ``model.apply``.
+    quantizable: the predicate given to :func:`inq_jax.incremental`.
+    **kwargs: keyword arguments for ``model.apply`` (static, e.g.
+      ``train=False``).
+
+  Returns:
+    The model outputs.
+  """
+  packed = pack_variables(variables, n1_or_state, bits, quantizable)
+  run = jax.jit(lambda v, *a: packed_apply(model, v, *a, **kwargs))
+  return run(packed, *args)

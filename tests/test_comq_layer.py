@@ -1,0 +1,169 @@
+"""Tests of the COMQ layer solver (comq_jax.layer, comq_jax.grid)."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# Many small solver configurations: compile time dominates.
+jax.config.update("jax_disable_most_optimizations", True)
+
+from comq_jax import grid as grid_lib
+from comq_jax import layer
+
+REFERENCE = (pathlib.Path(__file__).resolve().parents[2] / "shared"
+             / "reference" / "comq_official_synthetic.npz")
+
+
+def _data(seed=0, n=256, d_in=24, d_out=12):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, d_in)) * rng.uniform(0.2, 3.0, d_in)
+  x[:, :3] += rng.uniform(-2.0, 2.0, 3)
+  w = rng.normal(0.0, 0.05, (d_in, d_out))
+  return jnp.asarray(w, jnp.float32), jnp.asarray(x, jnp.float32)
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="reference file absent")
+def test_matches_official_outputs():
+  ref = np.load(REFERENCE)
+  for k in range(int(ref["n_cases"])):
+    w, x, q = (ref[f"case{k}_{n}"] for n in ("W", "X", "Q"))
+    bits, iters, greedy, scalar = ref[f"case{k}_params"]
+    r = layer.quantize_layer(
+        w, x, bits=int(bits), iters=int(iters),
+        order="greedy" if greedy else "cyclic", scalar=float(scalar))
+    mismatches = np.sum(~np.isclose(np.asarray(r.weights), q, rtol=1e-5,
+                                    atol=0.0))
+    assert mismatches == 0, (k, mismatches)
+    np.testing.assert_allclose(float(r.error), float(ref[f"case{k}_err"]),
+                               rtol=1e-4)
+
+
+def test_gram_input_equals_x_input_and_streaming():
+  w, x = _data()
+  acc = None
+  for chunk in jnp.split(x, 4):
+    acc = layer.accumulate_gram(acc, chunk)
+  np.testing.assert_allclose(acc.gram, layer.accumulate_gram(None, x).gram,
+                             rtol=1e-5, atol=1e-3)
+  assert int(acc.count) == x.shape[0]
+  a = layer.quantize_layer(w, x, bits=3)
+  b = layer.quantize_layer(w, gram=acc.gram, bits=3)
+  np.testing.assert_array_equal(a.codes, b.codes)
+
+
+def test_error_is_true_reconstruction_error_and_decoding():
+  w, x = _data(1)
+  r = layer.quantize_layer(w, x, bits=4, iters=2)
+  direct = np.linalg.norm(np.asarray(x, np.float64) @ (
+      np.asarray(w, np.float64) - np.asarray(r.weights, np.float64)))
+  np.testing.assert_allclose(float(r.error), direct, rtol=1e-4)
+  assert r.weights.shape == w.shape and r.weights.dtype == w.dtype
+  decoded = jnp.take_along_axis(r.levels, r.codes.T, axis=1).T
+  np.testing.assert_array_equal(decoded, r.weights)
+  uniform = r.scale[None, :] * (r.codes - r.zero_point[None, :]).astype(
+      jnp.float32)
+  np.testing.assert_allclose(uniform, r.weights, rtol=1e-5, atol=1e-7)
+  assert int(jnp.min(r.codes)) >= 0 and int(jnp.max(r.codes)) < 16
+
+
+@pytest.mark.parametrize("grid,granularity,bits", [
+    ("asymmetric", "channel", 2), ("symmetric", "channel", 4),
+    ("pow2", "channel", 3), ("asymmetric", "layer", 3)])
+def test_objective_never_increases_and_beats_rtn(grid, granularity, bits):
+  for seed in (2, 3):
+    w, x = _data(seed)
+    kw = dict(bits=bits, grid=grid, granularity=granularity)
+    rtn = layer.round_to_nearest(w, x, **kw)
+    one = layer.quantize_layer(w, x, iters=1, **kw)
+    three = layer.quantize_layer(w, x, iters=3, **kw)
+    scaled = layer.quantize_layer(w, x, iters=3, scale_update=True, **kw)
+    tol = 1e-6 * float(rtn.error)
+    assert float(one.error) <= float(rtn.error) + tol
+    assert float(three.error) <= float(one.error) + tol
+    assert float(scaled.error) <= float(three.error) + tol
+    for hist in (three.history, scaled.history):
+      assert np.all(np.diff(np.asarray(hist)) <= tol), hist
+
+
+def test_pow2_levels_are_inq_codebook():
+  w, x = _data(4)
+  r = layer.quantize_layer(w, x, bits=4, grid="pow2", iters=2,
+                           scale_update=True)
+  from inq_jax import pow2
+  for j in range(w.shape[1]):
+    col = r.weights[:, j]
+    assert bool(jnp.all(pow2.in_codebook(col, 4, r.exponent[j])))
+  assert r.levels.shape[1] == 2**3 + 1
+
+
+def test_symmetric_grid_is_symmetric_with_zero():
+  w, _ = _data(5)
+  g = grid_lib.make_grid(w.T, bits=3, grid="symmetric")
+  v = np.asarray(g.values())
+  np.testing.assert_allclose(v, -v[:, ::-1])
+  assert v.shape[1] == 7 and np.all(v[:, 3] == 0)
+
+
+def test_cyclic_and_greedy_differ_and_layer_scale_is_shared():
+  w, x = _data(6)
+  g = layer.quantize_layer(w, x, bits=3, order="greedy")
+  c = layer.quantize_layer(w, x, bits=3, order="cyclic")
+  assert not np.array_equal(g.codes, c.codes)
+  lay = layer.quantize_layer(w, x, bits=3, granularity="layer",
+                             scale_update=True)
+  assert np.unique(np.asarray(lay.scale)).size == 1
+
+
+def test_dead_input_and_constant_channel_are_finite():
+  w, x = _data(7)
+  x = x.at[:, 5].set(0.0)
+  w = w.at[:, 2].set(0.03).at[:, 3].set(0.0)
+  r = layer.quantize_layer(w, x, bits=2, iters=2)
+  assert bool(jnp.all(jnp.isfinite(r.weights)))
+  scaled = layer.quantize_layer(w, x, bits=2, iters=2, scale_update=True)
+  assert bool(jnp.all(jnp.isfinite(scaled.weights)))
+  np.testing.assert_array_equal(r.weights[:, 2], w[:, 2])
+  np.testing.assert_array_equal(r.weights[:, 3], w[:, 3])
+  rtn = layer.round_to_nearest(w, bits=2)
+  np.testing.assert_array_equal(r.weights[5], rtn.weights[5])
+
+
+def test_runs_under_outer_jit():
+  w, x = _data(8)
+  f = jax.jit(lambda w, x: layer.quantize_layer(w, x, bits=4).weights)
+  np.testing.assert_array_equal(f(w, x),
+                                layer.quantize_layer(w, x, bits=4).weights)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(bits=1), "bits"), (dict(bits=9), "bits"),
+    (dict(bits=4, order="random"), "order"),
+    (dict(bits=4, grid="log"), "grid"),
+    (dict(bits=4, granularity="tensor"), "granularity"),
+    (dict(bits=4, iters=0), "iters"),
+    (dict(bits=4, scalar=0.0), "scalar"),
+    (dict(bits=4, grid="pow2", scalar=0.65), "pow2"),
+])
+def test_bad_options_raise(kwargs, message):
+  w, x = _data()
+  with pytest.raises(ValueError, match=message):
+    layer.quantize_layer(w, x, **kwargs)
+
+
+def test_bad_inputs_raise():
+  w, x = _data()
+  with pytest.raises(ValueError, match="x must have shape"):
+    layer.quantize_layer(w, x[:, :-1], bits=4)
+  with pytest.raises(ValueError, match="NaN"):
+    layer.quantize_layer(w.at[0, 0].set(jnp.nan), x, bits=4)
+  with pytest.raises(ValueError, match="NaN"):
+    layer.quantize_layer(w, x.at[0, 0].set(jnp.inf), bits=4)
+  with pytest.raises(ValueError, match="either x or gram"):
+    layer.quantize_layer(w, x, gram=jnp.eye(24), bits=4)
+  with pytest.raises(ValueError, match="calibration data"):
+    layer.quantize_layer(w, bits=4)
+  with pytest.raises(ValueError, match="gram must have shape"):
+    layer.quantize_layer(w, gram=jnp.eye(3), bits=4)

@@ -1,0 +1,132 @@
+"""Tests of COMQ over Flax models (comq_jax.model)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+from comq_jax import model as model_lib
+
+
+class _MLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(5)(x)
+
+
+class _CNN(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(8, (3, 3), strides=2, padding="SAME")(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(x)
+    x = nn.Conv(8, (3, 3), kernel_dilation=2, padding="VALID",
+                feature_group_count=2)(x)
+    x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=8,
+                        padding=((1, 1), (0, 2)))(x))
+    x = x.mean(axis=(1, 2))
+    return nn.Dense(3)(x)
+
+
+def _conv_cases():
+  return [
+      nn.Conv(6, (3, 3), strides=2, padding="SAME"),
+      nn.Conv(6, (3, 2), kernel_dilation=(2, 1), padding="VALID",
+              feature_group_count=2),
+      nn.Conv(8, (3, 3), feature_group_count=4, padding=((1, 1), (0, 2))),
+  ]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_patches_times_kernel_matrix_is_conv(index):
+  conv = _conv_cases()[index]
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+  variables = conv.init(jax.random.key(1), x)
+  kernel = variables["params"]["kernel"]
+  expected = conv.apply(variables, x)
+  bound = conv.bind(variables)
+  patches = model_lib.conv_patches(bound, x)
+  mats = model_lib.conv_kernel_matrix(kernel, conv.feature_group_count)
+  out = jnp.einsum("rgf,gfo->rgo", patches, mats,
+                   precision=jax.lax.Precision.HIGHEST)
+  bias = variables["params"]["bias"].reshape((1, 1, 1, -1))
+  out = out.reshape(expected.shape[:-1] + (-1,)) + bias
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  back = model_lib._from_kernel_matrix(mats, kernel.shape)
+  np.testing.assert_array_equal(back, kernel)
+
+
+def _batches(shape, n=3, seed=0):
+  keys = jax.random.split(jax.random.key(seed), n)
+  return [jax.random.normal(k, shape) for k in keys]
+
+
+def test_mlp_quantize_model_fp_and_sequential():
+  model = _MLP()
+  batches = _batches((32, 12))
+  variables = model.init(jax.random.key(1), batches[0])
+  for inputs in ("fp", "sequential"):
+    new, reports = model_lib.quantize_model(
+        model, variables, batches, bits=3, inputs=inputs, train=False)
+    assert [r.path for r in reports] == ["Dense_0", "Dense_1"]
+    for r in reports:
+      assert r.error <= r.rtn_error * (1 + 1e-6)
+      leaf = new["params"][r.path]
+      assert np.unique(np.asarray(leaf["kernel"][:, 0])).size <= 8
+      np.testing.assert_array_equal(leaf["bias"],
+                                    variables["params"][r.path]["bias"])
+  assert not np.array_equal(new["params"]["Dense_1"]["kernel"],
+                            variables["params"]["Dense_1"]["kernel"])
+
+
+def test_fp_report_matches_quantize_layer():
+  model = _MLP()
+  batches = _batches((32, 12))
+  variables = model.init(jax.random.key(1), batches[0])
+  from comq_jax import layer
+  new, reports = model_lib.quantize_model(model, variables, batches, bits=4,
+                                          skip=lambda p, k: p == "Dense_1")
+  assert [r.path for r in reports] == ["Dense_0"]
+  x = jnp.concatenate(batches)
+  direct = layer.quantize_layer(variables["params"]["Dense_0"]["kernel"], x,
+                                bits=4)
+  np.testing.assert_allclose(new["params"]["Dense_0"]["kernel"],
+                             direct.weights, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(new["params"]["Dense_1"]["kernel"],
+                                variables["params"]["Dense_1"]["kernel"])
+
+
+def test_cnn_with_batchnorm_grouped_and_depthwise():
+  model = _CNN()
+  batches = _batches((4, 12, 12, 3))
+  variables = model.init(jax.random.key(2), batches[0])
+  new, reports = model_lib.quantize_model(
+      model, variables, batches, bits=4, iters=2, inputs="sequential",
+      train=False)
+  assert len(reports) == 4
+  for r in reports:
+    assert r.error <= r.rtn_error * (1 + 1e-6)
+    kernel = new["params"][r.path]["kernel"]
+    assert kernel.shape == r.shape
+  assert "batch_stats" in new
+  out = model.apply(new, batches[0], train=False)
+  assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_bad_arguments_raise():
+  model = _MLP()
+  batches = _batches((8, 12), n=1)
+  variables = model.init(jax.random.key(1), batches[0])
+  with pytest.raises(ValueError, match="inputs"):
+    model_lib.quantize_model(model, variables, batches, bits=4, inputs="q")
+  with pytest.raises(ValueError, match="empty"):
+    model_lib.quantize_model(model, variables, [], bits=4)
+  with pytest.raises(ValueError, match="bits"):
+    model_lib.quantize_model(model, variables, batches, bits=12)
