@@ -1,0 +1,1 @@
+"""Experiments layer: models, data, configs and the training job for inq_jax/comq_jax."""

@@ -1,0 +1,175 @@
+"""Input pipelines: scikit-learn digits (embedded, no download) and imagenet2012 (TFDS).
+
+Both expose the same interface to the trainer:
+  `num_train_examples`, `image_shape`,
+  `train_epoch(batch_size, shuffle_seed, skip_batches)` -> iterator of
+      {"image": float32 [B, H, W, C], "label": int32 [B]} (remainder dropped), and
+  `eval_batches(batch_size)` -> the test/validation set once, the last batch padded,
+      with a float32 "mask" marking real examples.
+The training order is a pure function of `shuffle_seed` (the trainer passes (seed, phase,
+epoch)), so a resumed run can skip to the batch it stopped at and see the same data.
+
+ImageNet uses `tfds` + tf.data rather than `tfds.data_source`: TFDS prepares imagenet2012
+as TFRecord by default, which only tf.data reads, and tf.data decodes JPEGs in parallel
+C++ threads; determinism comes from a fixed file order, a seeded shuffle and stateless
+augmentation keyed by (seed, example index).
+"""
+
+import numpy as np
+from sklearn import datasets as sklearn_datasets
+from sklearn import model_selection
+
+# torchvision's normalisation, since ImageNet runs start from torchvision weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pad_batch(batch, batch_size):
+  """Pads every array of `batch` to `batch_size` rows and adds a float32 "mask"."""
+  num_real = len(batch["label"])
+  pad = batch_size - num_real
+  padded = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+            for k, v in batch.items()}
+  padded["mask"] = (np.arange(batch_size) < num_real).astype(np.float32)
+  return padded
+
+
+class DigitsData:
+  """sklearn `load_digits` (1797 8x8 grayscale images shipped with scikit-learn).
+
+  Split: `train_test_split(stratify=labels, random_state=split_seed, test_size=test_size)`;
+  with the defaults (0.25, 0) that is 1347 training and 450 test images. Pixels (0..16)
+  are scaled to [0, 1].
+  """
+
+  def __init__(self, test_size, split_seed):
+    digits = sklearn_datasets.load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]
+    labels = digits.target.astype(np.int32)
+    (self.train_images, self.test_images, self.train_labels,
+     self.test_labels) = model_selection.train_test_split(
+         images, labels, test_size=test_size, random_state=split_seed,
+         stratify=labels)
+    self.num_train_examples = len(self.train_labels)
+    self.image_shape = self.train_images.shape[1:]
+
+  def train_epoch(self, batch_size, shuffle_seed, skip_batches=0):
+    order = np.random.default_rng(shuffle_seed).permutation(self.num_train_examples)
+    for start in range(skip_batches * batch_size,
+                       self.num_train_examples - batch_size + 1, batch_size):
+      indices = order[start:start + batch_size]
+      yield {"image": self.train_images[indices], "label": self.train_labels[indices]}
+
+  def eval_batches(self, batch_size):
+    for start in range(0, len(self.test_labels), batch_size):
+      yield pad_batch({"image": self.test_images[start:start + batch_size],
+                       "label": self.test_labels[start:start + batch_size]}, batch_size)
+
+
+class ImageNetNotPreparedError(RuntimeError):
+  """imagenet2012 is not prepared in the configured TFDS data_dir."""
+
+
+def check_prepared(builder, manual_dir):
+  """Raises ImageNetNotPreparedError with preparation instructions; never downloads."""
+  if builder.is_prepared():
+    return
+  manual_dir = manual_dir or f"{builder._data_dir_root}/downloads/manual"  # pylint: disable=protected-access
+  raise ImageNetNotPreparedError(
+      f"{builder.name} is not prepared: no version {builder.version} under data_dir "
+      f"{builder.data_dir!r}; looked for the manual download in manual_dir {manual_dir!r}.\n"
+      f"ImageNet cannot be downloaded automatically. To prepare it:\n"
+      f"  1. place ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual_dir}\n"
+      f"  2. run  tfds build {builder.name} --data_dir={builder._data_dir_root} "  # pylint: disable=protected-access
+      f"--manual_dir={manual_dir}\n"
+      f"     or, in Python, tfds.builder('{builder.name}', data_dir=...).download_and_prepare("
+      f"download_config=tfds.download.DownloadConfig(manual_dir='{manual_dir}'))\n"
+      f"then set --config.data.data_dir (and --config.data.manual_dir) accordingly.")
+
+
+class ImageNetData:
+  """imagenet2012 from TFDS: Inception-style random resized crop + flip for training;
+  resize (shorter side `resize_size`), centre crop `image_size` for evaluation; both
+  normalised with torchvision's mean/std.
+  """
+
+  def __init__(self, name, data_dir, manual_dir, image_size, resize_size,
+               shuffle_buffer, num_train_examples, num_eval_examples):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    # TF only decodes images; keep it off any GPU that JAX uses.
+    tf.config.set_visible_devices([], "GPU")
+    self.tf = tf
+    self.builder = tfds.builder(name, data_dir=data_dir)
+    check_prepared(self.builder, manual_dir)
+    self.image_size = image_size
+    self.resize_size = resize_size
+    self.shuffle_buffer = shuffle_buffer
+    self.num_train_examples = (
+        num_train_examples or self.builder.info.splits["train"].num_examples)
+    self.num_eval_examples = (
+        num_eval_examples or self.builder.info.splits["validation"].num_examples)
+    self.image_shape = (image_size, image_size, 3)
+
+  def normalize(self, image):
+    tf = self.tf
+    mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
+    std = tf.constant(IMAGENET_STD, tf.float32) * 255.0
+    return (tf.cast(image, tf.float32) - mean) / std
+
+  def train_example(self, index, example, seed):
+    tf = self.tf
+    crop_seed = tf.stack([seed, tf.cast(index, tf.int32)])
+    image = example["image"]
+    box_begin, box_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=crop_seed,
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, box_begin, box_size)
+    image = tf.image.resize(image, (self.image_size, self.image_size), antialias=True)
+    image = tf.image.stateless_random_flip_left_right(image, seed=crop_seed + 1)
+    return {"image": self.normalize(image), "label": tf.cast(example["label"], tf.int32)}
+
+  def eval_example(self, example):
+    tf = self.tf
+    image = example["image"]
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = self.resize_size / tf.reduce_min(shape)
+    resized = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(image, resized, antialias=True)
+    top = (resized[0] - self.image_size) // 2
+    left = (resized[1] - self.image_size) // 2
+    image = image[top:top + self.image_size, left:left + self.image_size]
+    return {"image": self.normalize(image), "label": tf.cast(example["label"], tf.int32)}
+
+  def train_epoch(self, batch_size, shuffle_seed, skip_batches=0):
+    tf = self.tf
+    # One int32 seed from (seed, phase, epoch), the same on every run and host.
+    seed = int(np.random.SeedSequence(shuffle_seed).generate_state(1)[0] >> 1)
+    ds = self.builder.as_dataset(split="train", shuffle_files=False)
+    ds = ds.take(self.num_train_examples).enumerate()
+    ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+    ds = ds.map(lambda i, ex: self.train_example(i, ex, tf.constant(seed, tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).skip(skip_batches)
+    yield from ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+  def eval_batches(self, batch_size):
+    tf = self.tf
+    ds = self.builder.as_dataset(split="validation", shuffle_files=False)
+    ds = ds.take(self.num_eval_examples)
+    ds = ds.map(self.eval_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for batch in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+      yield pad_batch(batch, batch_size)
+
+
+def create_dataset(config):
+  """Builds the dataset named by `config.data.name` from its config fields."""
+  if config.data.name == "digits":
+    return DigitsData(config.data.test_size, config.data.split_seed)
+  if config.data.name == "imagenet2012":
+    return ImageNetData(
+        config.data.name, config.data.data_dir, config.data.manual_dir,
+        config.data.image_size, config.data.resize_size, config.data.shuffle_buffer,
+        config.data.num_train_examples, config.data.num_eval_examples)
+  raise ValueError(f"Unknown dataset {config.data.name!r}; expected digits or imagenet2012.")

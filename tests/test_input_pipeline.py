@@ -1,0 +1,94 @@
+"""Digits split and determinism; imagenet2012 on TFDS mock data; fail-fast when unprepared."""
+
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import configs
+from experiments import input_pipeline
+from experiments import train
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+def test_digits_split_sizes_and_range():
+  data = input_pipeline.DigitsData(test_size=0.25, split_seed=0)
+  assert (data.num_train_examples, len(data.test_labels)) == (1347, 450)
+  assert data.train_images.min() >= 0.0 and data.train_images.max() <= 1.0
+  assert sorted(np.unique(data.test_labels)) == list(range(10))
+
+
+def test_digits_order_is_a_function_of_the_seed_and_skip_resumes():
+  data = input_pipeline.DigitsData(test_size=0.25, split_seed=0)
+  first = list(data.train_epoch(32, (0, 1, 2)))
+  again = list(data.train_epoch(32, (0, 1, 2)))
+  other = list(data.train_epoch(32, (0, 1, 3)))
+  assert len(first) == 1347 // 32
+  np.testing.assert_array_equal(first[5]["label"], again[5]["label"])
+  assert not np.array_equal(first[0]["label"], other[0]["label"])
+  skipped = list(data.train_epoch(32, (0, 1, 2), skip_batches=5))
+  np.testing.assert_array_equal(skipped[0]["image"], first[5]["image"])
+
+
+def test_eval_batches_pad_and_mask():
+  data = input_pipeline.DigitsData(test_size=0.25, split_seed=0)
+  batches = list(data.eval_batches(256))
+  assert [b["image"].shape[0] for b in batches] == [256, 256]
+  assert sum(float(b["mask"].sum()) for b in batches) == 450
+  assert batches[-1]["mask"][193] == 1.0 and batches[-1]["mask"][194] == 0.0
+
+
+def test_unprepared_imagenet_fails_fast_with_instructions(tmp_path):
+  config = configs.apply_overrides(configs.get_config("inq_5bit", "imagenet"),
+                                   {"data.data_dir": str(tmp_path)})
+  with pytest.raises(input_pipeline.ImageNetNotPreparedError) as error:
+    input_pipeline.create_dataset(config)
+  message = str(error.value)
+  assert str(tmp_path) in message
+  assert "ILSVRC2012_img_train.tar" in message and "manual_dir" in message
+  assert "tfds build imagenet2012" in message
+  assert list(tmp_path.iterdir()) in ([], [tmp_path / "downloads"])
+  assert not (tmp_path / "imagenet2012").exists()
+
+
+def mock_imagenet_config():
+  return configs.apply_overrides(configs.get_config("inq_5bit", "imagenet"), {
+      "data.image_size": 32, "data.resize_size": 36, "data.num_train_examples": 8,
+      "data.num_eval_examples": 8, "data.shuffle_buffer": 8, "batch_size": 4,
+      "eval_batch_size": 4, "inq.schedule": (0.5, 1.0), "inq.epochs_per_step": 1,
+      "num_devices": 1, "log_every_steps": 1})
+
+
+def mock_imagenet():
+  """TFDS mock imagenet2012; is_prepared is patched since mock_data leaves it alone."""
+  return (tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE),
+          mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True))
+
+
+def test_imagenet_pipeline_on_mock_data():
+  data_mock, prepared_mock = mock_imagenet()
+  with data_mock, prepared_mock:
+    data = input_pipeline.create_dataset(mock_imagenet_config())
+    batches = list(data.train_epoch(4, (0, 0, 0)))
+    again = list(data.train_epoch(4, (0, 0, 0)))
+    eval_batches = list(data.eval_batches(4))
+  assert len(batches) == 2
+  assert batches[0]["image"].shape == (4, 32, 32, 3) and batches[0]["image"].dtype == np.float32
+  np.testing.assert_array_equal(batches[1]["image"], again[1]["image"])
+  assert len(eval_batches) == 2 and eval_batches[0]["image"].shape == (4, 32, 32, 3)
+  assert np.all(np.isfinite(batches[0]["image"]))
+
+
+# KNOWN FAILURE: under tfds.testing.mock_data, Orbax's first save fails with
+# "No ArrayMetadata found for process_index=0" (cause not yet found); also ~3 min on 2 cores.
+@pytest.mark.slow
+def test_resnet18_inq_on_mock_imagenet(tmp_path):
+  data_mock, prepared_mock = mock_imagenet()
+  with data_mock, prepared_mock:
+    results = train.train_and_evaluate(mock_imagenet_config(), str(tmp_path))
+  assert results["model"] == "ResNet18" and results["codebook_fraction"] == 1.0
+  assert [p["portion"] for p in results["portion_accuracies"]] == [0.5, 1.0]
+  assert 0.0 <= results["final_accuracy"] <= 1.0

@@ -1,0 +1,119 @@
+"""End-to-end runs of train_and_evaluate on digits: smoke, resume, data parallel, NaN stop."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import configs
+from experiments import train
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+def tiny_config(name="inq_5bit", **overrides):
+  """One FP epoch, one epoch per INQ step, schedule 0.5 -> 0.75 -> 1 (42 steps/epoch)."""
+  fields = {"fp.num_epochs": 1, "inq.epochs_per_step": 1, "inq.lr_decay_epoch": 1,
+            "fp.lr_decay_epoch": 1, "checkpoint_every_steps": 10, "log_every_steps": 10,
+            "num_devices": 1}
+  if name != "fp":
+    fields["inq.schedule"] = (0.5, 0.75, 1.0)
+  fields.update(overrides)
+  return configs.apply_overrides(configs.get_config(name, "digits"), fields)
+
+
+def final_state(workdir):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
+  return restored["state"], restored["progress"]
+
+
+def test_inq_run_writes_results_metrics_and_config(tmp_path):
+  workdir = str(tmp_path)
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  for key in ("fp_accuracy", "final_accuracy", "codebook_fraction", "packed_bytes",
+              "fp32_bytes", "portion_accuracies", "config_name", "bits"):
+    assert key in results
+  assert results["codebook_fraction"] == 1.0
+  assert 0.5 < results["fp_accuracy"] <= 1.0  # well above chance (0.1) after one epoch
+  assert 0.0 <= results["final_accuracy"] <= 1.0
+  assert [p["portion"] for p in results["portion_accuracies"]] == [0.5, 0.75, 1.0]
+  assert results["packed_bytes"] < results["fp32_bytes"] / 4
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == results
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["inq"]["bits"] == 5
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  evals = [r for r in records if r["type"] == "eval"]
+  assert [r["phase_name"] for r in evals] == ["fp", "inq_0.5", "inq_0.75", "inq_1"]
+  assert all(np.isfinite(r["loss"]) for r in records if r["type"] == "train")
+  state, _ = final_state(workdir)
+  frozen = state["inq_state"]["frozen"]
+  assert all(np.all(f) for f in (frozen["conv1"]["kernel"], frozen["fc"]["kernel"]))
+  assert not np.any(frozen["fc"]["bias"])
+
+
+def test_fp_method_reports_full_precision(tmp_path):
+  results = train.train_and_evaluate(tiny_config("fp"), str(tmp_path))
+  assert results["bits"] == 32 and results["codebook_fraction"] is None
+  assert results["packed_bytes"] == results["fp32_bytes"]
+  assert results["final_accuracy"] == results["fp_accuracy"]
+
+
+def test_resume_mid_inq_step_is_bitwise_identical(tmp_path):
+  config = tiny_config()
+  reference = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+  interrupted_dir = str(tmp_path / "interrupted")
+  # 42 FP + 42 (portion 0.5) + 20 steps into portion 0.75, between two checkpoints.
+  stopping = configs.apply_overrides(config, {"stop_after_steps": 104})
+  assert train.train_and_evaluate(stopping, interrupted_dir) is None
+  _, progress = final_state(interrupted_dir)
+  assert (progress["phase"], progress["step_in_phase"]) == (2, 20)
+  resumed = train.train_and_evaluate(config, interrupted_dir)
+  assert resumed == reference
+  expected, _ = final_state(str(tmp_path / "uninterrupted"))
+  actual, _ = final_state(interrupted_dir)
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+
+
+def test_resuming_with_another_config_is_an_error(tmp_path):
+  train.train_and_evaluate(tiny_config("fp"), str(tmp_path))
+  with pytest.raises(ValueError, match="seed"):
+    train.train_and_evaluate(tiny_config("fp", seed=1), str(tmp_path))
+
+
+def test_four_devices_match_one_device(tmp_path):
+  assert len(jax.local_devices()) == 4
+  # A small learning rate: at 0.05, 42 SGD steps amplify reduction-order rounding to ~1%.
+  small_lr = {"fp.learning_rate": 0.005}
+  single = train.train_and_evaluate(tiny_config("fp", num_devices=1, **small_lr),
+                                    str(tmp_path / "one"))
+  sharded = train.train_and_evaluate(tiny_config("fp", num_devices=4, **small_lr),
+                                     str(tmp_path / "four"))
+  assert abs(single["fp_accuracy"] - sharded["fp_accuracy"]) <= 1 / 450 + 1e-12
+  state_one, _ = final_state(str(tmp_path / "one"))
+  state_four, _ = final_state(str(tmp_path / "four"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                       rtol=1e-5, atol=1e-6),
+               state_four["params"], state_one["params"])
+
+
+def test_batch_not_divisible_by_devices_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="batch_size=30"):
+    train.train_and_evaluate(tiny_config("fp", num_devices=4, batch_size=30), str(tmp_path))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny_config("fp", **{"fp.learning_rate": 1e12, "checkpoint_every_steps": 1,
+                                "log_every_steps": 1})
+  with pytest.raises(FloatingPointError, match=r"Non-finite loss or parameters at training step \d+"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "results.json"))
+  state, progress = final_state(str(tmp_path))
+  assert progress["global_step"] >= 1
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state["params"]))
