@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from comq_jax import grid as grid_lib
 from inq_jax import validation
@@ -91,50 +92,174 @@ class LayerQuantization(NamedTuple):
   history: jax.Array
 
 
-def _error(delta_t, gram):
-  """``sqrt(trace(D H D^T))`` for ``D = W - Q`` (rows = channels)."""
-  sq = jnp.sum(delta_t * jnp.matmul(delta_t, gram,
-                                    precision=jax.lax.Precision.HIGHEST))
+def reconstruction_error(w, q, gram):
+  """Layer reconstruction error from the Gram matrix.
+
+  .. math:: \\|X W - X Q\\|_F = \\sqrt{\\operatorname{tr}((W - Q)^\\top H (W - Q))},
+    \\qquad H = X^\\top X
+
+  (the COMQ objective, Zhang et al., arXiv 2403.07134).
+
+  Args:
+    w: ``(d_in, d_out)`` float weights (Flax layout).
+    q: quantized weights, shape of ``w``.
+    gram: ``(d_in, d_in)`` Gram matrix ``X^T X``.
+
+  Returns:
+    A scalar, ``||X W - X Q||_F``.
+  """
+  d = w - q
+  sq = jnp.sum(d * jnp.matmul(gram, d, precision=jax.lax.Precision.HIGHEST))
   return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
-def _sweep(wt, qt, codes, values, gram, perm):
+def _count_not_greater(sorted_rows, values):
+  """Per row, how many entries of ascending ``sorted_rows`` are ``<= values``.
+
+  A branchless binary search: ``log2(n)`` gathers instead of a sort.
+  """
+  n = sorted_rows.shape[1]
+  count = jnp.zeros(values.shape, jnp.int32)
+  step = 1 << (n.bit_length() - 1)
+  while step:
+    probe = count + step
+    entry = jnp.take_along_axis(sorted_rows, jnp.minimum(probe, n) - 1, axis=1)
+    count = jnp.where((probe <= n) & (entry <= values), probe, count)
+    step //= 2
+  return count
+
+
+def greedy_order(wt, gram_diag):
+  """The official COMQ greedy visiting order of each output channel.
+
+  Channel ``j`` visits its inputs by descending score (ties by index)
+
+  .. math:: s_{ji} = \\sqrt{H_{ii}}\\, |w_{ji}|
+
+  (``--greedy`` of the official code for Zhang et al., arXiv 2403.07134).
+  The result equals ``argsort(-s, stable=True)``. It is computed as
+  ``sort(rank * d_in + i) % d_in`` with ``rank`` the number of larger
+  scores, because XLA sorts one int32 array per row much faster than it
+  sorts (key, index) pairs.
+
+  Args:
+    wt: ``(d_out, d_in)`` weights, channel-major.
+    gram_diag: ``(d_in,)`` diagonal of the Gram matrix, ``||x_i||^2``.
+
+  Returns:
+    ``(d_out, d_in)`` int32; row ``j`` is channel ``j``'s order.
+  """
+  d_in = wt.shape[1]
+  score = jnp.sqrt(jnp.maximum(gram_diag, 0.0))[None, :] * jnp.abs(wt)
+  if score.dtype != jnp.float32 or d_in * d_in > jnp.iinfo(jnp.int32).max:
+    return jnp.argsort(-score, axis=1, stable=True).astype(jnp.int32)
+  # Non-negative floats sort like their bit patterns.
+  bits = jax.lax.bitcast_convert_type(score, jnp.int32)
+  larger = d_in - _count_not_greater(jnp.sort(bits, axis=1), bits)
+  key = larger * d_in + jnp.arange(d_in, dtype=jnp.int32)[None, :]
+  return jnp.sort(key, axis=1) % d_in
+
+
+# Coordinates per block of a sweep (multiple of nothing in particular: tuned
+# on CPU with benchmarks/comq_layer.py; the pairwise gathers grow with it).
+_BLOCK = 16
+
+
+def _sweep(wt, qt, values, gram, perm, *, first):
   """One coordinate-descent pass; every channel visits its own order.
 
-  Keeps ``E = (W - Q) H`` (row j is ``H (w_j - q_j)``) and at step ``t``
-  sets ``q_ji``, ``i = perm[j, t]``, to the grid point nearest to the exact
-  1-D minimiser ``w_ji + (E_ji - H_ii (w_ji - q_ji)) / H_ii``. A dead input
-  (``H_ii = 0``) does not affect the objective; it keeps the nearest grid
-  point to ``w_ji`` (round-to-nearest).
-  """
-  rows = jnp.arange(wt.shape[0])
-  diag = jnp.diagonal(gram)
-  e = jnp.matmul(wt - qt, gram, precision=jax.lax.Precision.HIGHEST)
-  # Q and codes live in visiting order, so step t touches column t only.
-  wp = jnp.take_along_axis(wt, perm, axis=1)
-  qp = jnp.take_along_axis(qt, perm, axis=1)
-  cp = jnp.take_along_axis(codes, perm, axis=1)
+  Step ``t`` sets ``q_ji``, ``i = perm[j, t]``, to the grid point nearest to
+  the exact 1-D minimiser ``w_ji + (E_ji - H_ii (w_ji - q_ji)) / H_ii`` with
+  ``E = (W - Q) H``. A dead input (``H_ii = 0``) does not affect the
+  objective; it keeps the nearest grid point to ``w_ji``.
 
-  def step(carry, t):
-    qp, cp, e = carry
-    i = perm[:, t]
-    w = wp[:, t]
-    q_old = qp[:, t]
-    h = diag[i]
+  The steps run in blocks of ``_BLOCK``. A block reads its ``E`` entries
+  once, follows its own updates through the pairwise Gram entries
+  ``H[i_s, i_r]`` (``s < r``) of its coordinates, and then adds all of them
+  to ``E`` in one pass: the same floating-point operations as updating
+  ``E`` after every step, with far less memory traffic. With one shared
+  order (``perm`` of shape ``(1, d_in)``, cyclic) that pass is a dense
+  matmul.
+
+  Args:
+    wt, qt: ``(d_out, d_in)`` weights and current quantized weights.
+    values: ``(d_out, L)`` grid values.
+    gram: ``(d_in, d_in)`` Gram matrix.
+    perm: ``(d_out, d_in)`` or ``(1, d_in)`` int32 visiting orders.
+    first: ``qt`` is ``wt`` (so ``E = 0`` needs no matmul).
+
+  Returns:
+    ``(qt, codes)``, both ``(d_out, d_in)``.
+  """
+  d_out, d_in = wt.shape
+  shared = perm.shape[0] == 1
+  pad = -d_in % _BLOCK
+  if pad:
+    # Padded inputs have zero Gram rows and come last: they change nothing.
+    wt = jnp.pad(wt, ((0, 0), (0, pad)))
+    qt = jnp.pad(qt, ((0, 0), (0, pad)))
+    gram = jnp.pad(gram, ((0, pad), (0, pad)))
+    tail = jnp.arange(d_in, d_in + pad, dtype=jnp.int32)
+    perm = jnp.concatenate(
+        [perm, jnp.broadcast_to(tail[None, :], (perm.shape[0], pad))], axis=1)
+  n = d_in + pad
+  if first:
+    e = jnp.zeros_like(wt)
+  else:
+    e = jnp.matmul(wt - qt, gram, precision=jax.lax.Precision.HIGHEST)
+  diag = jnp.diagonal(gram)
+  flat_gram = gram.reshape(-1)
+  pair_s, pair_r = np.triu_indices(_BLOCK, 1)
+
+  def by_block(a):
+    """``(rows, n)`` in visiting order to ``(n / _BLOCK, rows, _BLOCK)``."""
+    return jnp.swapaxes(a.reshape(a.shape[0], n // _BLOCK, _BLOCK), 0, 1)
+
+  def block(e, xs):
+    idx, w, q_old = xs
+    eb = jnp.take_along_axis(e, jnp.broadcast_to(idx, w.shape), axis=1)
+    # Strictly upper triangle of the block's Gram, gathered pair by pair.
+    pairs = jnp.zeros(idx.shape + (_BLOCK,), gram.dtype).at[
+        :, pair_s, pair_r].set(flat_gram[idx[:, pair_s] * n + idx[:, pair_r]])
+    h = diag[idx]
     live = h > 0
     safe_h = jnp.where(live, h, jnp.ones_like(h))
-    target = jnp.where(live, w + (e[rows, i] - h * (w - q_old)) / safe_h, w)
-    idx, q_new = grid_lib.nearest(values, target)
-    e = e + (q_old - q_new)[:, None] * gram[i]
-    qp = jax.lax.dynamic_update_slice_in_dim(qp, q_new[:, None], t, axis=1)
-    cp = jax.lax.dynamic_update_slice_in_dim(cp, idx[:, None], t, axis=1)
-    return (qp, cp, e), None
 
-  (qp, cp, _), _ = jax.lax.scan(step, (qp, cp, e), jnp.arange(wt.shape[1]))
-  inverse = jnp.argsort(perm, axis=1)
-  qt = jnp.take_along_axis(qp, inverse, axis=1)
-  codes = jnp.take_along_axis(cp, inverse, axis=1)
-  return qt, codes
+    def step(s, carry):
+      eb, q_new, codes = carry
+      col = lambda a: jax.lax.dynamic_index_in_dim(a, s, axis=1,
+                                                   keepdims=False)
+      w_s, q_s, h_s = col(w), col(q_old), col(h)
+      target = jnp.where(col(live),
+                         w_s + (col(eb) - h_s * (w_s - q_s)) / col(safe_h),
+                         w_s)
+      c, q = grid_lib.nearest(values, target)
+      row = jax.lax.dynamic_index_in_dim(pairs, s, axis=1, keepdims=False)
+      eb = eb + (q_s - q)[:, None] * row
+      put = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, s, axis=1)
+      return eb, put(q_new, q), put(codes, c)
+
+    _, q_new, codes = jax.lax.fori_loop(
+        0, _BLOCK, step, (eb, jnp.zeros_like(w), jnp.zeros(w.shape, jnp.int32)))
+    delta = q_old - q_new
+    if shared:
+      e = e + jnp.matmul(delta, gram[idx[0]],
+                         precision=jax.lax.Precision.HIGHEST)
+    else:
+      for s in range(_BLOCK):
+        e = e + delta[:, s, None] * gram[idx[:, s]]
+    return e, (q_new, codes)
+
+  wp = jnp.take_along_axis(wt, jnp.broadcast_to(perm, wt.shape), axis=1)
+  qp = jnp.take_along_axis(qt, jnp.broadcast_to(perm, qt.shape), axis=1)
+  # Results leave the scan as outputs, not as a carry updated in place.
+  _, (qb, cb) = jax.lax.scan(block, e, (by_block(perm), by_block(wp),
+                                        by_block(qp)))
+  rows = jnp.arange(d_out)[:, None]
+  unblock = lambda a: jnp.swapaxes(a, 0, 1).reshape(d_out, n)
+  qt = jnp.zeros((d_out, n), wt.dtype).at[rows, perm].set(unblock(qb))
+  codes = jnp.zeros((d_out, n), jnp.int32).at[rows, perm].set(unblock(cb))
+  return qt[:, :d_in], codes[:, :d_in]
 
 
 def _update_scale(wt, codes, g, gram, granularity, is_pow2):
@@ -186,25 +311,35 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
   gram = gram.astype(wt.dtype)
   g = grid_lib.make_grid(wt, bits=bits, grid=grid, granularity=granularity,
                          scalar=scalar)
-  d_out, d_in = wt.shape
+  error = lambda qt: reconstruction_error(wt.T, qt.T, gram)
   if order == "greedy":
-    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-    perm = jnp.argsort(-(norms[None, :] * jnp.abs(wt)), axis=1, stable=True)
+    perm = greedy_order(wt, jnp.diagonal(gram))
   else:
-    perm = jnp.broadcast_to(jnp.arange(d_in)[None, :], (d_out, d_in))
-  perm = perm.astype(jnp.int32)
-  # The first sweep starts from the unrounded weights (official code).
-  qt = wt
-  codes = jnp.zeros(wt.shape, jnp.int32)
-  history = []
-  for _ in range(iters):
-    qt, codes = _sweep(wt, qt, codes, g.values(), gram, perm)
-    history.append(_error(wt - qt, gram))
+    perm = jnp.arange(wt.shape[1], dtype=jnp.int32)[None, :]
+  def one_round(qt, g, first):
+    """A sweep, then the optional scale step; returns their errors too."""
+    qt, codes = _sweep(wt, qt, g.values(), gram, perm, first=first)
+    errors = [error(qt)]
     if scale_update:
       g = _update_scale(wt, codes, g, gram, granularity, grid == "pow2")
       qt = jnp.take_along_axis(g.values(), codes, axis=1)
-      history.append(_error(wt - qt, gram))
-  return qt, codes, g, history[-1], jnp.stack(history)
+      errors.append(error(qt))
+    return qt, codes, g, jnp.stack(errors)
+
+  # The first sweep starts from the unrounded weights (official code).
+  qt, codes, g, errors = one_round(wt, g, True)
+  history = jnp.zeros((iters,) + errors.shape, errors.dtype).at[0].set(errors)
+
+  def later_round(k, carry):
+    # One loop body for sweeps 2..K: compiled once, whatever K is.
+    qt, _, g, history = carry
+    qt, codes, g, errors = one_round(qt, g, False)
+    return qt, codes, g, history.at[k].set(errors)
+
+  qt, codes, g, history = jax.lax.fori_loop(1, iters, later_round,
+                                            (qt, codes, g, history))
+  history = history.reshape(-1)
+  return qt, codes, g, history[-1], history
 
 
 def _check_inputs(w, x, gram):
@@ -342,7 +477,8 @@ def round_to_nearest(w, x=None, *, bits: int, grid: str = "asymmetric",
   wt = w.T.astype(_compute_dtype(w))
   qt, codes, g = rtn_solve(wt, bits=bits, grid=grid, granularity=granularity,
                            scalar=float(scalar))
-  error = None if gram is None else _error(wt - qt, gram.astype(wt.dtype))
+  error = None if gram is None else reconstruction_error(
+      wt.T, qt.T, gram.astype(wt.dtype))
   return _result(w, qt, codes, g, error, jnp.zeros((0,), wt.dtype))
 
 

@@ -184,7 +184,7 @@ def _solve_layer(module, kernel, gram, options):
 
   def rtn_error(w, h):
     q, _, _ = layer_lib.rtn_solve(w.T, **rtn_options)
-    return layer_lib._error(w.T - q, h)
+    return layer_lib.reconstruction_error(w, q.T, h)
 
   rtn_err = jax.vmap(rtn_error)(mats, gram)
   q = jnp.transpose(qt, (0, 2, 1))

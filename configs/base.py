@@ -14,6 +14,9 @@ Where the ImageNet numbers come from:
   gives no learning rate; these follow the Mxbonn/INQ-pytorch ResNet-18 reproduction
   (69.64% top-1 at 5 bits vs 69.76% FP).
 * evaluation: resize 256, centre crop 224 (paper: centre-crop validation).
+* COMQ / RTN (post-training, no retraining): the official COMQ code's defaults
+  (comq.md §1.7): 1 greedy sweep, no scale update, asymmetric per-channel grid,
+  FP-model inputs, 1024 calibration images from the train split.
 """
 
 import ml_collections
@@ -30,7 +33,9 @@ def get_config(dataset):
   config.name = "fp"
   config.dataset = dataset
   config.seed = 0
-  # "fp" keeps the full-precision model; "inq" runs incremental network quantization.
+  # "fp" keeps the full-precision model; "inq" runs incremental network quantization;
+  # "comq" and "rtn" quantize the trained (or imported) FP weights after training:
+  # COMQ coordinate descent on calibration images, or round-to-nearest on the same grid.
   config.method = "fp"
   # 0 = all local devices; the batch is sharded over a 1-D mesh of this many devices.
   config.num_devices = 0
@@ -40,6 +45,11 @@ def get_config(dataset):
   # Stop cleanly (after a checkpoint) once this many training steps ran in this process;
   # 0 = run to the end. Used to test resumption and to time-box runs.
   config.stop_after_steps = 0
+  # INQ only: also evaluate the final model through the packed power-of-two weights and
+  # the Pallas shift-matmul kernel (inq_jax.pack_variables + packed_apply; interpret mode
+  # on CPU, slow), recorded as packed_accuracy. Off by default: on CPU it costs minutes
+  # for ResNet-18 and adds nothing to the accuracy when the kernel is correct.
+  config.eval_packed = False
 
   config.data = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict()
@@ -52,6 +62,33 @@ def get_config(dataset):
   config.inq.momentum = 0.9
   # The optimizer and its LR schedule restart at every INQ step (official code, Mxbonn);
   # the final portion (1.0) only quantizes: no kernel is left to train (paper Alg. 1).
+
+  # COMQ (Zhang et al., arXiv 2403.07134; comq.md §1.7): the official code's recipe.
+  # One greedy sweep, no scale update, asymmetric min-max grid per output channel,
+  # inputs from the FP model, every Conv/Dense kernel (first and last included, as INQ).
+  config.comq = ml_collections.ConfigDict()
+  config.comq.bits = 4
+  config.comq.iters = 1
+  config.comq.order = "greedy"
+  config.comq.scale_update = False
+  config.comq.scalar = 1.0
+  config.comq.grid = "asymmetric"
+  config.comq.granularity = "channel"
+  config.comq.inputs = "fp"
+  config.comq.skip_first_last = False
+  # Calibration: the first num_calibration_examples of a seeded shuffle of the training
+  # split with the training preprocessing (ImageNet: random-resized crop + flip, as the
+  # official code's timm train transforms), shared by every layer (the official code
+  # draws a fresh batch per layer). Must be a multiple of calibration_batch_size.
+  config.comq.calibration_batch_size = 64
+
+  # Round-to-nearest on the COMQ grid (comq_jax.round_to_nearest), no data needed;
+  # grid "pow2" gives INQ's power-of-two set without retraining.
+  config.rtn = ml_collections.ConfigDict()
+  config.rtn.bits = 4
+  config.rtn.grid = "asymmetric"
+  config.rtn.granularity = "channel"
+  config.rtn.scalar = 1.0
 
   if dataset == "imagenet":
     config.data.name = "imagenet2012"
@@ -83,6 +120,8 @@ def get_config(dataset):
     config.inq.weight_decay = 5e-4
     config.checkpoint_every_steps = 2000
     config.log_every_steps = 100
+    # 1024 training images (the official --batchsize for ViT-S, comq.md §1.7).
+    config.comq.num_calibration_examples = 1024
   else:
     config.data.name = "digits"
     # sklearn train_test_split(stratify=labels, random_state=0, test_size=0.25): 1347/450.
@@ -104,4 +143,7 @@ def get_config(dataset):
     config.inq.lr_decay_epoch = 2
     config.inq.lr_decay_factor = 0.1
     config.inq.weight_decay = 5e-4
+    # 256 of the 1347 training images: 16k patch rows for conv1, 4k for conv2/conv3
+    # (at most 288 inputs) and 256 for fc (64 inputs), enough for a full-rank Gram.
+    config.comq.num_calibration_examples = 256
   return config

@@ -12,7 +12,11 @@ epoch)), so a resumed run can skip to the batch it stopped at and see the same d
 ImageNet uses `tfds` + tf.data rather than `tfds.data_source`: TFDS prepares imagenet2012
 as TFRecord by default, which only tf.data reads, and tf.data decodes JPEGs in parallel
 C++ threads; determinism comes from a fixed file order, a seeded shuffle and stateless
-augmentation keyed by (seed, example index).
+augmentation keyed by (seed, example index). `builder.as_dataset` is called once per split,
+in the constructor: it reads dataset files, and under `tfds.testing.mock_data` it swaps the
+process-wide epath/gfile backends for a temporary mock file system while it runs, which
+would redirect the file writes of Orbax's background checkpoint thread if it ran during
+training ("No ArrayMetadata found for process_index=0").
 """
 
 import numpy as np
@@ -110,6 +114,9 @@ class ImageNetData:
     self.num_eval_examples = (
         num_eval_examples or self.builder.info.splits["validation"].num_examples)
     self.image_shape = (image_size, image_size, 3)
+    # Opened once, here, before any checkpoint is written (see the module docstring).
+    self.train_split = self.builder.as_dataset(split="train", shuffle_files=False)
+    self.eval_split = self.builder.as_dataset(split="validation", shuffle_files=False)
 
   def normalize(self, image):
     tf = self.tf
@@ -146,8 +153,7 @@ class ImageNetData:
     tf = self.tf
     # One int32 seed from (seed, phase, epoch), the same on every run and host.
     seed = int(np.random.SeedSequence(shuffle_seed).generate_state(1)[0] >> 1)
-    ds = self.builder.as_dataset(split="train", shuffle_files=False)
-    ds = ds.take(self.num_train_examples).enumerate()
+    ds = self.train_split.take(self.num_train_examples).enumerate()
     ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.map(lambda i, ex: self.train_example(i, ex, tf.constant(seed, tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -156,8 +162,7 @@ class ImageNetData:
 
   def eval_batches(self, batch_size):
     tf = self.tf
-    ds = self.builder.as_dataset(split="validation", shuffle_files=False)
-    ds = ds.take(self.num_eval_examples)
+    ds = self.eval_split.take(self.num_eval_examples)
     ds = ds.map(self.eval_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     for batch in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
       yield pad_batch(batch, batch_size)

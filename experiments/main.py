@@ -1,6 +1,7 @@
 """Shared absl entry point of `python -m experiments.digits` and `experiments.imagenet`.
 
-  --config=NAME_OR_PATH   a config in configs/ (e.g. inq_5bit) or a path to a .py file
+  --config=NAME_OR_PATH   a config in configs/ (e.g. inq_5bit, comq_4bit, rtn_4bit) or a
+                          path to a .py file
   --config.FIELD=VALUE    overrides a field; an unknown field is an error naming it
   --workdir=DIR           default ./workdirs/<dataset>_<config name>; rerunning with the
                           same workdir resumes the run
@@ -44,23 +45,51 @@ def define_flags(dataset):
                       f"./workdirs/{dataset}_<config name>.")
 
 
+METHOD_NAMES = {"fp": "full precision", "inq": "INQ", "comq": "COMQ",
+                "rtn": "round-to-nearest"}
+
+
 def format_results(results):
-  """A plain-text table of a results dict."""
+  """A plain-text table of a results dict: accuracies and sizes for every method, the INQ
+  portions, and COMQ's per-layer errors against round-to-nearest on the same grid."""
+  bits = results["bits"]
+  method = METHOD_NAMES[results["method"]]
   rows = [("Full-precision test accuracy", f"{results['fp_accuracy']:.4f}")]
   for entry in results["portion_accuracies"]:
     rows.append((f"  after INQ portion {entry['portion']:g}", f"{entry['accuracy']:.4f}"))
-  rows.append((f"Final {results['bits']}-bit test accuracy", f"{results['final_accuracy']:.4f}"))
+  if results["method"] != "fp":
+    rows.append((f"Final {bits}-bit {method} test accuracy",
+                 f"{results['final_accuracy']:.4f} "
+                 f"({100 * (results['final_accuracy'] - results['fp_accuracy']):+.2f} points)"))
+  if results["packed_accuracy"] is not None:
+    rows.append(("  through the packed shift kernel", f"{results['packed_accuracy']:.4f}"))
   if results["codebook_fraction"] is not None:
     rows.append(("Weights in the power-of-two codebook",
                  f"{100 * results['codebook_fraction']:.2f}%"))
   rows.append(("Model size FP32", f"{results['fp32_bytes']:,} bytes"))
-  rows.append((f"Model size packed ({results['bits']}-bit kernels)",
-               f"{results['packed_bytes']:,} bytes "
-               f"({results['fp32_bytes'] / results['packed_bytes']:.2f}x smaller)"))
+  if results["method"] != "fp":
+    rows.append((f"Model size packed ({bits}-bit kernels)",
+                 f"{results['packed_bytes']:,} bytes "
+                 f"({results['fp32_bytes'] / results['packed_bytes']:.2f}x smaller)"))
+    rows.append(("  information-theoretic (uniform codes)",
+                 f"{results['codebook_bytes']:,.0f} bytes"))
+    if results["entropy_bytes"] is not None:
+      rows.append(("  empirical code entropy", f"{results['entropy_bytes']:,.0f} bytes"))
   width = max(len(name) for name, _ in rows)
   title = f"{results['config_name']} on {results['dataset']} ({results['model']})"
-  return "\n".join([title, "-" * len(title)] +
-                   [f"{name:<{width}}  {value}" for name, value in rows])
+  lines = [title, "-" * len(title)] + [f"{name:<{width}}  {value}" for name, value in rows]
+  if results["layers"]:
+    lines += ["", f"Per-layer error ||XW - XQ||_F on the calibration set ({bits}-bit):"]
+    header = ("layer", "shape", "COMQ", "RTN", "COMQ/RTN", "seconds")
+    table = [header] + [
+        (layer["path"], "x".join(map(str, layer["shape"])), f"{layer['comq_error']:.4g}",
+         f"{layer['rtn_error']:.4g}",
+         f"{layer['comq_error'] / layer['rtn_error']:.3f}" if layer["rtn_error"] else "-",
+         f"{layer['seconds']:.2f}") for layer in results["layers"]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(row, widths))) for row in table]
+  return "\n".join(lines)
 
 
 def run(dataset):

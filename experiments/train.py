@@ -4,9 +4,13 @@
   -> quantize with `config.method` -> evaluate -> write results.json
 
 The run is a list of phases sharing one training loop: phase 0 trains (or just evaluates)
-the full-precision model; each INQ portion is one more phase that partitions and quantizes
-on entry (`quantizer.step`), retrains the still-float weights with a fresh optimizer
-(momentum and LR schedule restart, as in the paper) and evaluates at the end.
+the full-precision model; each later phase quantizes on entry, trains for its steps (if
+any) and evaluates at the end:
+  inq:  one phase per portion: partition and quantize (`quantizer.step`), then retrain the
+        still-float weights with a fresh optimizer (momentum and LR schedule restart).
+  comq: one phase, no training: `comq_jax.quantize_model` on calibration images from the
+        training split; the per-layer COMQ and round-to-nearest errors are recorded.
+  rtn:  one phase, no training: `comq_jax.round_to_nearest` of every Conv/Dense kernel.
 
 Resumption: Orbax checkpoints hold the variables, optimizer and INQ state plus the
 position (phase, step within phase). Training batches are a pure function of
@@ -14,6 +18,7 @@ position (phase, step within phase). Training batches are a pure function of
 bitwise-identical parameters.
 """
 
+import itertools
 import json
 import math
 import os
@@ -21,6 +26,7 @@ import time
 from typing import NamedTuple, Optional
 
 from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,44 +37,54 @@ import orbax.checkpoint as ocp
 from experiments import input_pipeline
 from experiments import models
 from experiments import torchvision_import
+import comq_jax
 import inq_jax
 
 
 class Phase(NamedTuple):
   """One stretch of training with its own optimizer.
 
-  name: "fp" or "inq_<portion>". portion: accumulated INQ portion quantized on entry, or
-  None for full precision. num_steps: training steps after entry. hparams: the config
-  block holding the optimizer settings (config.fp or config.inq).
+  name: "fp", "inq_<portion>", "comq" or "rtn". kind: what happens on entry: "fp"
+  (nothing), "inq", "comq" or "rtn" (quantize). portion: accumulated INQ portion
+  quantized on entry (INQ only). num_steps: training steps after entry. hparams: the
+  config block holding the optimizer settings (config.fp or config.inq).
   """
   name: str
+  kind: str
   portion: Optional[float]
   num_steps: int
   hparams: ml_collections.ConfigDict
 
 
 def fp_phase(config, steps_per_epoch):
-  return Phase("fp", None, config.fp.num_epochs * steps_per_epoch, config.fp)
+  return Phase("fp", "fp", None, config.fp.num_epochs * steps_per_epoch, config.fp)
 
 
 def inq_phases(config, steps_per_epoch):
   """One phase per portion; the last (1.0) only quantizes: no kernel is left to train."""
   schedule = inq_jax.validate_schedule(config.inq.schedule)
-  return [Phase(f"inq_{portion:g}", portion,
+  return [Phase(f"inq_{portion:g}", "inq", portion,
                 0 if portion == 1.0 else config.inq.epochs_per_step * steps_per_epoch,
                 config.inq) for portion in schedule]
 
 
-# Quantization methods: name -> phases that follow the FP phase. Post-training methods
-# (rtn, comq) will be phases with num_steps 0 that quantize on entry.
+def post_training_phase(method):
+  """Post-training methods: one phase that quantizes on entry and trains no step."""
+  return lambda config, steps_per_epoch: [Phase(method, method, None, 0, config.fp)]
+
+
+# Quantization methods: name -> phases that follow the FP phase.
 METHODS = {
     "fp": lambda config, steps_per_epoch: [],
     "inq": inq_phases,
+    "comq": post_training_phase("comq"),
+    "rtn": post_training_phase("rtn"),
 }
 
 
 def method_bits(config):
-  return 32 if config.method == "fp" else config.inq.bits
+  """Bit width of the quantized kernels (32 for fp); config.<method>.bits otherwise."""
+  return 32 if config.method == "fp" else config[config.method].bits
 
 
 def make_optimizer(hparams, steps_per_epoch, frozen):
@@ -116,36 +132,154 @@ def make_train_step(model, optimizer):
   return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(apply_fn):
+  """Jitted masked accuracy counts of `apply_fn(variables, images) -> logits`."""
   @jax.jit
-  def eval_step(params, batch_stats, batch):
-    logits = model.apply({"params": params, "batch_stats": batch_stats},
-                         batch["image"], train=False)
+  def eval_step(variables, batch):
+    logits = apply_fn(variables, batch["image"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return jnp.sum(correct * batch["mask"]), jnp.sum(batch["mask"])
   return eval_step
 
 
-def evaluate(eval_step, state, dataset, batch_size, batch_sharding):
+def evaluate(eval_step, variables, dataset, batch_size, batch_sharding):
   correct, count = 0.0, 0.0
   for batch in dataset.eval_batches(batch_size):
-    batch_correct, batch_count = eval_step(
-        state["params"], state["batch_stats"], jax.device_put(batch, batch_sharding))
+    batch_correct, batch_count = eval_step(variables, jax.device_put(batch, batch_sharding))
     correct += float(batch_correct)
     count += float(batch_count)
   return correct / count
 
 
-def packed_model_bytes(variables, bits, quantizable):
-  """Bytes of the model stored with `bits`-bit quantizable kernels, FP32 elsewhere.
+def model_variables(state):
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
-  ceil(bits * n / 8) per quantizable leaf + 4 bytes per other float element
-  (biases, BN parameters and running statistics). bits=32 gives the FP32 size.
+
+def calibration_images(config, dataset, shuffle_seed):
+  """COMQ calibration inputs: the first `comq.num_calibration_examples` training images
+  of the seeded order `shuffle_seed`, with the training preprocessing, as a list of
+  `comq.calibration_batch_size` batches."""
+  num, batch_size = config.comq.num_calibration_examples, config.comq.calibration_batch_size
+  if batch_size <= 0 or num <= 0 or num % batch_size:
+    raise ValueError(f"comq.num_calibration_examples={num} must be a positive multiple of "
+                     f"comq.calibration_batch_size={batch_size}.")
+  if num > dataset.num_train_examples:
+    raise ValueError(f"comq.num_calibration_examples={num} exceeds the "
+                     f"{dataset.num_train_examples} training examples.")
+  batches = itertools.islice(dataset.train_epoch(batch_size, shuffle_seed), num // batch_size)
+  return [jnp.asarray(batch["image"]) for batch in batches]
+
+
+def forward_layer_paths(model, variables, images):
+  """"/"-joined paths of the Dense/Conv modules in first-call order (shapes only)."""
+  paths = []
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and type(module) in (nn.Dense, nn.Conv):
+      path = "/".join(module.path)
+      if path not in paths:
+        paths.append(path)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  return paths
+
+
+def comq_quantize(comq_config, model, variables, images):
+  """COMQ of every Conv/Dense kernel (first and last too unless skip_first_last).
+
+  Returns (params, layers): the quantized params and one JSON-ready dict per layer.
   """
-  total = 0
-  for leaf, is_quantizable in zip(jax.tree.leaves(variables), jax.tree.leaves(quantizable)):
-    total += math.ceil(bits * leaf.size / 8) if is_quantizable else 4 * leaf.size
-  return total
+  skip = None
+  if comq_config.skip_first_last:
+    paths = forward_layer_paths(model, variables, images[0])
+    ends = {paths[0], paths[-1]}
+    skip = lambda path, kernel: path in ends
+  quantized, reports = comq_jax.quantize_model(
+      model, variables, images, bits=comq_config.bits, iters=comq_config.iters,
+      order=comq_config.order, scale_update=comq_config.scale_update,
+      scalar=comq_config.scalar, grid=comq_config.grid,
+      granularity=comq_config.granularity, skip=skip, inputs=comq_config.inputs,
+      train=False)
+  layers = [{"path": r.path, "shape": list(r.shape), "bits": r.bits,
+             "comq_error": r.error, "rtn_error": r.rtn_error, "seconds": r.seconds}
+            for r in reports]
+  return quantized["params"], layers
+
+
+def rtn_quantize(rtn_config, params):
+  """Round-to-nearest of every quantizable kernel (inq_jax.quantizable_mask: every
+  Conv/Dense kernel) on its (kh*kw*cin, cout) matrix view: one grid per output channel."""
+  def leaf(w, selected):
+    if not selected:
+      return w
+    result = comq_jax.round_to_nearest(
+        w.reshape(-1, w.shape[-1]), bits=rtn_config.bits, grid=rtn_config.grid,
+        granularity=rtn_config.granularity, scalar=rtn_config.scalar)
+    return result.weights.reshape(w.shape)
+  return jax.tree.map(leaf, params, inq_jax.quantizable_mask(params))
+
+
+def quantized_mask(config, params, layers):
+  """Which params leaves hold quantized kernels after the method ran (bool pytree)."""
+  if config.method == "comq":
+    paths = {layer["path"] for layer in layers}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: (path[-1].key == "kernel"
+                         and "/".join(k.key for k in path[:-1]) in paths), params)
+  if config.method == "fp":
+    return jax.tree.map(lambda _: False, params)
+  return inq_jax.quantizable_mask(params)
+
+
+# Per-channel (or per-layer) grid parameters stored beside the codes, in bytes: float32
+# scale and zero point (asymmetric), float32 scale (symmetric), int32 n1 (pow2).
+GRID_PARAMETER_BYTES = {"asymmetric": 8, "symmetric": 4, "pow2": 4}
+
+
+def grid_levels(bits, grid):
+  """Number of levels of a `bits`-bit `grid`, read off `comq_jax.make_grid`."""
+  return comq_jax.make_grid(jnp.ones((1, 2), jnp.float32), bits=bits, grid=grid).units.shape[-1]
+
+
+def model_sizes(config, variables, inq_state, quantized):
+  """Bytes of the final model: the one place that sizes every method.
+
+  Returns {"fp32_bytes", "packed_bytes", "codebook_bytes", "entropy_bytes"}:
+  * inq: `inq_jax.pack_params` + `inq_jax.size_report` on the real packed codes (padding
+    and per-layer n1 included); codebook_bytes = log2(2^(bits-1)+1) bits per weight,
+    entropy_bytes = empirical code entropy (`SizeReport`).
+  * comq / rtn: ceil(bits * n / 8) code bytes per quantized kernel plus its grid
+    parameters per output channel (one set for granularity "layer",
+    GRID_PARAMETER_BYTES); codebook_bytes uses log2(levels) bits per weight; no
+    entropy_bytes (None).
+  * fp: packed = codebook = fp32.
+  Leaves that are not quantized (biases, BatchNorm, batch_stats) count in their own dtype.
+  """
+  if config.method == "inq":
+    packed = dict(variables, params=inq_jax.pack_params(
+        variables["params"], inq_state, config.inq.bits))
+    report = inq_jax.size_report(packed)
+    return {"fp32_bytes": report.fp32_bytes, "packed_bytes": report.packed_bytes,
+            "codebook_bytes": report.codebook_bytes, "entropy_bytes": report.entropy_bytes}
+  quantized = {"params": quantized,
+               "batch_stats": jax.tree.map(lambda _: False, variables["batch_stats"])}
+  fp32 = packed = codebook = 0
+  for leaf, is_quantized in zip(jax.tree.leaves(variables), jax.tree.leaves(quantized)):
+    fp32 += 4 * leaf.size
+    if not is_quantized:
+      packed += leaf.size * leaf.dtype.itemsize
+      codebook += leaf.size * leaf.dtype.itemsize
+      continue
+    block = config[config.method]
+    grids = 1 if block.granularity == "layer" else leaf.shape[-1]
+    grid_bytes = grids * GRID_PARAMETER_BYTES[block.grid]
+    packed += math.ceil(block.bits * leaf.size / 8) + grid_bytes
+    codebook += leaf.size * math.log2(grid_levels(block.bits, block.grid)) / 8 + grid_bytes
+  return {"fp32_bytes": fp32, "packed_bytes": packed, "codebook_bytes": codebook,
+          "entropy_bytes": None}
 
 
 def write_json_atomically(path, value):
@@ -198,6 +332,11 @@ def train_and_evaluate(config, workdir):
 
   Returns None when the run stops early because of `config.stop_after_steps`.
   """
+  if config.method not in METHODS:
+    raise ValueError(f"Unknown method {config.method!r}; expected one of {sorted(METHODS)}.")
+  if config.eval_packed and config.method != "inq":
+    raise ValueError(f"eval_packed needs method 'inq' (power-of-two kernels), got "
+                     f"{config.method!r}.")
   os.makedirs(workdir, exist_ok=True)
   check_same_config(workdir, config.to_json())
   mesh = make_mesh(config.num_devices)
@@ -212,8 +351,6 @@ def train_and_evaluate(config, workdir):
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {config.batch_size} exceeds the "
                      f"{dataset.num_train_examples} training examples.")
-  if config.method not in METHODS:
-    raise ValueError(f"Unknown method {config.method!r}; expected one of {sorted(METHODS)}.")
   phases = [fp_phase(config, steps_per_epoch)] + METHODS[config.method](config, steps_per_epoch)
   quantizer = inq_jax.inq(config.inq.bits, strategy=config.inq.strategy)
   logging.info("%d devices, %d training examples, %d steps/epoch, phases %s", num_devices,
@@ -234,7 +371,9 @@ def train_and_evaluate(config, workdir):
                                        inq_state.frozen).init(params),
            "inq_state": inq_state}
   state = jax.device_put(state, replicated)
-  progress = {"phase": 0, "step_in_phase": 0, "global_step": 0, "accuracies": {}}
+  # layers: COMQ's per-layer report (JSON), kept here so that a resumed run has it.
+  progress = {"phase": 0, "step_in_phase": 0, "global_step": 0, "accuracies": {},
+              "layers": None}
 
   options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep,
                                          create=True)
@@ -251,16 +390,15 @@ def train_and_evaluate(config, workdir):
       manager.save((manager.latest_step() or 0) + 1, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
 
-    eval_step = make_eval_step(model)
-    train_steps = {}  # compiled train step per optimizer group (fp / inq)
+    eval_step = make_eval_step(lambda v, images: model.apply(v, images, train=False))
+    train_steps = {}  # compiled train step per phase kind (fp / inq)
     steps_this_run = 0
     while progress["phase"] < len(phases):
       phase = phases[progress["phase"]]
-      optimizer = make_optimizer(phase.hparams, steps_per_epoch, state["inq_state"].frozen)
-      optimizer_group = "fp" if phase.portion is None else "inq"
-      if optimizer_group not in train_steps:
-        train_steps[optimizer_group] = make_train_step(model, optimizer)
-      train_step = train_steps[optimizer_group]
+      if phase.num_steps and phase.kind not in train_steps:
+        optimizer = make_optimizer(phase.hparams, steps_per_epoch, state["inq_state"].frozen)
+        train_steps[phase.kind] = make_train_step(model, optimizer)
+      train_step = train_steps.get(phase.kind)
       window_start, window_metrics = time.time(), []
 
       def flush(step_in_phase):
@@ -313,7 +451,8 @@ def train_and_evaluate(config, workdir):
           if step_in_phase == phase.num_steps:
             break
 
-      accuracy = evaluate(eval_step, state, dataset, config.eval_batch_size, batch_sharding)
+      accuracy = evaluate(eval_step, model_variables(state), dataset, config.eval_batch_size,
+                          batch_sharding)
       progress["accuracies"][phase.name] = accuracy
       append_metrics(workdir, {"type": "eval", "phase": progress["phase"],
                                "phase_name": phase.name, "portion": phase.portion,
@@ -324,7 +463,8 @@ def train_and_evaluate(config, workdir):
       progress["step_in_phase"] = 0
       if progress["phase"] < len(phases):
         next_phase = phases[progress["phase"]]
-        if next_phase.portion is not None:
+        start = time.time()
+        if next_phase.kind == "inq":
           params, inq_state = state["params"], state["inq_state"]
           if progress["phase"] == 1:
             inq_state = quantizer.init(params)  # n1 from the trained FP weights
@@ -332,27 +472,65 @@ def train_and_evaluate(config, workdir):
               params, inq_state, next_phase.portion,
               key=jax.random.fold_in(rng, progress["phase"]))
           state = dict(state, params=params, inq_state=inq_state)
+        elif next_phase.kind == "comq":
+          images = calibration_images(config, dataset, (config.seed, progress["phase"], 0))
+          logging.info("COMQ on %d calibration images", sum(len(x) for x in images))
+          # On the default device: the model runs eagerly under a method interceptor.
+          variables = jax.device_put(jax.device_get(model_variables(state)))
+          params, progress["layers"] = comq_quantize(config.comq, model, variables, images)
+          state = dict(state, params=params)
+        elif next_phase.kind == "rtn":
+          state = dict(state, params=rtn_quantize(config.rtn, state["params"]))
+        if next_phase.kind != "fp":
+          logging.info("%s: quantized on entry in %.1fs", next_phase.name, time.time() - start)
         state["opt_state"] = make_optimizer(next_phase.hparams, steps_per_epoch,
                                             state["inq_state"].frozen).init(state["params"])
         state = jax.device_put(state, replicated)
       save()
     manager.wait_until_finished()
 
-  return write_results(config, workdir, phases, state, progress["accuracies"])
+  packed_accuracy = None
+  if config.eval_packed:
+    packed_accuracy = evaluate_packed(config, model, state, dataset, mesh.devices.flat[0])
+    logging.info("packed %d-bit kernels: test accuracy %.4f", config.inq.bits,
+                 packed_accuracy)
+  return write_results(config, workdir, phases, state, progress, packed_accuracy)
 
 
-def write_results(config, workdir, phases, state, accuracies):
-  """Checks the codebook, computes sizes and writes results.json atomically."""
+def evaluate_packed(config, model, state, dataset, device):
+  """Test accuracy of the INQ model run from its packed codes by the shift kernel.
+
+  Packs once (`inq_jax.pack_variables`) and jits `inq_jax.packed_apply`, the two halves of
+  `inq_jax.evaluate_packed` (which would re-pack and re-compile for every batch). Runs on
+  one device: the Pallas kernel is not partitioned over the batch mesh.
+  """
+  packed = jax.device_put(inq_jax.pack_variables(
+      jax.device_get(model_variables(state)), state["inq_state"], config.inq.bits), device)
+  eval_step = make_eval_step(
+      lambda v, images: inq_jax.packed_apply(model, v, images, train=False))
+  return evaluate(eval_step, packed, dataset, config.eval_batch_size,
+                  jax.sharding.SingleDeviceSharding(device))
+
+
+def write_results(config, workdir, phases, state, progress, packed_accuracy):
+  """Checks the codebook, computes sizes and writes results.json atomically.
+
+  Keys common to every method: config_name, dataset, model, method, bits, seed,
+  fp_accuracy, final_accuracy, packed_accuracy (INQ with eval_packed, else None),
+  portion_accuracies (INQ, else []), codebook_fraction (INQ, else None), the sizes of
+  `model_sizes` and layers (COMQ's per-layer errors, else None).
+  """
   bits = method_bits(config)
-  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  quantizable = {"params": inq_jax.quantizable_mask(state["params"]),
-                 "batch_stats": jax.tree.map(lambda _: False, state["batch_stats"])}
+  accuracies = progress["accuracies"]
+  variables = jax.device_get(model_variables(state))
   codebook_fraction = None
   if config.method == "inq":
     codebook_fraction = inq_jax.codebook_fraction(state["params"], state["inq_state"], bits)
     if codebook_fraction != 1.0:
       raise RuntimeError(f"Only {codebook_fraction:.6f} of the quantizable weights are in "
                          f"the {bits}-bit power-of-two codebook after the final INQ step.")
+  sizes = model_sizes(config, variables, state["inq_state"],
+                      quantized_mask(config, variables["params"], progress["layers"]))
   results = {
       "config_name": config.name,
       "dataset": config.dataset,
@@ -362,11 +540,13 @@ def write_results(config, workdir, phases, state, accuracies):
       "seed": config.seed,
       "fp_accuracy": accuracies["fp"],
       "final_accuracy": accuracies[phases[-1].name],
+      "packed_accuracy": packed_accuracy,
       "portion_accuracies": [{"phase": p.name, "portion": p.portion,
-                              "accuracy": accuracies[p.name]} for p in phases[1:]],
+                              "accuracy": accuracies[p.name]}
+                             for p in phases[1:] if p.kind == "inq"],
       "codebook_fraction": codebook_fraction,
-      "packed_bytes": packed_model_bytes(variables, bits, quantizable),
-      "fp32_bytes": packed_model_bytes(variables, 32, quantizable),
+      **sizes,
+      "layers": progress["layers"],
   }
   write_json_atomically(os.path.join(workdir, "results.json"), results)
   return results

@@ -99,6 +99,26 @@ def test_pow2_levels_are_inq_codebook():
   assert r.levels.shape[1] == 2**3 + 1
 
 
+def test_greedy_order_is_stable_argsort_of_scores():
+  w, x = _data(9, d_in=40, d_out=6)
+  x = x.at[:, 7].set(0.0)  # a dead input: score 0 in every channel
+  w = w.at[:, 4].set(0.0)  # channel 4: every score ties at 0
+  diag = jnp.sum(x * x, axis=0)
+  order = layer.greedy_order(w.T, diag)
+  score = np.sqrt(np.asarray(diag))[None, :] * np.abs(np.asarray(w.T))
+  np.testing.assert_array_equal(order,
+                                np.argsort(-score, axis=1, kind="stable"))
+
+
+def test_reconstruction_error_matches_direct_norm():
+  w, x = _data(10)
+  q = layer.round_to_nearest(w, bits=3).weights
+  direct = np.linalg.norm(np.asarray(x, np.float64) @ (
+      np.asarray(w, np.float64) - np.asarray(q, np.float64)))
+  got = layer.reconstruction_error(w, q, layer.accumulate_gram(None, x).gram)
+  np.testing.assert_allclose(float(got), direct, rtol=1e-5)
+
+
 def test_symmetric_grid_is_symmetric_with_zero():
   w, _ = _data(5)
   g = grid_lib.make_grid(w.T, bits=3, grid="symmetric")

@@ -7,6 +7,8 @@ import sys
 import pytest
 
 import configs
+from experiments import input_pipeline
+from experiments import train
 import inq_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,12 +20,38 @@ def test_every_config_loads(name, dataset):
   config = configs.get_config(name, dataset)
   assert config.name == name
   assert config.dataset == dataset
-  assert config.method in ("fp", "inq")
+  assert config.method in train.METHODS
   inq_jax.validate_schedule(config.inq.schedule)
 
 
 def test_expected_configs_exist():
-  assert {"fp", "inq_5bit", "inq_4bit", "inq_3bit", "inq_2bit"} <= set(configs.available())
+  assert {"fp", "inq_5bit", "inq_4bit", "inq_3bit", "inq_2bit", "comq_4bit", "comq_3bit",
+          "comq_2bit", "rtn_4bit", "rtn_3bit", "rtn_2bit"} <= set(configs.available())
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_comq_configs_follow_the_official_recipe(bits):
+  config = configs.get_config(f"comq_{bits}bit", "imagenet")
+  assert (config.method, config.comq.bits) == ("comq", bits)
+  assert (config.comq.iters, config.comq.order, config.comq.scale_update) == (1, "greedy",
+                                                                              False)
+  assert (config.comq.grid, config.comq.granularity, config.comq.inputs) == (
+      "asymmetric", "channel", "fp")
+  assert not config.comq.skip_first_last
+  # README 2-bit recipe: --scalar 0.65; 1.0 otherwise.
+  assert config.comq.scalar == (0.65 if bits == 2 else 1.0)
+  assert config.comq.num_calibration_examples == 1024
+  assert configs.get_config(f"comq_{bits}bit", "digits").comq.num_calibration_examples == 256
+  rtn = configs.get_config(f"rtn_{bits}bit", "imagenet")
+  assert (rtn.method, rtn.rtn.bits, rtn.rtn.grid, rtn.rtn.granularity) == (
+      "rtn", bits, "asymmetric", "channel")
+
+
+def test_comq_on_unprepared_imagenet_fails_fast(tmp_path):
+  config = configs.apply_overrides(configs.get_config("comq_4bit", "imagenet"),
+                                   {"data.data_dir": str(tmp_path), "num_devices": 1})
+  with pytest.raises(input_pipeline.ImageNetNotPreparedError, match="tfds build"):
+    train.train_and_evaluate(config, str(tmp_path / "workdir"))
 
 
 @pytest.mark.parametrize("bits", [5, 4, 3, 2])

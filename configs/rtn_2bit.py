@@ -1,0 +1,23 @@
+"""Round-to-nearest 2-bit on COMQ's per-channel asymmetric grid: the baseline of comq_2bit.
+
+No calibration data and no retraining: each weight goes to the nearest level of its
+output channel's min-max grid (comq_jax.round_to_nearest). --config.rtn.grid=pow2 gives
+INQ's power-of-two set without retraining.
+
+Digits (embedded data, ~1 min on 2 CPU cores):
+  python -m experiments.digits --config=rtn_2bit
+  Expect a large drop (seed 0: 0.9933 -> 0.7933); compare comq_2bit.
+
+ImageNet:
+  python -m experiments.imagenet --config=rtn_2bit --config.init_checkpoint=resnet18.pth
+"""
+
+from configs import base
+
+
+def get_config(dataset="imagenet"):
+  config = base.get_config(dataset)
+  config.name = "rtn_2bit"
+  config.method = "rtn"
+  config.rtn.bits = 2
+  return config

@@ -1,0 +1,378 @@
+"""`python -m experiments.report --workdir=DIR`: tables and plots of every run under DIR.
+
+Finds every results.json under DIR (recursively; each next to the config.json that
+`train_and_evaluate` writes) and writes into DIR/report/:
+
+  report.md              one table per config (sweep): mean ± sample std over seeds
+  summary.csv            the same rows, machine-readable
+  results.csv            one row per run
+  accuracy_vs_bits.png   final test accuracy vs bits per method and setting; FP reference
+  inq_portions.png       INQ test accuracy after each accumulated portion
+
+Runs are grouped by config name, method, bits and the config fields that vary between
+runs of the same config (the sweep's axes; `seed` and `stop_after_steps` excepted), so
+the seeds of one setting form one row.
+"""
+
+import collections
+import csv
+import io
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # pylint: disable=wrong-import-position
+
+REPORT_DIR = "report"
+# Fields that differ between runs of one setting: averaged over, never a group key.
+IGNORED_FIELDS = ("seed", "stop_after_steps")
+METHOD_ORDER = ("fp", "inq", "comq", "rtn")
+METHOD_LABELS = {"fp": "FP", "inq": "INQ", "comq": "COMQ", "rtn": "RTN"}
+
+
+class Run(collections.namedtuple("Run", "path results config")):
+  """One run: its directory, results.json and flattened config.json ({"inq.bits": 5})."""
+
+
+class Group(collections.namedtuple("Group", "config_name method bits setting runs")):
+  """The runs of one setting. setting: ((field, value), ...) of the varied fields."""
+
+
+def flatten(tree, prefix=""):
+  """{"inq": {"bits": 5}} -> {"inq.bits": 5}; lists become tuples (hashable)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = tuple(value) if isinstance(value, list) else value
+  return flat
+
+
+def load_runs(workdir):
+  """Every run under `workdir` (sorted by path), skipping the report directory."""
+  runs = []
+  for root, dirs, files in os.walk(workdir):
+    dirs[:] = sorted(d for d in dirs if d != REPORT_DIR)
+    if "results.json" not in files:
+      continue
+    config_path = os.path.join(root, "config.json")
+    if not os.path.exists(config_path):
+      raise FileNotFoundError(f"{root} has results.json but no config.json.")
+    with open(os.path.join(root, "results.json")) as f:
+      results = json.load(f)
+    with open(config_path) as f:
+      config = flatten(json.load(f))
+    runs.append(Run(os.path.relpath(root, workdir), results, config))
+  if not runs:
+    raise FileNotFoundError(f"No results.json under {workdir}.")
+  return runs
+
+
+def varied_fields(runs):
+  """Config fields whose values differ between `runs` (minus IGNORED_FIELDS and bits).
+
+  Only fields present in every run count: a field added to the configs after some runs
+  were made (their config.json lacks it) does not split the runs into groups.
+  """
+  fields = sorted(set.intersection(*(set(run.config) for run in runs)))
+  return [field for field in fields
+          if field not in IGNORED_FIELDS and not field.endswith(".bits")
+          and len({run.config[field] for run in runs}) > 1]
+
+
+def sort_key(group):
+  method_index = (METHOD_ORDER.index(group.method) if group.method in METHOD_ORDER
+                  else len(METHOD_ORDER))
+  return (group.config_name, method_index, group.method, -group.bits, str(group.setting))
+
+
+def group_runs(runs):
+  """Groups runs by (config name, method, bits, varied fields of that config)."""
+  by_config = collections.defaultdict(list)
+  for run in runs:
+    by_config[run.results["config_name"]].append(run)
+  groups = []
+  for config_name, config_runs in by_config.items():
+    fields = varied_fields(config_runs)
+    by_setting = collections.defaultdict(list)
+    for run in config_runs:
+      setting = tuple((field, run.config[field]) for field in fields)
+      by_setting[(run.results["method"], run.results["bits"], setting)].append(run)
+    groups += [Group(config_name, method, bits, setting,
+                     sorted(group, key=lambda run: run.results["seed"]))
+               for (method, bits, setting), group in by_setting.items()]
+  return sorted(groups, key=sort_key)
+
+
+def mean_std(values):
+  """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def group_stats(group):
+  """{"fp": (mean, std), "final": ..., "delta": ...} in accuracy points (percent)."""
+  fp = [100 * run.results["fp_accuracy"] for run in group.runs]
+  final = [100 * run.results["final_accuracy"] for run in group.runs]
+  return {"fp": mean_std(fp), "final": mean_std(final),
+          "delta": mean_std(np.subtract(final, fp))}
+
+
+def format_value(value):
+  if isinstance(value, tuple):
+    return ", ".join(format_value(v) for v in value)
+  if isinstance(value, float):
+    return f"{value:g}"
+  return str(value)
+
+
+def format_mean_std(mean, std, count, signed=False):
+  text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+  return text + (f" ± {std:.2f}" if count > 1 else "")
+
+
+def setting_label(group, fields):
+  """`strategy=random` for the given fields of a group's setting (short field names)."""
+  values = dict(group.setting)
+  return ", ".join(f"{field.split('.')[-1]}={format_value(values[field])}"
+                   for field in fields)
+
+
+def markdown_tables(groups):
+  """One markdown table per config name."""
+  sections = []
+  for config_name in dict.fromkeys(group.config_name for group in groups):
+    config_groups = [group for group in groups if group.config_name == config_name]
+    fields = [field for field, _ in config_groups[0].setting]
+    header = (["method", "bits"] + fields +
+              ["seeds", "FP acc. (%)", "final acc. (%)", "Δ vs FP (points)"])
+    lines = [f"### {config_name}", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for group in config_groups:
+      stats = group_stats(group)
+      count = len(group.runs)
+      seeds = ",".join(str(run.results["seed"]) for run in group.runs)
+      cells = ([METHOD_LABELS.get(group.method, group.method), str(group.bits)] +
+               [format_value(value) for _, value in group.setting] +
+               [seeds, format_mean_std(*stats["fp"], count),
+                format_mean_std(*stats["final"], count),
+                format_mean_std(*stats["delta"], count, signed=True)])
+      lines.append("| " + " | ".join(cells) + " |")
+    sections.append("\n".join(lines))
+  return "\n\n".join(sections)
+
+
+def summary_rows(groups):
+  fields = list(dict.fromkeys(field for group in groups for field, _ in group.setting))
+  rows = []
+  for group in groups:
+    stats = group_stats(group)
+    setting = dict(group.setting)
+    row = {"config_name": group.config_name, "method": group.method, "bits": group.bits}
+    row.update({field: format_value(setting[field]) if field in setting else ""
+                for field in fields})
+    row.update({"num_seeds": len(group.runs),
+                "seeds": " ".join(str(run.results["seed"]) for run in group.runs)})
+    for name, (mean, std) in stats.items():
+      row[f"{name}_mean"], row[f"{name}_std"] = round(mean, 4), round(std, 4)
+    rows.append(row)
+  return rows
+
+
+def run_rows(groups):
+  fields = list(dict.fromkeys(field for group in groups for field, _ in group.setting))
+  rows = []
+  for group in groups:
+    setting = dict(group.setting)
+    for run in group.runs:
+      row = {"path": run.path, "config_name": group.config_name, "method": group.method,
+             "bits": group.bits, "seed": run.results["seed"]}
+      row.update({field: format_value(setting[field]) if field in setting else ""
+                  for field in fields})
+      row.update({"fp_accuracy": run.results["fp_accuracy"],
+                  "final_accuracy": run.results["final_accuracy"]})
+      rows.append(row)
+  return rows
+
+
+def write_atomically(path, data, mode="w"):
+  tmp_path = path + ".tmp"
+  with open(tmp_path, mode) as f:
+    f.write(data)
+  os.replace(tmp_path, path)
+
+
+def write_csv(path, rows):
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+  writer.writeheader()
+  writer.writerows(rows)
+  write_atomically(path, buffer.getvalue())
+
+
+def save_figure(figure, path):
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+  plt.close(figure)
+  write_atomically(path, buffer.getvalue(), mode="wb")
+
+
+def grid_family(group):
+  """"power-of-two" for INQ and pow2-grid runs, else "uniform"."""
+  values = dict(group.runs[0].config)
+  grid = "pow2" if group.method == "inq" else values.get(f"{group.method}.grid")
+  return "power-of-two grid" if grid == "pow2" else "uniform grid"
+
+
+def line_fields(groups):
+  """Varied fields that tell lines apart: those not fixed by the bit width.
+
+  In a bits x strategy sweep whose schedule follows the bits, the schedule is fixed by
+  the bits and the strategy is not, so each strategy is one line across bit widths.
+  """
+  fields = [field for field, _ in groups[0].setting]
+  kept = []
+  for index, field in enumerate(fields):
+    per_bits = collections.defaultdict(set)
+    for group in groups:
+      per_bits[group.bits].add(group.setting[index][1])
+    if any(len(values) > 1 for values in per_bits.values()):
+      kept.append(field)
+  return kept
+
+
+def plot_accuracy_vs_bits(groups, path):
+  """Final accuracy (mean ± std over seeds) vs bits; one panel per grid family.
+
+  Returns False (and writes nothing) when there are no quantized runs.
+  """
+  quantized = [group for group in groups if group.method != "fp"]
+  if not quantized:
+    return False
+  fp_mean, fp_std = mean_std([100 * run.results["fp_accuracy"]
+                              for group in groups for run in group.runs])
+  families = sorted({grid_family(group) for group in quantized})
+  figure, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.8),
+                              squeeze=False, sharey=True)
+  for axis, family in zip(axes[0], families):
+    lines = collections.defaultdict(list)
+    for config_name in dict.fromkeys(group.config_name for group in quantized):
+      config_groups = [group for group in quantized if group.config_name == config_name]
+      fields = line_fields(config_groups)
+      for group in config_groups:
+        if grid_family(group) == family:
+          label = " ".join(filter(None, [METHOD_LABELS.get(group.method, group.method),
+                                         setting_label(group, fields)]))
+          lines[label].append(group)
+    for index, (label, line) in enumerate(sorted(lines.items())):
+      line.sort(key=lambda group: group.bits)
+      offset = 0.05 * (index - (len(lines) - 1) / 2)
+      stats = [group_stats(group)["final"] for group in line]
+      axis.errorbar([group.bits + offset for group in line], [s[0] for s in stats],
+                    yerr=[s[1] for s in stats], marker="o", markersize=4, capsize=3,
+                    label=label)
+    axis.axhline(fp_mean, color="black", linestyle="--",
+                 label=f"FP {fp_mean:.2f} ± {fp_std:.2f}")
+    axis.set_title(f"Test accuracy vs bits ({family})")
+    axis.set_xlabel("weight bits")
+    axis.set_xticks(sorted({group.bits for group in quantized}))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+  axes[0][0].set_ylabel("final test accuracy (%), mean ± std over seeds")
+  save_figure(figure, path)
+  return True
+
+
+def plot_inq_portions(groups, path):
+  """INQ accuracy after each accumulated portion (0 = FP); one panel per config.
+
+  Returns False (and writes nothing) when there are no INQ runs.
+  """
+  inq_groups = [group for group in groups if group.method == "inq"]
+  if not inq_groups:
+    return False
+  config_names = list(dict.fromkeys(group.config_name for group in inq_groups))
+  figure, axes = plt.subplots(1, len(config_names), figsize=(6.5 * len(config_names), 4.8),
+                              squeeze=False)
+  for axis, config_name in zip(axes[0], config_names):
+    config_groups = [group for group in inq_groups if group.config_name == config_name]
+    fields = line_fields(config_groups)
+    for group in config_groups:
+      portions = [0.0] + [entry["portion"]
+                          for entry in group.runs[0].results["portion_accuracies"]]
+      accuracies = np.array([[run.results["fp_accuracy"]] +
+                             [entry["accuracy"]
+                              for entry in run.results["portion_accuracies"]]
+                             for run in group.runs]) * 100
+      std = (accuracies.std(axis=0, ddof=1) if len(group.runs) > 1
+             else np.zeros(accuracies.shape[1]))
+      label = " ".join(filter(None, [f"{group.bits}-bit", setting_label(group, fields)]))
+      axis.errorbar(portions, accuracies.mean(axis=0), yerr=std, marker="o",
+                    markersize=4, capsize=3, label=label)
+    axis.set_title(f"INQ accuracy after each portion ({config_name})")
+    axis.set_xlabel("accumulated quantized portion (0 = full precision)")
+    axis.set_ylabel("test accuracy (%), mean ± std over seeds")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+  save_figure(figure, path)
+  return True
+
+
+def write_report(workdir):
+  """Writes the report files into `workdir/report/`; returns their paths by name.
+
+  A plot with nothing to show (no quantized runs, no INQ runs) is left out.
+  """
+  runs = load_runs(workdir)
+  groups = group_runs(runs)
+  report_dir = os.path.join(workdir, REPORT_DIR)
+  os.makedirs(report_dir, exist_ok=True)
+  paths = {name: os.path.join(report_dir, name)
+           for name in ("report.md", "summary.csv", "results.csv")}
+  write_csv(paths["summary.csv"], summary_rows(groups))
+  write_csv(paths["results.csv"], run_rows(groups))
+  images = []
+  for name, title, plot in (
+      ("accuracy_vs_bits.png", "Test accuracy vs bits", plot_accuracy_vs_bits),
+      ("inq_portions.png", "INQ accuracy after each portion", plot_inq_portions)):
+    if plot(groups, os.path.join(report_dir, name)):
+      paths[name] = os.path.join(report_dir, name)
+      images += [f"![{title}]({name})", ""]
+  markdown = "\n".join([
+      "# Results", "",
+      f"{len(runs)} runs under `{workdir}`; test accuracy in percent, "
+      "mean ± sample standard deviation over the seeds listed (no ± for one seed); "
+      "Δ is the mean over seeds of (final − FP) of the same run.", "",
+      markdown_tables(groups), ""] + images)
+  write_atomically(paths["report.md"], markdown)
+  logging.info("Report of %d runs in %d groups written to %s", len(runs), len(groups),
+               report_dir)
+  return paths
+
+
+def define_flags():
+  """Defines the command-line flags (only when run as a program, so that importing this
+  module next to another entry point does not define --workdir twice)."""
+  flags.DEFINE_string("workdir", None, "Directory searched recursively for results.json.",
+                      required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  paths = write_report(flags.FLAGS.workdir)
+  with open(paths["report.md"]) as f:
+    print(f.read())
+  print(f"Report written to {os.path.dirname(paths['report.md'])}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

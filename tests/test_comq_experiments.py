@@ -1,0 +1,151 @@
+"""COMQ and round-to-nearest through train_and_evaluate on digits (one FP epoch each)."""
+
+import math
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import configs
+from experiments import input_pipeline
+from experiments import main
+from experiments import train
+import inq_jax
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+KERNELS = ("conv1", "conv2", "conv3", "fc")  # SmallCNN's Conv/Dense layers, forward order
+
+
+def tiny_config(name, **overrides):
+  """One FP epoch (42 steps, ~0.7 test accuracy); COMQ on 64 calibration images."""
+  fields = {"fp.num_epochs": 1, "fp.lr_decay_epoch": 1, "checkpoint_every_steps": 100,
+            "log_every_steps": 50, "num_devices": 1,
+            "comq.num_calibration_examples": 64, "comq.calibration_batch_size": 32}
+  fields.update(overrides)
+  return configs.apply_overrides(configs.get_config(name, "digits"), fields)
+
+
+def final_params(workdir):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
+  return restored["state"]["params"], restored["state"]["batch_stats"]
+
+
+def kernel_matrices(params):
+  """name -> (kh*kw*cin, cout) matrix of each kernel: one column per output channel."""
+  return {name: np.asarray(params[name]["kernel"]).reshape(-1, params[name]["kernel"].shape[-1])
+          for name in KERNELS}
+
+
+def expected_grid_bytes(params, batch_stats, bits, bytes_per_channel):
+  """The documented size formula, written out: codes + per-channel grid parameters."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path({"params": params,
+                                                         "batch_stats": batch_stats}):
+    if path[-1].key == "kernel":
+      total += math.ceil(bits * leaf.size / 8) + bytes_per_channel * leaf.shape[-1]
+    else:
+      total += 4 * leaf.size
+  return total
+
+
+@pytest.fixture(scope="module")
+def comq_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("comq"))
+  return train.train_and_evaluate(tiny_config("comq_4bit"), workdir), workdir
+
+
+def test_comq_results_keys_and_accuracy(comq_run):
+  results, _ = comq_run
+  for key in ("fp_accuracy", "final_accuracy", "bits", "method", "config_name", "seed",
+              "packed_bytes", "fp32_bytes", "codebook_bytes", "layers", "packed_accuracy",
+              "codebook_fraction", "portion_accuracies"):
+    assert key in results
+  assert (results["method"], results["bits"], results["config_name"]) == ("comq", 4,
+                                                                          "comq_4bit")
+  assert results["codebook_fraction"] is None and results["packed_accuracy"] is None
+  assert results["portion_accuracies"] == []
+  assert 0.5 < results["fp_accuracy"] <= 1.0
+  # 4-bit per-channel COMQ of a 0.7-accurate net: within 5 points of FP.
+  assert results["final_accuracy"] >= results["fp_accuracy"] - 0.05
+
+
+def test_comq_layers_beat_round_to_nearest(comq_run):
+  results, _ = comq_run
+  layers = results["layers"]
+  assert [layer["path"] for layer in layers] == list(KERNELS)
+  assert layers[0]["shape"] == [3, 3, 1, 16] and layers[-1]["shape"] == [64, 10]
+  for layer in layers:
+    assert layer["bits"] == 4 and layer["seconds"] >= 0
+    assert 0 < layer["comq_error"] <= layer["rtn_error"], layer
+
+
+def test_comq_kernels_on_4bit_grid_and_sizes(comq_run):
+  results, workdir = comq_run
+  params, batch_stats = final_params(workdir)
+  for name, matrix in kernel_matrices(params).items():
+    levels = max(len(np.unique(matrix[:, j])) for j in range(matrix.shape[1]))
+    assert levels <= 2**4, name
+  # Asymmetric grid: float32 scale + zero point per output channel.
+  assert results["packed_bytes"] == expected_grid_bytes(params, batch_stats, 4, 8)
+  num_values = sum(leaf.size for leaf in jax.tree.leaves((params, batch_stats)))
+  assert results["fp32_bytes"] == 4 * num_values
+  assert results["codebook_bytes"] <= results["packed_bytes"] < results["fp32_bytes"] / 5
+  table = main.format_results(results)
+  assert "Final 4-bit COMQ test accuracy" in table and "COMQ/RTN" in table
+  assert all(name in table for name in KERNELS)
+
+
+def test_comq_skip_first_last_keeps_them_float(tmp_path):
+  config = tiny_config("comq_2bit", **{"comq.skip_first_last": True,
+                                       "comq.num_calibration_examples": 32})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert [layer["path"] for layer in results["layers"]] == ["conv2", "conv3"]
+  params, batch_stats = final_params(str(tmp_path))
+  matrices = kernel_matrices(params)
+  assert len(np.unique(matrices["conv1"][:, 0])) == 9  # float: 9 distinct weights
+  assert len(np.unique(matrices["conv2"][:, 0])) <= 4
+  expected = expected_grid_bytes(params, batch_stats, 2, 8)
+  # conv1 and fc stay float32: 4 bytes per weight instead of codes and grid parameters.
+  for name in ("conv1", "fc"):
+    kernel = params[name]["kernel"]
+    expected += 4 * kernel.size - math.ceil(2 * kernel.size / 8) - 8 * kernel.shape[-1]
+  assert results["packed_bytes"] == expected
+
+
+def test_calibration_size_must_divide_into_batches():
+  data = input_pipeline.DigitsData(test_size=0.25, split_seed=0)
+  with pytest.raises(ValueError, match="multiple of comq.calibration_batch_size=32"):
+    train.calibration_images(tiny_config("comq_4bit", **{
+        "comq.num_calibration_examples": 40}), data, (0, 1, 0))
+  with pytest.raises(ValueError, match="exceeds the 1347 training examples"):
+    train.calibration_images(tiny_config("comq_4bit", **{
+        "comq.num_calibration_examples": 1376}), data, (0, 1, 0))
+
+
+def test_rtn_pow2_weights_are_in_the_inq_codebook(tmp_path):
+  config = tiny_config("rtn_3bit", **{"rtn.grid": "pow2"})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert (results["method"], results["bits"], results["layers"]) == ("rtn", 3, None)
+  assert 0.0 <= results["final_accuracy"] <= 1.0
+  params, batch_stats = final_params(str(tmp_path))
+  for name, matrix in kernel_matrices(params).items():
+    # Per output channel, {0, ±2^n2, ..., ±2^n1} with n1 from the channel's largest |w|.
+    n1, _ = inq_jax.pow2_exponents(np.abs(matrix).max(axis=0), 3)
+    assert np.all(inq_jax.in_codebook(matrix, 3, n1[None, :])), name
+    assert max(len(np.unique(np.abs(matrix[:, j]))) for j in range(matrix.shape[1])) <= 3
+  # pow2: one int32 n1 per output channel beside the codes.
+  assert results["packed_bytes"] == expected_grid_bytes(params, batch_stats, 3, 4)
+  table = main.format_results(results)
+  assert "Final 3-bit round-to-nearest test accuracy" in table
+  assert "Per-layer" not in table
+
+
+def test_eval_packed_needs_inq(tmp_path):
+  with pytest.raises(ValueError, match="eval_packed needs method 'inq'"):
+    train.train_and_evaluate(tiny_config("comq_4bit", eval_packed=True), str(tmp_path))
+  assert not os.listdir(tmp_path)

@@ -1,0 +1,149 @@
+"""experiments.report on synthetic results.json files with known numbers."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SCHEDULES = {5: [0.5, 0.75, 0.875, 1.0], 4: [0.3, 0.5, 0.8, 1.0]}
+# (bits, strategy) -> final accuracy per seed 0, 1, 2; FP accuracy is 0.95 for every run.
+INQ_FINAL = {(5, "magnitude"): [0.90, 0.92, 0.94], (5, "random"): [0.80, 0.80, 0.80],
+             (4, "magnitude"): [0.88, 0.90, 0.95], (4, "random"): [0.70, 0.75, 0.80]}
+RTN_FINAL = {("asymmetric", 4): [0.5, 0.7], ("pow2", 4): [0.6, 0.6]}
+
+
+def write_run(directory, config, results):
+  os.makedirs(directory)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f)
+  with open(os.path.join(directory, "results.json"), "w") as f:
+    json.dump(results, f)
+
+
+def make_workdir(root):
+  for (bits, strategy), finals in INQ_FINAL.items():
+    for seed, final in enumerate(finals):
+      schedule = SCHEDULES[bits]
+      # A portion's accuracy decreases linearly from FP to the final one.
+      portions = [{"phase": f"inq_{p:g}", "portion": p,
+                   "accuracy": 0.95 + (final - 0.95) * (i + 1) / len(schedule)}
+                  for i, p in enumerate(schedule)]
+      write_run(os.path.join(root, "partition", f"bits={bits},strategy={strategy},seed={seed}"),
+                {"name": "partition", "seed": seed, "method": "inq", "stop_after_steps": 0,
+                 "inq": {"bits": bits, "schedule": schedule, "strategy": strategy,
+                         "momentum": 0.9}},
+                {"config_name": "partition", "method": "inq", "bits": bits, "seed": seed,
+                 "fp_accuracy": 0.95, "final_accuracy": final,
+                 "portion_accuracies": portions})
+  for (grid, bits), finals in RTN_FINAL.items():
+    for seed, final in enumerate(finals):
+      write_run(os.path.join(root, "rtn", f"grid={grid},seed={seed}"),
+                # stop_after_steps differs between seeds and seed 1's config has a field
+                # seed 0's lacks (added to the configs later): neither splits a group.
+                {"name": "rtn", "seed": seed, "method": "rtn", "stop_after_steps": seed,
+                 "rtn": dict({"bits": bits, "grid": grid}, **({"new": 1} if seed else {}))},
+                {"config_name": "rtn", "method": "rtn", "bits": bits, "seed": seed,
+                 "fp_accuracy": 0.95, "final_accuracy": final, "portion_accuracies": []})
+
+
+def test_report_tables_csv_and_plots(tmp_path):
+  make_workdir(str(tmp_path))
+  paths = report.write_report(str(tmp_path))
+  assert set(paths) == {"report.md", "summary.csv", "results.csv", "accuracy_vs_bits.png",
+                        "inq_portions.png"}
+  with open(paths["report.md"]) as f:
+    markdown = f.read()
+  # Header of the INQ table: the varied fields are the schedule and the strategy.
+  assert ("| method | bits | inq.schedule | inq.strategy | seeds | FP acc. (%) | "
+          "final acc. (%) | Δ vs FP (points) |") in markdown
+  # mean ± sample std (ddof=1) over seeds, in percent.
+  assert ("| INQ | 5 | 0.5, 0.75, 0.875, 1 | magnitude | 0,1,2 | 95.00 ± 0.00 | "
+          "92.00 ± 2.00 | -3.00 ± 2.00 |") in markdown
+  assert ("| INQ | 5 | 0.5, 0.75, 0.875, 1 | random | 0,1,2 | 95.00 ± 0.00 | "
+          "80.00 ± 0.00 | -15.00 ± 0.00 |") in markdown
+  assert ("| INQ | 4 | 0.3, 0.5, 0.8, 1 | magnitude | 0,1,2 | 95.00 ± 0.00 | "
+          "91.00 ± 3.61 | -4.00 ± 3.61 |") in markdown
+  assert ("| INQ | 4 | 0.3, 0.5, 0.8, 1 | random | 0,1,2 | 95.00 ± 0.00 | "
+          "75.00 ± 5.00 | -20.00 ± 5.00 |") in markdown
+  assert "| method | bits | rtn.grid | seeds |" in markdown
+  assert "| RTN | 4 | asymmetric | 0,1 | 95.00 ± 0.00 | 60.00 ± 14.14 | -35.00 ± 14.14 |" \
+      in markdown
+  assert "| RTN | 4 | pow2 | 0,1 | 95.00 ± 0.00 | 60.00 ± 0.00 | -35.00 ± 0.00 |" in markdown
+  assert markdown.index("### partition") < markdown.index("### rtn")
+  assert "![Test accuracy vs bits](accuracy_vs_bits.png)" in markdown
+
+  with open(paths["summary.csv"]) as f:
+    summary = list(csv.DictReader(f))
+  assert len(summary) == 6
+  row = next(r for r in summary if r["bits"] == "4" and r["inq.strategy"] == "magnitude")
+  assert (row["num_seeds"], row["seeds"]) == ("3", "0 1 2")
+  assert float(row["final_mean"]) == pytest.approx(91.0)
+  assert float(row["final_std"]) == pytest.approx(3.6056, abs=1e-4)
+  rtn_row = next(r for r in summary if r["rtn.grid"] == "asymmetric")
+  assert rtn_row["inq.strategy"] == ""
+  assert float(rtn_row["final_std"]) == pytest.approx(14.1421, abs=1e-4)
+
+  with open(paths["results.csv"]) as f:
+    runs = list(csv.DictReader(f))
+  assert len(runs) == 4 * 3 + 2 * 2
+  assert sorted(float(r["final_accuracy"]) for r in runs if r["rtn.grid"] == "asymmetric") \
+      == [0.5, 0.7]
+
+  for name in ("accuracy_vs_bits.png", "inq_portions.png"):
+    with open(paths[name], "rb") as f:
+      data = f.read()
+    assert data.startswith(PNG_MAGIC)
+    assert 5_000 < len(data) < 200_000
+
+
+def test_grouping_and_line_fields(tmp_path):
+  make_workdir(str(tmp_path))
+  groups = report.group_runs(report.load_runs(str(tmp_path)))
+  inq_groups = [g for g in groups if g.method == "inq"]
+  assert [(g.bits, dict(g.setting)["inq.strategy"]) for g in inq_groups] == [
+      (5, "magnitude"), (5, "random"), (4, "magnitude"), (4, "random")]
+  # The schedule follows the bits, the strategy does not: one line per strategy.
+  assert report.line_fields(inq_groups) == ["inq.strategy"]
+  assert report.grid_family(inq_groups[0]) == "power-of-two grid"
+  rtn_families = {dict(g.setting)["rtn.grid"]: report.grid_family(g)
+                  for g in groups if g.method == "rtn"}
+  assert rtn_families == {"asymmetric": "uniform grid", "pow2": "power-of-two grid"}
+
+
+def test_report_without_inq_runs_leaves_out_the_portion_plot(tmp_path):
+  write_run(str(tmp_path / "a"), {"name": "rtn", "seed": 0, "rtn": {"bits": 4}},
+            {"config_name": "rtn", "method": "rtn", "bits": 4, "seed": 0,
+             "fp_accuracy": 0.9, "final_accuracy": 0.8, "portion_accuracies": []})
+  paths = report.write_report(str(tmp_path))
+  assert "accuracy_vs_bits.png" in paths and "inq_portions.png" not in paths
+  assert not os.path.exists(tmp_path / "report" / "inq_portions.png")
+  with open(paths["report.md"]) as f:
+    assert "| RTN | 4 | 0 | 90.00 | 80.00 | -10.00 |" in f.read()
+
+
+def test_missing_inputs_are_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No results.json"):
+    report.load_runs(str(tmp_path))
+  os.makedirs(tmp_path / "run")
+  (tmp_path / "run" / "results.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    report.load_runs(str(tmp_path))
+
+
+def test_command_line_writes_the_report(tmp_path):
+  make_workdir(str(tmp_path))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.report", f"--workdir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=REPO))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "| RTN | 4 | pow2 | 0,1 |" in result.stdout
+  assert sorted(os.listdir(tmp_path / "report")) == [
+      "accuracy_vs_bits.png", "inq_portions.png", "report.md", "results.csv", "summary.csv"]
