@@ -3,5 +3,4 @@
 from comq_jax.grid import Grid, make_grid
 from comq_jax.layer import (GramAccumulator, LayerQuantization,
                             accumulate_gram, quantize_layer, round_to_nearest)
-from comq_jax.model import (LayerReport, conv_kernel_matrix, conv_patches,
-                            quantize_model)
+from comq_jax.model import LayerReport, quantize_model

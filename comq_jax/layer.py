@@ -71,7 +71,7 @@ class LayerQuantization(NamedTuple):
     weights: de-quantized weights, shape and dtype of ``w``;
       ``weights[i, j] == levels[j, codes[i, j]]``.
     codes: int32 index of each weight into its channel's sorted ``levels``.
-    levels: ``(d_out, L)`` grid values of each channel.
+    levels: ``(d_out, L)`` grid values of each channel, in ``w``'s dtype.
     scale: ``(d_out,)`` value of one integer code step. Uniform grids decode
       as ``scale * (codes - zero_point)`` (to 1 ulp); for pow2 this is
       ``2^n1``.
@@ -370,13 +370,20 @@ def _check_inputs(w, x, gram):
   return None
 
 
-def _compute_dtype(w):
-  return jnp.promote_types(w.dtype, jnp.float32)
+def compute_dtype(dtype):
+  """Solver dtype for weights of ``dtype``: at least float32.
+
+  Spelled out rather than ``jnp.promote_types`` so that it also holds under
+  strict dtype promotion, where bfloat16 and float32 do not promote.
+  """
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
 def _result(w, qt, codes, g, error, history):
   return LayerQuantization(
-      weights=qt.T.astype(w.dtype), codes=codes.T, levels=g.values(),
+      weights=qt.T.astype(w.dtype), codes=codes.T,
+      levels=g.values().astype(w.dtype),
       scale=g.step * g.unit_scale, zero_point=g.zero_point,
       exponent=g.exponent, error=error, history=history)
 
@@ -446,7 +453,7 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
   gram = _check_inputs(w, x, gram)
   if gram is None:
     raise ValueError("quantize_layer needs calibration data: x or gram.")
-  dtype = _compute_dtype(w)
+  dtype = compute_dtype(w.dtype)
   qt, codes, g, error, history = solve(
       w.T.astype(dtype), gram, bits=bits, iters=iters, order=order,
       scale_update=bool(scale_update), scalar=float(scalar), grid=grid,
@@ -474,7 +481,7 @@ def round_to_nearest(w, x=None, *, bits: int, grid: str = "asymmetric",
                          scalar=scalar)
   w = jnp.asarray(w)
   gram = _check_inputs(w, x, gram)
-  wt = w.T.astype(_compute_dtype(w))
+  wt = w.T.astype(compute_dtype(w.dtype))
   qt, codes, g = rtn_solve(wt, bits=bits, grid=grid, granularity=granularity,
                            scalar=float(scalar))
   error = None if gram is None else reconstruction_error(

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from comq_jax import grid as grid_lib
 from comq_jax import layer as layer_lib
+from inq_jax import im2col
 
 INPUTS = ("fp", "sequential")
 
@@ -32,91 +33,18 @@ class LayerReport(NamedTuple):
   seconds: float
 
 
-def _conv_numbers(n_spatial):
-  """Flax's channel-last dimension numbers for ``n_spatial`` dims."""
-  lhs = (0, n_spatial + 1) + tuple(range(1, n_spatial + 1))
-  rhs = (n_spatial + 1, n_spatial) + tuple(range(n_spatial))
-  return jax.lax.ConvDimensionNumbers(lhs, rhs, lhs)
-
-
-def _as_tuple(value, n):
-  if value is None:
-    return (1,) * n
-  if isinstance(value, int):
-    return (value,) * n
-  return tuple(value)
-
-
-def _conv_padding(padding, n):
-  if isinstance(padding, str):
-    if padding not in ("SAME", "VALID"):
-      raise ValueError(
-          f"conv padding {padding!r} is not supported; use 'SAME', 'VALID' "
-          "or explicit pairs.")
-    return padding
-  if isinstance(padding, int):
-    return ((padding, padding),) * n
-  return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
-
-
-def conv_patches(module: nn.Conv, inputs) -> jax.Array:
-  """im2col rows of an ``nn.Conv`` input, grouped: ``(rows, groups, F)``.
-
-  Feature ``f`` of group ``g`` pairs with row ``f`` of
-  ``conv_kernel_matrix(kernel, groups)[g]``, so ``patches @ kernel`` equals
-  the conv output (strides, padding, kernel dilation and feature groups
-  handled as in ``nn.Conv``).
-
-  Raises:
-    ValueError: for input dilation, masks or circular/causal padding.
-  """
-  kernel_size = tuple(module.kernel_size)
-  n = len(kernel_size)
-  if _as_tuple(module.input_dilation, n) != (1,) * n or module.mask is not None:
-    raise ValueError(
-        f"{module.path}: input dilation and masked convs are not supported.")
-  x = inputs.reshape((-1,) + inputs.shape[-(n + 1):])
-  patches = jax.lax.conv_general_dilated_patches(
-      x, filter_shape=kernel_size,
-      window_strides=_as_tuple(module.strides, n),
-      padding=_conv_padding(module.padding, n),
-      rhs_dilation=_as_tuple(module.kernel_dilation, n),
-      dimension_numbers=_conv_numbers(n),
-      precision=jax.lax.Precision.HIGHEST)
-  groups = module.feature_group_count
-  return patches.reshape(-1, groups, patches.shape[-1] // groups)
-
-
-def conv_kernel_matrix(kernel, groups: int) -> jax.Array:
-  """HWIO kernel ``(*k, C_in/g, C_out)`` to ``(g, C_in/g * prod(k), C_out/g)``.
-
-  The patch features are ordered (channel, *spatial), channel slowest.
-  """
-  n = kernel.ndim - 2
-  order = (n,) + tuple(range(n)) + (n + 1,)
-  mat = jnp.transpose(kernel, order).reshape(-1, kernel.shape[-1])
-  mat = mat.reshape(mat.shape[0], groups, -1)
-  return jnp.transpose(mat, (1, 0, 2))
-
-
-def _from_kernel_matrix(mat, kernel_shape):
-  """Inverse of :func:`conv_kernel_matrix`."""
-  n = len(kernel_shape) - 2
-  flat = jnp.transpose(mat, (1, 0, 2)).reshape(mat.shape[1], -1)
-  spatial_first = flat.reshape((kernel_shape[n],) + tuple(kernel_shape[:n])
-                               + (kernel_shape[-1],))
-  return jnp.transpose(spatial_first, tuple(range(1, n + 1)) + (0, n + 1))
-
-
 def _grouped_inputs(module, inputs):
+  """Layer inputs as rows ``(rows, groups, features per group)``."""
   if isinstance(module, nn.Conv):
-    return conv_patches(module, inputs)
+    patches = im2col.conv_patches(module, inputs)
+    groups = module.feature_group_count
+    return patches.reshape(-1, groups, patches.shape[-1] // groups)
   return inputs.reshape(-1, 1, inputs.shape[-1])
 
 
 def _grouped_kernel(module, kernel):
   if isinstance(module, nn.Conv):
-    return conv_kernel_matrix(kernel, module.feature_group_count)
+    return im2col.conv_kernel_matrix(kernel, module.feature_group_count)
   return kernel[None]
 
 
@@ -176,7 +104,7 @@ def _path_name(path):
 def _solve_layer(module, kernel, gram, options):
   """COMQ and RTN for every group of one layer; returns kernel and errors."""
   mats = _grouped_kernel(module, kernel).astype(
-      jnp.promote_types(kernel.dtype, jnp.float32))
+      layer_lib.compute_dtype(kernel.dtype))
   rtn_options = {k: options[k] for k in ("bits", "grid", "granularity",
                                         "scalar")}
   solve = jax.vmap(lambda w, h: layer_lib.solve(w.T, h, **options))
@@ -189,7 +117,7 @@ def _solve_layer(module, kernel, gram, options):
   rtn_err = jax.vmap(rtn_error)(mats, gram)
   q = jnp.transpose(qt, (0, 2, 1))
   if isinstance(module, nn.Conv):
-    new_kernel = _from_kernel_matrix(q, kernel.shape)
+    new_kernel = im2col.kernel_from_matrix(q, kernel.shape)
   else:
     new_kernel = q[0]
   total = lambda e: float(jnp.sqrt(jnp.sum(e * e)))

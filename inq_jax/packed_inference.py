@@ -7,7 +7,7 @@ with a :class:`inq_jax.packing.PackedPow2`. :func:`packed_apply` runs
 :func:`inq_jax.shift_kernel.shift_matmul`; all other modules run unchanged.
 
 * Dense: ``x @ W + b`` over the last axis of ``x``.
-* Conv: ``lax.conv_general_dilated_patches`` (same padding, strides and
+* Conv: :func:`inq_jax.im2col.conv_patches` (same padding, strides and
   dilations as ``nn.Conv``) gives features ordered ``(cin, kh, kw)``; they are
   reordered to ``(kh, kw, cin)``, the row-major order of the packed matrix
   view of the ``(kh, kw, cin, cout)`` kernel, then multiplied. Feature groups,
@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from inq_jax import im2col
 from inq_jax import packing
 from inq_jax import shift_kernel
 from inq_jax.partitioning import Predicate
@@ -87,50 +88,20 @@ def _add_bias(module: nn.Module, y: jax.Array, dtype) -> jax.Array:
   return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
-def conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
-  """Patches of ``x`` for ``module``, features in ``(kh, kw, cin)`` order.
+def _patches_in_kernel_order(module: nn.Conv, x: jax.Array) -> jax.Array:
+  """Patches of ``x`` with features ``(*kernel_size, cin)``, row-major.
 
-  Args:
-    module: an ``nn.Conv`` (its kernel size, strides, padding, dilations).
-    x: ``(batch, *spatial, cin)``.
-
-  Returns:
-    ``(batch, *out_spatial, prod(kernel_size) * cin)``.
-
-  Raises:
-    ValueError: for feature groups, masks, circular or causal padding, or an
-      input without exactly one batch axis.
+  That is the row order of the packed ``(prod(kernel_size) * cin, cout)``
+  view of the kernel, so the kernel never needs a transposed copy.
   """
-  rank = len(module.kernel_size)
-  if module.feature_group_count != 1 or module.mask is not None:
-    raise ValueError("packed Conv supports feature_group_count=1 and no mask.")
-  padding = nn.linear.canonicalize_padding(module.padding, rank)
-  if isinstance(padding, str) and padding not in ("SAME", "VALID"):
-    raise ValueError(f"packed Conv supports SAME, VALID or explicit padding, "
-                     f"got {padding!r}.")
-  if x.ndim != rank + 2:
-    raise ValueError(f"packed Conv needs inputs (batch, *spatial, features) "
-                     f"with {rank} spatial axes, got shape {x.shape}.")
-
-  def per_axis(value):
-    if value is None:
-      return (1,) * rank
-    return (value,) * rank if isinstance(value, int) else tuple(value)
-
-  spatial = "".join("HWDXYZ"[:rank])
-  numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-  # Patches are a convolution with a 0/1 filter; HIGHEST keeps f32 exact.
-  patches = jax.lax.conv_general_dilated_patches(
-      x.astype(jnp.float32) if x.dtype == jnp.int8 else x,
-      filter_shape=tuple(module.kernel_size),
-      window_strides=per_axis(module.strides), padding=padding,
-      lhs_dilation=per_axis(module.input_dilation),
-      rhs_dilation=per_axis(module.kernel_dilation),
-      dimension_numbers=numbers, precision=jax.lax.Precision.HIGHEST)
+  if module.feature_group_count != 1:
+    raise ValueError("packed Conv supports feature_group_count=1 only, got "
+                     f"{module.feature_group_count}.")
+  patches = im2col.conv_patches(module, x)
   cin, taps = x.shape[-1], patches.shape[-1] // x.shape[-1]
-  reordered = jnp.swapaxes(
+  kernel_order = jnp.swapaxes(
       patches.reshape(patches.shape[:-1] + (cin, taps)), -1, -2)
-  return reordered.reshape(patches.shape).astype(x.dtype)
+  return kernel_order.reshape(patches.shape)
 
 
 def _interceptor(kernel_options):
@@ -148,7 +119,7 @@ def _interceptor(kernel_options):
     (x,) = args
     dtype = _output_dtype(module, x)
     if isinstance(module, nn.Conv):
-      x = conv_patches(module, x)
+      x = _patches_in_kernel_order(module, x)
     y = _product(x, packed, dtype, kernel_options)
     return _add_bias(module, y, dtype)
 

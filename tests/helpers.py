@@ -1,9 +1,11 @@
 """Utilities shared by the tests."""
 
 import contextlib
+import os
 import pathlib
 
 import jax
+import orbax.checkpoint as ocp
 import pytest
 
 REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / (
@@ -36,3 +38,11 @@ def count_compilations():
     yield count
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def latest_checkpoint(workdir: str):
+  """``(state, progress)`` of the newest checkpoint a training job wrote."""
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
+  return restored["state"], restored["progress"]

@@ -5,7 +5,6 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import configs
@@ -13,6 +12,7 @@ from experiments import input_pipeline
 from experiments import main
 from experiments import train
 import inq_jax
+from tests import helpers
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -29,10 +29,8 @@ def tiny_config(name, **overrides):
 
 
 def final_params(workdir):
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
-  return restored["state"]["params"], restored["state"]["batch_stats"]
+  state, _ = helpers.latest_checkpoint(workdir)
+  return state["params"], state["batch_stats"]
 
 
 def kernel_matrices(params):

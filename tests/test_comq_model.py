@@ -9,6 +9,7 @@ from flax import linen as nn
 jax.config.update("jax_disable_most_optimizations", True)
 
 from comq_jax import model as model_lib
+from inq_jax import im2col
 
 
 class _MLP(nn.Module):
@@ -41,25 +42,27 @@ def _conv_cases():
       nn.Conv(6, (3, 2), kernel_dilation=(2, 1), padding="VALID",
               feature_group_count=2),
       nn.Conv(8, (3, 3), feature_group_count=4, padding=((1, 1), (0, 2))),
+      nn.Conv(5, (2, 3), input_dilation=2, padding=((1, 0), (1, 1))),
   ]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_patches_times_kernel_matrix_is_conv(index):
   conv = _conv_cases()[index]
   x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
   variables = conv.init(jax.random.key(1), x)
   kernel = variables["params"]["kernel"]
   expected = conv.apply(variables, x)
-  bound = conv.bind(variables)
-  patches = model_lib.conv_patches(bound, x)
-  mats = model_lib.conv_kernel_matrix(kernel, conv.feature_group_count)
+  groups = conv.feature_group_count
+  patches = im2col.conv_patches(conv, x)
+  patches = patches.reshape(-1, groups, patches.shape[-1] // groups)
+  mats = im2col.conv_kernel_matrix(kernel, groups)
   out = jnp.einsum("rgf,gfo->rgo", patches, mats,
                    precision=jax.lax.Precision.HIGHEST)
   bias = variables["params"]["bias"].reshape((1, 1, 1, -1))
   out = out.reshape(expected.shape[:-1] + (-1,)) + bias
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-  back = model_lib._from_kernel_matrix(mats, kernel.shape)
+  back = im2col.kernel_from_matrix(mats, kernel.shape)
   np.testing.assert_array_equal(back, kernel)
 
 

@@ -5,11 +5,11 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import configs
 from experiments import train
+from tests import helpers
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -23,13 +23,6 @@ def tiny_config(name="inq_5bit", **overrides):
     fields["inq.schedule"] = (0.5, 0.75, 1.0)
   fields.update(overrides)
   return configs.apply_overrides(configs.get_config(name, "digits"), fields)
-
-
-def final_state(workdir):
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
-  return restored["state"], restored["progress"]
 
 
 def test_inq_run_writes_results_metrics_and_config(tmp_path):
@@ -50,7 +43,7 @@ def test_inq_run_writes_results_metrics_and_config(tmp_path):
   # Sizes from inq_jax.pack_params + size_report. 5-bit codes take one byte each, and
   # K is padded to the kernel's k_tile, so the real packed model is only ~2.7x smaller
   # than FP32 on this small CNN; log2(17) bits per weight would give ~7x.
-  state, _ = final_state(workdir)
+  state, _ = helpers.latest_checkpoint(workdir)
   num_values = sum(leaf.size for leaf in jax.tree.leaves(
       (state["params"], state["batch_stats"])))
   assert results["fp32_bytes"] == 4 * num_values
@@ -84,12 +77,12 @@ def test_resume_mid_inq_step_is_bitwise_identical(tmp_path):
   # 42 FP + 42 (portion 0.5) + 20 steps into portion 0.75, between two checkpoints.
   stopping = configs.apply_overrides(config, {"stop_after_steps": 104})
   assert train.train_and_evaluate(stopping, interrupted_dir) is None
-  _, progress = final_state(interrupted_dir)
+  _, progress = helpers.latest_checkpoint(interrupted_dir)
   assert (progress["phase"], progress["step_in_phase"]) == (2, 20)
   resumed = train.train_and_evaluate(config, interrupted_dir)
   assert resumed == reference
-  expected, _ = final_state(str(tmp_path / "uninterrupted"))
-  actual, _ = final_state(interrupted_dir)
+  expected, _ = helpers.latest_checkpoint(str(tmp_path / "uninterrupted"))
+  actual, _ = helpers.latest_checkpoint(interrupted_dir)
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
@@ -108,8 +101,8 @@ def test_four_devices_match_one_device(tmp_path):
   sharded = train.train_and_evaluate(tiny_config("fp", num_devices=4, **small_lr),
                                      str(tmp_path / "four"))
   assert abs(single["fp_accuracy"] - sharded["fp_accuracy"]) <= 1 / 450 + 1e-12
-  state_one, _ = final_state(str(tmp_path / "one"))
-  state_four, _ = final_state(str(tmp_path / "four"))
+  state_one, _ = helpers.latest_checkpoint(str(tmp_path / "one"))
+  state_four, _ = helpers.latest_checkpoint(str(tmp_path / "four"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                                        rtol=1e-5, atol=1e-6),
                state_four["params"], state_one["params"])
@@ -126,6 +119,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match=r"Non-finite loss or parameters at training step \d+"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "results.json"))
-  state, progress = final_state(str(tmp_path))
+  state, progress = helpers.latest_checkpoint(str(tmp_path))
   assert progress["global_step"] >= 1
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state["params"]))
