@@ -11,11 +11,12 @@ of the process.
 Run: ``python benchmarks/comq_resnet18.py [--images 64 --batch 16 --size 224]``.
 """
 
-import argparse
 import resource
 import statistics
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 
@@ -23,28 +24,29 @@ import comq_jax
 from experiments import models
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--images", type=int, default=64)
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--size", type=int, default=224)
-  parser.add_argument("--bits", type=int, default=4)
-  args = parser.parse_args()
+_IMAGES = flags.DEFINE_integer("images", 64, "Calibration images.")
+_BATCH = flags.DEFINE_integer("batch", 16, "Calibration batch size.")
+_SIZE = flags.DEFINE_integer("size", 224, "Image side in pixels.")
+_BITS = flags.DEFINE_integer("bits", 4, "COMQ bit width.")
+
+
+def main(argv):
+  del argv
   model = models.ResNet18(num_classes=1000)
-  shape = (args.batch, args.size, args.size, 3)
-  keys = jax.random.split(jax.random.key(0), args.images // args.batch)
+  shape = (_BATCH.value, _SIZE.value, _SIZE.value, 3)
+  keys = jax.random.split(jax.random.key(0), _IMAGES.value // _BATCH.value)
   batches = [jax.random.normal(k, shape, jnp.float32) for k in keys]
   variables = model.init(jax.random.key(1), batches[0][:1], train=False)
 
   start = time.perf_counter()
   new_variables, reports = comq_jax.quantize_model(
-      model, variables, batches, bits=args.bits, train=False)
+      model, variables, batches, bits=_BITS.value, train=False)
   jax.block_until_ready(new_variables)
   total = time.perf_counter() - start
   peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-  print(f"ResNet-18, {len(batches) * args.batch} images at {args.size} px in "
-        f"batches of {args.batch}, {args.bits}-bit greedy K=1, "
+  print(f"ResNet-18, {len(batches) * _BATCH.value} images at {_SIZE.value} px in "
+        f"batches of {_BATCH.value}, {_BITS.value}-bit greedy K=1, "
         f"{jax.devices()[0].platform}")
   print(f"{'layer':28s} {'kernel':>18s} {'solve s':>8s} {'COMQ err':>10s} "
         f"{'RTN err':>10s}")
@@ -60,4 +62,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

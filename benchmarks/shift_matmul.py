@@ -12,12 +12,13 @@ kernel runs in the Pallas interpreter: those numbers say nothing about GPU or
 TPU performance and are labelled so.
 """
 
-import argparse
 import json
 import os
 import statistics
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 
@@ -117,30 +118,34 @@ def print_table(result) -> None:
           f"{_share(r['dense_weight_bw'], peak):>7}")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes (M in 1, 8; K = N = 128) for CPU.")
-  parser.add_argument("--m", type=int, nargs="*", help="override M values.")
-  parser.add_argument("--kn", type=int, nargs="*",
-                      help="override K = N values.")
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--out", default=os.path.join(
-      os.path.dirname(__file__), "results"))
-  args = parser.parse_args()
-  ms = args.m or (QUICK_M if args.quick else FULL_M)
-  kns = args.kn or (QUICK_KN if args.quick else FULL_KN)
-  repeats = args.repeats or (3 if args.quick else 20)
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "Tiny sizes (M in 1, 8; K = N = 128) for CPU.")
+_M = flags.DEFINE_multi_integer("m", None, "M values (repeat the flag); "
+                                "default: the full or quick sweep.")
+_KN = flags.DEFINE_multi_integer("kn", None, "K = N values (repeat the flag).")
+_REPEATS = flags.DEFINE_integer("repeats", None,
+                                "Timed calls per point (default 20, quick 3).")
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"),
+                           "Directory for the JSON result.")
+
+
+def main(argv):
+  del argv
+  ms = _M.value or (QUICK_M if _QUICK.value else FULL_M)
+  kns = _KN.value or (QUICK_KN if _QUICK.value else FULL_KN)
+  repeats = _REPEATS.value or (3 if _QUICK.value else 20)
   result = run(ms, kns, repeats)
   print_table(result)
-  os.makedirs(args.out, exist_ok=True)
+  os.makedirs(_OUT.value, exist_ok=True)
   name = result["device_kind"].replace(" ", "_").replace("/", "_")
-  suffix = "_quick" if args.quick else ""
-  path = os.path.join(args.out, f"shift_matmul_{name}{suffix}.json")
-  with open(path, "w") as f:
+  suffix = "_quick" if _QUICK.value else ""
+  path = os.path.join(_OUT.value, f"shift_matmul_{name}{suffix}.json")
+  # Written whole, then renamed: an interrupted run leaves no partial JSON.
+  with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=2)
+  os.replace(path + ".tmp", path)
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

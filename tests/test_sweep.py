@@ -251,11 +251,14 @@ def test_comq_and_rtn_sweeps_cover_the_requested_grid():
                                   for o in ("greedy", "cyclic") for i in (1, 3)
                                   for s in (False, True)}
   assert all(c.method == "comq" and c.comq.grid == "asymmetric" for _, c in points)
-  # Reduced: one factor changed at a time from the official recipe (greedy, 1, off).
+  # Reduced: the official recipe (greedy, 1, off) at every seed, and one factor
+  # changed at a time from it at seed 0.
   reduced = sweep.sweep_configs("ablation_comq", "digits", reduced=True)
-  assert {(c.comq.order, c.comq.iters, c.comq.scale_update) for _, c in reduced} == {
-      ("greedy", 1, False), ("cyclic", 1, False), ("greedy", 3, False),
-      ("greedy", 1, True)}
+  assert len(reduced) == 3 * (4 + 2)
+  assert {(c.seed, c.comq.order, c.comq.iters, c.comq.scale_update)
+          for _, c in reduced} == {
+      (0, "greedy", 1, False), (0, "cyclic", 1, False), (0, "greedy", 3, False),
+      (0, "greedy", 1, True), (1, "greedy", 1, False), (2, "greedy", 1, False)}
   points = sweep.sweep_configs("ablation_rtn", "digits", reduced=False)
   assert {(c.rtn.grid, c.rtn.bits) for _, c in points} == {
       ("pow2", 5), ("pow2", 4), ("pow2", 3), ("pow2", 2),
