@@ -8,6 +8,7 @@
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -16,6 +17,7 @@ import jax
 from ml_collections.config_flags import config_flags as config_flags_lib
 
 import configs
+from experiments import input_pipeline
 from experiments import train
 
 
@@ -104,7 +106,10 @@ def run(dataset):
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or os.path.join("workdirs", f"{dataset}_{config.name}")
     logging.info("JAX devices: %s; workdir %s", jax.local_devices(), workdir)
-    results = train.train_and_evaluate(config, workdir)
+    try:
+      results = train.train_and_evaluate(config, workdir)
+    except input_pipeline.ImageNetNotPreparedError as error:
+      sys.exit(f"Error: {error}")  # the message says what to do; a traceback would not
     if results is not None:
       print(format_results(results))
       print(f"Results written to {os.path.join(workdir, 'results.json')}")

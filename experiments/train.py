@@ -337,6 +337,8 @@ def train_and_evaluate(config, workdir):
   if config.eval_packed and config.method != "inq":
     raise ValueError(f"eval_packed needs method 'inq' (power-of-two kernels), got "
                      f"{config.method!r}.")
+  # Data first: an unprepared dataset stops the run before anything is written.
+  dataset = input_pipeline.create_dataset(config)
   os.makedirs(workdir, exist_ok=True)
   check_same_config(workdir, config.to_json())
   mesh = make_mesh(config.num_devices)
@@ -346,7 +348,6 @@ def train_and_evaluate(config, workdir):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
-  dataset = input_pipeline.create_dataset(config)
   steps_per_epoch = dataset.num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {config.batch_size} exceeds the "

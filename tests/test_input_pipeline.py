@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import jax
@@ -15,6 +17,8 @@ from experiments import input_pipeline
 from experiments import train
 
 jax.config.update("jax_disable_most_optimizations", True)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_digits_split_sizes_and_range():
@@ -55,6 +59,20 @@ def test_unprepared_imagenet_fails_fast_with_instructions(tmp_path):
   assert "tfds build imagenet2012" in message
   assert list(tmp_path.iterdir()) in ([], [tmp_path / "downloads"])
   assert not (tmp_path / "imagenet2012").exists()
+
+
+def test_imagenet_command_fails_fast_without_a_traceback_or_a_workdir(tmp_path):
+  workdir = tmp_path / "workdir"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.imagenet", "--config=inq_5bit",
+       f"--config.data.data_dir={tmp_path}", f"--workdir={workdir}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1
+  assert "imagenet2012 is not prepared" in result.stderr
+  assert "tfds build imagenet2012" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
 
 
 def mock_imagenet_config():
