@@ -42,7 +42,7 @@ def count_compilations():
 
 def latest_checkpoint(workdir: str):
   """``(state, progress)`` of the newest checkpoint a training job wrote."""
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as manager:
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
   return restored["state"], restored["progress"]

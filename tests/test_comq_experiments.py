@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+import comq_jax
 import configs
 from experiments import input_pipeline
 from experiments import main
+from experiments import models
 from experiments import train
 import inq_jax
 from tests import helpers
@@ -147,3 +149,25 @@ def test_eval_packed_needs_inq(tmp_path):
   with pytest.raises(ValueError, match="eval_packed needs method 'inq'"):
     train.train_and_evaluate(tiny_config("comq_4bit", eval_packed=True), str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def test_digits_layers_more_sweeps_and_scale_updates_never_hurt(tmp_path):
+  """On a trained digits CNN, per layer: COMQ <= RTN, K=3 <= K=1, scale update <= none."""
+  train.train_and_evaluate(tiny_config("fp"), str(tmp_path))
+  params, batch_stats = final_params(str(tmp_path))
+  variables = {"params": params, "batch_stats": batch_stats}
+  data = input_pipeline.DigitsData(test_size=0.25, split_seed=0)
+  images = [data.train_images[start:start + 64] for start in (0, 64)]
+  model = models.create_model("SmallCNN", 10)
+  errors = {}
+  for name, options in (("k1", {"iters": 1}), ("k3", {"iters": 3}),
+                        ("k3_scale", {"iters": 3, "scale_update": True})):
+    _, reports = comq_jax.quantize_model(model, variables, images, bits=3, train=False,
+                                         **options)
+    assert [r.path for r in reports] == list(KERNELS)
+    errors[name] = reports
+  for k1, k3, scaled in zip(errors["k1"], errors["k3"], errors["k3_scale"]):
+    tolerance = 1e-6 * k1.rtn_error
+    assert k1.error <= k1.rtn_error + tolerance, k1
+    assert k3.error <= k1.error + tolerance, (k3, k1)
+    assert scaled.error <= k3.error + tolerance, (scaled, k3)
