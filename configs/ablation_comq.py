@@ -4,12 +4,12 @@ numbers were not retrieved). Per-channel asymmetric grid, scalar 1.0, FP-model i
 as in comq_4bit; compare with ablation_rtn's asymmetric rows.
 
 Every run trains its own FP model (30 epochs on digits) before COMQ, so a run takes about
-as long as fp on digits (~30-60 s on 2 CPU cores); COMQ itself takes seconds.
+as long as fp on digits (~8-15 s on 2 CPU cores); COMQ itself takes seconds.
 
-Digits, full sweep (~1 h):
+Digits, full sweep (~9 min):
   python -m experiments.sweep --config=ablation_comq --workdir=workdirs/sweeps/ablation_comq
 Reduced (--reduced; seed 0, one factor at a time from the official recipe greedy / 1 iter /
-no scale update: that, cyclic, 3 iters, scale update on; x bits: 12 runs, ~15 min).
+no scale update: that, cyclic, 3 iters, scale update on; x bits: 12 runs, ~3 min).
 """
 
 from configs import comq_4bit

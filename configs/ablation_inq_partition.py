@@ -5,10 +5,10 @@ Bits {5, 4, 3, 2} (each with the paper's ResNet-18 schedule, inq_jax.SCHEDULES) 
 partition ablation is ResNet-18 5-bit (random 32.11% vs pruning-inspired 31.02% top-1
 error); it shows the bit-width trade-off for the pruning-inspired partition only.
 
-Digits, full sweep (~1 min per run on 2 CPU cores, ~25 min):
+Digits, full sweep (~10 s per run on 2 CPU cores, ~5 min):
   python -m experiments.sweep --config=ablation_inq_partition \
       --workdir=workdirs/sweeps/ablation_inq_partition
-Reduced (seed 0 only, 8 runs, ~8 min): add --reduced.
+Reduced (seed 0 only, 8 runs, ~1.5 min): add --reduced.
 Then: python -m experiments.report --workdir=workdirs/sweeps
 """
 

@@ -5,10 +5,10 @@ one shot (1,) (all weights quantized at once, no retraining), x seeds {0, 1, 2}:
 Every retraining step keeps the config's epochs_per_step, so shorter schedules also
 retrain for fewer epochs in total.
 
-Digits, full sweep (~1 min per run on 2 CPU cores, ~9 min):
+Digits, full sweep (~7 s per run on 2 CPU cores, ~1 min):
   python -m experiments.sweep --config=ablation_inq_schedule \
       --workdir=workdirs/sweeps/ablation_inq_schedule
-Reduced (seed 0 only, 3 runs, ~3 min): add --reduced.
+Reduced (seed 0 only, 3 runs, ~20 s): add --reduced.
 """
 
 from configs import inq_5bit

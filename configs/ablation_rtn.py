@@ -4,11 +4,11 @@
   baseline of ablation_inq_partition (what INQ's incremental retraining adds);
 * grid "asymmetric": COMQ's per-channel min-max grid at bits {4, 3, 2}, the baseline of
   ablation_comq (what COMQ's coordinate descent adds);
-x seeds {0, 1, 2}: 21 runs, each an FP training (~30-60 s on 2 CPU cores on digits).
+x seeds {0, 1, 2}: 21 runs, each an FP training (~7 s on 2 CPU cores on digits).
 
-Digits, full sweep (~15 min):
+Digits, full sweep (~2.5 min):
   python -m experiments.sweep --config=ablation_rtn --workdir=workdirs/sweeps/ablation_rtn
-Reduced (seed 0 only, 7 runs, ~5 min): add --reduced.
+Reduced (seed 0 only, 7 runs, ~1 min): add --reduced.
 """
 
 from configs import rtn_4bit

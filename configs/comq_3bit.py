@@ -1,8 +1,8 @@
 """COMQ 3-bit, per-channel asymmetric grid, official recipe (see comq_4bit).
 
-Digits (embedded data, ~1 min on 2 CPU cores):
+Digits (embedded data, ~15 s on 2 CPU cores):
   python -m experiments.digits --config=comq_3bit
-  Expect a drop of under a point from FP (seed 0: 0.9933 -> 0.9889; rtn_3bit 0.9800).
+  Expect 99.33 ± 0.44% test accuracy (seeds 0-2; FP 99.78 ± 0.22%; rtn_3bit 95.48 ± 4.27%).
 
 ImageNet:
   python -m experiments.imagenet --config=comq_3bit --config.init_checkpoint=resnet18.pth

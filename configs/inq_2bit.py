@@ -2,9 +2,11 @@
 
 Schedule from the INQ paper, Table 3 / inq.md §2.2.
 
-Digits (embedded data, ~2-3 min on 2 CPU cores):
+Digits (embedded data, ~20 s on 2 CPU cores):
   python -m experiments.digits --config=inq_2bit
-  Expect a drop of a few points from FP, codebook_fraction 1.0.
+  Expect a collapse: 22.44 ± 11.90% test accuracy (seeds 0-2; FP 99.78 ± 0.22%),
+  codebook_fraction 1.0. With n1 fixed from each layer's largest weight, most weights
+  fall below 2^(n1-1) and become zero (see the README's results).
 
 ImageNet:
   python -m experiments.imagenet --config=inq_2bit --config.init_checkpoint=resnet18.pth

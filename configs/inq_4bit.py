@@ -1,8 +1,8 @@
 """INQ 4-bit: ResNet-18 schedule {0.3, 0.5, 0.8, 0.9, 0.95, 1} (INQ paper, Table 3 / inq.md §2.2).
 
-Digits (embedded data, ~1-2 min on 2 CPU cores):
+Digits (embedded data, ~15 s on 2 CPU cores):
   python -m experiments.digits --config=inq_4bit
-  Expect final 4-bit test accuracy within 1 point of FP, codebook_fraction 1.0.
+  Expect 99.48 ± 0.26% test accuracy (seeds 0-2; FP 99.78 ± 0.22%), codebook_fraction 1.0.
 
 ImageNet:
   python -m experiments.imagenet --config=inq_4bit --config.init_checkpoint=resnet18.pth

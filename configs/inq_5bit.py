@@ -1,9 +1,10 @@
 """INQ 5-bit: ResNet-18 schedule {0.5, 0.75, 0.875, 1} (INQ paper, Table 1 / inq.md §2.2).
 
-Digits (embedded data, ~1 min on 2 CPU cores):
+Digits (embedded data, ~15 s on 2 CPU cores):
   python -m experiments.digits --config=inq_5bit
-  Expect FP and final 5-bit test accuracy within 0.5 points of each other (~0.97-0.98),
-  every kernel in the power-of-two codebook (codebook_fraction 1.0), ~5.6x smaller kernels.
+  Expect 99.70 ± 0.26% test accuracy (seeds 0-2; FP 99.78 ± 0.22%), every kernel in the
+  power-of-two codebook (codebook_fraction 1.0), and a packed model of 35,768 bytes
+  against 97,128 in FP32 (5-bit codes take a byte each).
 
 ImageNet (needs prepared imagenet2012 and torchvision ResNet-18 weights):
   python -m experiments.imagenet --config=inq_5bit --config.init_checkpoint=resnet18.pth

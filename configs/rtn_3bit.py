@@ -4,9 +4,10 @@ No calibration data and no retraining: each weight goes to the nearest level of 
 output channel's min-max grid (comq_jax.round_to_nearest). --config.rtn.grid=pow2 gives
 INQ's power-of-two set without retraining.
 
-Digits (embedded data, ~1 min on 2 CPU cores):
+Digits (embedded data, ~15 s on 2 CPU cores):
   python -m experiments.digits --config=rtn_3bit
-  Expect a drop of 1-2 points (seed 0: 0.9933 -> 0.9800; comq_3bit: 0.9889).
+  Expect 95.48 ± 4.27% test accuracy (seeds 0-2; FP 99.78 ± 0.22%; comq_3bit 99.33 ±
+  0.44%).
 
 ImageNet:
   python -m experiments.imagenet --config=rtn_3bit --config.init_checkpoint=resnet18.pth

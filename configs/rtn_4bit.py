@@ -4,10 +4,10 @@ No calibration data and no retraining: each weight goes to the nearest level of 
 output channel's min-max grid (comq_jax.round_to_nearest). --config.rtn.grid=pow2 gives
 INQ's power-of-two set without retraining.
 
-Digits (embedded data, ~1 min on 2 CPU cores):
+Digits (embedded data, ~15 s on 2 CPU cores):
   python -m experiments.digits --config=rtn_4bit
-  Expect the final accuracy within ~0.5 points of FP (seed 0: 0.9933 -> 0.9956).
-  rtn_4bit vs comq_4bit shows little difference on digits; see the per-layer errors.
+  Expect 98.89 ± 0.80% test accuracy (seeds 0-2; FP 99.78 ± 0.22%; comq_4bit 99.63 ±
+  0.34%).
 
 ImageNet:
   python -m experiments.imagenet --config=rtn_4bit --config.init_checkpoint=resnet18.pth
