@@ -3,4 +3,4 @@
 from comq_jax.grid import Grid, make_grid
 from comq_jax.layer import (GramAccumulator, LayerQuantization,
                             accumulate_gram, quantize_layer, round_to_nearest)
-from comq_jax.model import LayerReport, quantize_model
+from comq_jax.model import LayerReport, layer_paths, quantize_model

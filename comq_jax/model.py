@@ -59,6 +59,40 @@ class _Stop(Exception):
   """Ends a forward pass once every requested input has been captured."""
 
 
+def _is_layer_call(context) -> bool:
+  """Whether an intercepted call is a Dense/Conv layer that COMQ quantizes."""
+  return (context.method_name == "__call__"
+          and type(context.module) in (nn.Dense, nn.Conv))
+
+
+def _apply_fn(model_or_apply):
+  return (model_or_apply.apply if isinstance(model_or_apply, nn.Module)
+          else model_or_apply)
+
+
+def layer_paths(model_or_apply: Any, variables, batch,
+                **apply_kwargs) -> list:
+  """``/``-joined paths of the layers :func:`quantize_model` visits, in order.
+
+  Traces one forward pass on shapes only (``jax.eval_shape``), e.g. to build
+  a ``skip`` predicate for the first and last layers.
+  """
+  paths = []
+
+  def record(next_fun, args, kwargs, context):
+    if _is_layer_call(context):
+      path = _path_name(context.module.path)
+      if path not in paths:
+        paths.append(path)
+    return next_fun(*args, **kwargs)
+
+  apply_fn = _apply_fn(model_or_apply)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, x: apply_fn(v, x, **apply_kwargs), variables,
+                   batch)
+  return paths
+
+
 def _capture(apply_fn, variables, batches, apply_kwargs, targets):
   """Forward passes that accumulate the grouped Gram of each layer input.
 
@@ -73,9 +107,7 @@ def _capture(apply_fn, variables, batches, apply_kwargs, targets):
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if (context.method_name == "__call__"
-        and type(mod) in (nn.Dense, nn.Conv)
-        and (targets is None or mod.path in targets)):
+    if _is_layer_call(context) and (targets is None or mod.path in targets):
       path = mod.path
       g = _group_gram(_grouped_inputs(mod, args[0]))
       if path not in grams:
@@ -182,8 +214,7 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
         f"order must be one of {layer_lib.ORDERS}, got {order!r}.")
   if "params" not in variables:
     raise ValueError("variables must contain a 'params' collection.")
-  apply_fn = (model_or_apply.apply if isinstance(model_or_apply, nn.Module)
-              else model_or_apply)
+  apply_fn = _apply_fn(model_or_apply)
   batches = list(calibration_batches)
   if not batches:
     raise ValueError("calibration_batches is empty.")

@@ -26,7 +26,6 @@ import time
 from typing import NamedTuple, Optional
 
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -170,23 +169,6 @@ def calibration_images(config, dataset, shuffle_seed):
   return [jnp.asarray(batch["image"]) for batch in batches]
 
 
-def forward_layer_paths(model, variables, images):
-  """"/"-joined paths of the Dense/Conv modules in first-call order (shapes only)."""
-  paths = []
-
-  def record(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name == "__call__" and type(module) in (nn.Dense, nn.Conv):
-      path = "/".join(module.path)
-      if path not in paths:
-        paths.append(path)
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
-  return paths
-
-
 def comq_quantize(comq_config, model, variables, images):
   """COMQ of every Conv/Dense kernel (first and last too unless skip_first_last).
 
@@ -194,7 +176,7 @@ def comq_quantize(comq_config, model, variables, images):
   """
   skip = None
   if comq_config.skip_first_last:
-    paths = forward_layer_paths(model, variables, images[0])
+    paths = comq_jax.layer_paths(model, variables, images[0], train=False)
     ends = {paths[0], paths[-1]}
     skip = lambda path, kernel: path in ends
   quantized, reports = comq_jax.quantize_model(

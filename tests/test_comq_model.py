@@ -114,6 +114,8 @@ def test_cnn_with_batchnorm_grouped_and_depthwise():
       model, variables, batches, bits=4, iters=2, inputs="sequential",
       train=False)
   assert len(reports) == 4
+  assert model_lib.layer_paths(model, variables, batches[0], train=False) == [
+      r.path for r in reports]
   for r in reports:
     assert r.error <= r.rtn_error * (1 + 1e-6)
     kernel = new["params"][r.path]["kernel"]
