@@ -29,6 +29,8 @@ import numpy as np
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=wrong-import-position
 
+from experiments import files  # pylint: disable=wrong-import-position
+
 REPORT_DIR = "report"
 # Fields that differ between runs of one setting: averaged over, never a group key.
 IGNORED_FIELDS = ("seed", "stop_after_steps")
@@ -58,9 +60,9 @@ def flatten(tree, prefix=""):
 def load_runs(workdir):
   """Every run under `workdir` (sorted by path), skipping the report directory."""
   runs = []
-  for root, dirs, files in os.walk(workdir):
+  for root, dirs, file_names in os.walk(workdir):
     dirs[:] = sorted(d for d in dirs if d != REPORT_DIR)
-    if "results.json" not in files:
+    if "results.json" not in file_names:
       continue
     config_path = os.path.join(root, "config.json")
     if not os.path.exists(config_path):
@@ -202,26 +204,19 @@ def run_rows(groups):
   return rows
 
 
-def write_atomically(path, data, mode="w"):
-  tmp_path = path + ".tmp"
-  with open(tmp_path, mode) as f:
-    f.write(data)
-  os.replace(tmp_path, path)
-
-
 def write_csv(path, rows):
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
   writer.writeheader()
   writer.writerows(rows)
-  write_atomically(path, buffer.getvalue())
+  files.write_atomically(path, buffer.getvalue())
 
 
 def save_figure(figure, path):
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
   plt.close(figure)
-  write_atomically(path, buffer.getvalue(), mode="wb")
+  files.write_atomically(path, buffer.getvalue(), mode="wb")
 
 
 def grid_family(group):
@@ -351,7 +346,7 @@ def write_report(workdir):
       "mean ± sample standard deviation over the seeds listed (no ± for one seed); "
       "Δ is the mean over seeds of (final − FP) of the same run.", "",
       markdown_tables(groups), ""] + images)
-  write_atomically(paths["report.md"], markdown)
+  files.write_atomically(paths["report.md"], markdown)
   logging.info("Report of %d runs in %d groups written to %s", len(runs), len(groups),
                report_dir)
   return paths

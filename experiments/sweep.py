@@ -33,6 +33,7 @@ from absl import flags
 from absl import logging
 
 import configs
+from experiments import files
 from experiments import train
 
 RESULTS_FILE = "results.json"
@@ -108,7 +109,7 @@ def run_point(name, config, point_dir, train_fn):
     record = {"point": name, "status": "failed", "seconds": time.time() - start,
               "error": f"{type(error).__name__}: {error}"}
     os.makedirs(point_dir, exist_ok=True)
-    train.write_json_atomically(error_path, dict(record, traceback=traceback.format_exc()))
+    files.write_json_atomically(error_path, dict(record, traceback=traceback.format_exc()))
     logging.exception("Point %s failed", name)
     return record
   if os.path.exists(error_path):

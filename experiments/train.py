@@ -33,6 +33,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from experiments import files
 from experiments import input_pipeline
 from experiments import models
 from experiments import torchvision_import
@@ -264,13 +265,6 @@ def model_sizes(config, variables, inq_state, quantized):
           "entropy_bytes": None}
 
 
-def write_json_atomically(path, value):
-  tmp_path = path + ".tmp"
-  with open(tmp_path, "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp_path, path)
-
-
 def append_metrics(workdir, record):
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write(json.dumps(record) + "\n")
@@ -284,7 +278,7 @@ def check_same_config(workdir, config_json):
   path = os.path.join(workdir, "config.json")
   current = json.loads(config_json)
   if not os.path.exists(path):
-    write_json_atomically(path, current)
+    files.write_json_atomically(path, current)
     return
   with open(path) as f:
     saved = json.load(f)
@@ -531,5 +525,5 @@ def write_results(config, workdir, phases, state, progress, packed_accuracy):
       **sizes,
       "layers": progress["layers"],
   }
-  write_json_atomically(os.path.join(workdir, "results.json"), results)
+  files.write_json_atomically(os.path.join(workdir, "results.json"), results)
   return results
