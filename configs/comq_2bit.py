@@ -14,13 +14,12 @@ ImageNet:
   python -m experiments.imagenet --config=comq_2bit --config.init_checkpoint=resnet18.pth
 """
 
-from configs import base
+from configs import comq_4bit
 
 
 def get_config(dataset="imagenet"):
-  config = base.get_config(dataset)
+  config = comq_4bit.get_config(dataset)
   config.name = "comq_2bit"
-  config.method = "comq"
   config.comq.bits = 2
   config.comq.scalar = 0.65
   return config

@@ -9,12 +9,11 @@ ImageNet:
   No ResNet-18 number retrieved; ViTs lose 1-3 points at 3 bits (comq.md §3.1).
 """
 
-from configs import base
+from configs import comq_4bit
 
 
 def get_config(dataset="imagenet"):
-  config = base.get_config(dataset)
+  config = comq_4bit.get_config(dataset)
   config.name = "comq_3bit"
-  config.method = "comq"
   config.comq.bits = 3
   return config
