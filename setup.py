@@ -1,6 +1,23 @@
-"""Installs inq_jax, comq_jax and the experiments that use them."""
+"""Installs the libraries inq_jax and comq_jax.
+
+`pip install .` installs what the libraries import: jax, flax, optax and numpy.
+The experiments (run from a checkout: `python -m experiments.digits`) need the extra
+`.[experiments]`; the tests need `.[dev]`.
+"""
 
 import setuptools
+
+EXPERIMENTS = [
+    "absl-py",
+    "matplotlib",
+    "ml-collections>=1.1",
+    "orbax-checkpoint>=0.12",
+    "pandas",
+    "safetensors",
+    "scikit-learn",
+    "tensorflow-cpu>=2.21",
+    "tensorflow-datasets>=4.9.10",
+]
 
 setuptools.setup(
     name="inq-jax",
@@ -10,23 +27,15 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(
-        include=["inq_jax*", "comq_jax*", "experiments*", "configs*"]),
+    packages=setuptools.find_packages(include=["inq_jax*", "comq_jax*"]),
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
         "optax>=0.2.8",
-        "orbax-checkpoint>=0.12",
-        "tensorflow-datasets>=4.9.10",
-        "tensorflow-cpu>=2.21",
-        "absl-py",
-        "ml-collections>=1.1",
         "numpy",
-        "scikit-learn",
-        "safetensors",
-        "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        "experiments": EXPERIMENTS,
+        "dev": EXPERIMENTS + ["pytest", "nbclient", "nbformat", "ipykernel", "ruff"],
     },
 )

@@ -41,6 +41,7 @@ import numpy as np
 
 from comq_jax import grid as grid_lib
 from comq_jax import layer
+from comq_jax import objective
 
 TARGET_SPEEDUP = 30.0
 
@@ -148,7 +149,7 @@ def main(argv):
   x = jnp.asarray(rng.standard_normal((n, d_in))
                   * rng.uniform(0.2, 3.0, d_in), jnp.float32)
   wt = jnp.asarray(rng.normal(0, 0.05, (d_out, d_in)), jnp.float32)
-  gram = jax.block_until_ready(layer.accumulate_gram(None, x).gram)
+  gram = jax.block_until_ready(objective.accumulate_gram(None, x).gram)
 
   variants = {
       "Gram solver, quantize_layer (incl. X^T X)": (gram_comq, (wt, x)),

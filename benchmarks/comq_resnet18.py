@@ -39,9 +39,10 @@ def main(argv):
   variables = model.init(jax.random.key(1), batches[0][:1], train=False)
 
   start = time.perf_counter()
-  new_variables, reports = comq_jax.quantize_model(
+  result = comq_jax.quantize_model(
       model, variables, batches, bits=_BITS.value, train=False)
-  jax.block_until_ready(new_variables)
+  jax.block_until_ready(result.variables)
+  reports = result.layers
   total = time.perf_counter() - start
   peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

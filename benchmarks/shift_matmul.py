@@ -22,8 +22,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from inq_jax import packing
-from inq_jax import shift_kernel as sm
+from inq_jax.deploy import kernels
+from inq_jax.deploy import packing
 
 # Peak HBM bandwidth in bytes/s by jax device_kind (vendor data sheets).
 PEAK_BANDWIDTH = {
@@ -84,7 +84,7 @@ def run(ms, kns, repeats: int):
       row = {"m": m, "k": kn, "n": kn, "dense_bf16_s": dense,
              "dense_weight_bw": dense_w.nbytes / dense}
       for bits, packed in packs.items():
-        seconds = _median_seconds(jax.jit(sm.shift_matmul), x, packed,
+        seconds = _median_seconds(jax.jit(kernels.shift_matmul), x, packed,
                                   repeats=repeats)
         row[f"kernel_{bits}bit_s"] = seconds
         row[f"kernel_{bits}bit_speedup"] = dense / seconds

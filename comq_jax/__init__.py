@@ -1,6 +1,34 @@
-"""COMQ post-training quantization in JAX (Zhang et al., arXiv 2403.07134)."""
+"""COMQ post-training quantization in JAX (Zhang et al., arXiv 2403.07134).
 
-from comq_jax.grid import Grid, make_grid
-from comq_jax.layer import (GramAccumulator, LayerQuantization,
-                            accumulate_gram, quantize_layer, round_to_nearest)
-from comq_jax.model import LayerReport, layer_paths, quantize_model
+* :mod:`comq_jax.grid`: the uniform and power-of-two grids;
+* :mod:`comq_jax.objective`: the layer objective from Grams, and the result type;
+* :mod:`comq_jax.layer`: the COMQ coordinate-descent solver;
+* :mod:`comq_jax.baselines`: round-to-nearest on the same grids;
+* :mod:`comq_jax.model`: whole-model quantization with any of them.
+"""
+
+from comq_jax.baselines import round_to_nearest
+from comq_jax.grid import Grid
+from comq_jax.grid import make_grid
+from comq_jax.layer import quantize_layer
+from comq_jax.model import LayerReport
+from comq_jax.model import ModelQuantization
+from comq_jax.model import quantize_model
+from comq_jax.objective import GramAccumulator
+from comq_jax.objective import LayerQuantization
+from comq_jax.objective import accumulate_gram
+from comq_jax.objective import reconstruction_error
+
+__all__ = [
+    "GramAccumulator",
+    "Grid",
+    "LayerQuantization",
+    "LayerReport",
+    "ModelQuantization",
+    "accumulate_gram",
+    "make_grid",
+    "quantize_layer",
+    "quantize_model",
+    "reconstruction_error",
+    "round_to_nearest",
+]

@@ -83,13 +83,16 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
 
   * ``"asymmetric"`` (official COMQ): ``δ = (max - min) / (2^b - 1)``,
     ``z = round_half_even(min / δ)``, units ``scalar * (z + t)`` for
-    ``t = 0..2^b-1``. Evaluating ``(scalar * (z + t)) * δ`` is bit-identical
-    to the official float32 code. A constant channel ``c`` (``δ = 0``) gets
-    ``δ = |c|`` (or 1 when ``c = 0``) with unit ``sign(c) + t``, so ``c`` is
-    on the grid exactly.
-  * ``"symmetric"``: ``δ = max|w| / (2^(b-1) - 1)``, units
-    ``scalar * t`` for ``t = -(2^(b-1)-1)..2^(b-1)-1`` (``2^b - 1`` levels,
-    zero included; 2 bits is ternary). An all-zero channel gets ``δ = 1``.
+    ``t = 0..2^b-1``. ``δ`` is the true IEEE quotient in ``wt``'s dtype, also
+    under ``jit``/``vmap`` (where XLA would otherwise multiply by a rounded
+    reciprocal), so ``δ``, ``z`` and the values ``(scalar * (z + t)) * δ``
+    are bit-identical to the official float32 code. A constant channel
+    ``c`` (``δ = 0``) gets ``δ = |c|`` (or 1 when ``c = 0``) with unit
+    ``sign(c) + t``, so ``c`` is on the grid exactly.
+  * ``"symmetric"``: ``δ = max|w| / (2^(b-1) - 1)`` (the same exact
+    division), units ``scalar * t`` for ``t = -(2^(b-1)-1)..2^(b-1)-1``
+    (``2^b - 1`` levels, zero included; 2 bits is ternary). An all-zero
+    channel gets ``δ = 1``.
   * ``"pow2"``: the INQ level set ``{0, ±2^n2, ..., ±2^n1}`` with
     ``n1 = floor(log2(4 max|w| / 3))`` (:func:`inq_jax.pow2.pow2_exponents`),
     i.e. units ``{0, ±2^-k : k = 0..2^(b-2)-1}`` and step ``2^n1``; values
@@ -112,13 +115,24 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
   check_options(bits=bits, grid=grid, granularity=granularity, scalar=scalar)
   dtype = wt.dtype
   d_out = wt.shape[0]
+
+  def divisor(n, skip):
+    # XLA rewrites x / c, for c a constant or a broadcast (as vmap makes of
+    # an unbatched c), into x * (1 / c): often 1 ulp off the official
+    # float32 step, which flips round(min / step) at half-integers and
+    # shifts the grid. A divisor that depends on the data and sits behind a
+    # barrier keeps a true IEEE division. It is 1 where ``skip``: those
+    # quotients are replaced anyway.
+    return jax.lax.optimization_barrier(
+        jnp.where(skip, jnp.ones((), dtype), jnp.full((), n, dtype)))
+
   exponent = jnp.zeros((d_out,), jnp.int32)
   if grid == "asymmetric":
     hi = _reduce(wt, jnp.max, granularity)
     lo = _reduce(wt, jnp.min, granularity)
-    n_levels = 2**bits - 1
     constant = hi == lo
-    step = jnp.where(constant, jnp.abs(lo), (hi - lo) / n_levels)
+    step = jnp.where(constant, jnp.abs(lo),
+                     (hi - lo) / divisor(2**bits - 1, constant))
     step = jnp.where(step == 0, jnp.ones_like(step), step)
     zero = jnp.round(lo / step)
     t = jnp.arange(2**bits, dtype=dtype)[None, :]
@@ -127,7 +141,8 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     zero_point = (-zero).astype(jnp.int32)
   elif grid == "symmetric":
     half = 2 ** (bits - 1) - 1
-    step = _reduce(jnp.abs(wt), jnp.max, granularity) / half
+    amax = _reduce(jnp.abs(wt), jnp.max, granularity)
+    step = amax / divisor(half, amax == 0)
     step = jnp.where(step == 0, jnp.ones_like(step), step)
     t = jnp.arange(-half, half + 1, dtype=dtype)[None, :]
     lam = jnp.full_like(step, scalar)
@@ -169,3 +184,26 @@ def nearest(values, target):
   if squeeze:
     return index[:, 0], value[:, 0]
   return index, value
+
+
+# Bytes of the grid parameters of one channel (or layer) stored beside the codes:
+# float32 scale and zero point (asymmetric), float32 scale (symmetric), int32
+# exponent n1 (pow2).
+_PARAMETER_BYTES = {"asymmetric": 8, "symmetric": 4, "pow2": 4}
+
+
+def num_levels(bits: int, grid: str) -> int:
+  """Number of values of a ``bits``-bit ``grid`` (see :func:`make_grid`)."""
+  check_options(bits=bits, grid=grid, granularity="channel", scalar=1.0)
+  if grid == "asymmetric":
+    return 2**bits
+  if grid == "symmetric":
+    return 2**bits - 1
+  return 2 ** (bits - 1) + 1
+
+
+def parameter_bytes(grid: str, num_grids: int) -> int:
+  """Bytes of the scales (and zero points or exponents) of ``num_grids`` grids."""
+  if grid not in GRIDS:
+    raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}.")
+  return _PARAMETER_BYTES[grid] * num_grids

@@ -1,4 +1,9 @@
-"""COMQ over a whole Flax (linen) model: capture inputs, solve, write back.
+"""Post-training quantization of a whole Flax (linen) model, layer by layer.
+
+Layers are found with :mod:`inq_jax.layers` (interception, the model is not
+rewritten); for each one the Gram ``H = X^T X`` of its inputs is accumulated
+over the calibration batches and a layer solver runs on it: COMQ
+(:func:`comq_jax.quantize_layer`) or round-to-nearest on the same grid.
 
 Reference: Zhang et al., arXiv 2403.07134 (2024). The official code quantizes
 ``nn.Linear`` layers one by one from inputs of the full-precision model; conv
@@ -6,25 +11,35 @@ layers use the standard im2col reduction (each group of a grouped conv is an
 independent linear layer).
 """
 
+import logging
+import math
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from absl import logging
 import flax
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from comq_jax import baselines
 from comq_jax import grid as grid_lib
 from comq_jax import layer as layer_lib
-from inq_jax import im2col
+from comq_jax import objective
+from inq_jax import layers
+from inq_jax.deploy.packing import SizeReport
 
 INPUTS = ("fp", "sequential")
+METHODS = ("comq", "rtn")
+
+PyTree = Any
+
+_LOG = logging.getLogger(__name__)
 
 
 class LayerReport(NamedTuple):
-  """One quantized layer: module path, kernel shape, bits, COMQ and RTN
-  errors ``||X W - X W_q||_F`` (summed over groups) and solve time (s)."""
+  """One quantized layer: module path, kernel shape, bits, the method's and
+  round-to-nearest's errors ``||X W - X W_q||_F`` (summed over groups) and
+  solve time (s)."""
   path: str
   shape: tuple
   bits: int
@@ -33,19 +48,63 @@ class LayerReport(NamedTuple):
   seconds: float
 
 
-def _grouped_inputs(module, inputs):
-  """Layer inputs as rows ``(rows, groups, features per group)``."""
-  if isinstance(module, nn.Conv):
-    patches = im2col.conv_patches(module, inputs)
-    groups = module.feature_group_count
-    return patches.reshape(-1, groups, patches.shape[-1] // groups)
-  return inputs.reshape(-1, 1, inputs.shape[-1])
+class ModelQuantization(NamedTuple):
+  """Result of :func:`quantize_model`: the model and what was done to it.
 
+  Attributes:
+    variables: the variables with quantized kernels (same tree, shapes and
+      dtypes as the input).
+    layers: one :class:`LayerReport` per quantized layer, in forward order.
+    skipped: paths of the linear layers left in float by ``skip``.
+    settings: the method and grid settings used (``method``, ``bits``,
+      ``grid``, ``granularity``, ``scalar`` and the solver options), so that
+      later calls never take them again.
+  """
+  variables: PyTree
+  layers: list
+  skipped: list
+  settings: dict
 
-def _grouped_kernel(module, kernel):
-  if isinstance(module, nn.Conv):
-    return im2col.conv_kernel_matrix(kernel, module.feature_group_count)
-  return kernel[None]
+  def quantized_mask(self) -> PyTree:
+    """Bool pytree over ``variables["params"]``: the quantized kernels."""
+    return layers.kernel_mask(self.variables["params"],
+                              [report.path for report in self.layers])
+
+  def size_report(self) -> SizeReport:
+    """Bytes of the model with its quantized kernels stored as codes.
+
+    A quantized kernel takes ``ceil(bits * size / 8)`` bytes of codes plus
+    its grid parameters (:func:`comq_jax.grid.parameter_bytes`); every other
+    leaf counts in its own dtype. ``codebook_bytes`` is the
+    information-theoretic size, ``log2(levels)`` bits per weight.
+    ``entropy_bytes`` is None (not measured).
+    """
+    bits, grid = self.settings["bits"], self.settings["grid"]
+    per_layer = self.settings["granularity"] == "layer"
+    quantized = {"params": self.quantized_mask()}
+    for name, collection in self.variables.items():
+      if name != "params":
+        quantized[name] = jax.tree.map(lambda _: False, collection)
+    fp32 = packed = codebook = 0
+    quantized_size = total = 0
+    for leaf, is_quantized in zip(jax.tree.leaves(self.variables),
+                                  jax.tree.leaves(quantized), strict=True):
+      size = int(jnp.size(leaf))
+      fp32 += 4 * size
+      total += size
+      if not is_quantized:
+        own = size * jnp.asarray(leaf).dtype.itemsize
+        packed += own
+        codebook += own
+        continue
+      quantized_size += size
+      grid_bytes = grid_lib.parameter_bytes(
+          grid, 1 if per_layer else leaf.shape[-1])
+      packed += math.ceil(bits * size / 8) + grid_bytes
+      codebook += size * math.log2(grid_lib.num_levels(bits, grid)) / 8 + grid_bytes
+    return SizeReport(fp32_bytes=fp32, packed_bytes=packed,
+                      codebook_bytes=codebook, entropy_bytes=None,
+                      quantized_fraction=quantized_size / total if total else 0.0)
 
 
 @jax.jit
@@ -59,45 +118,11 @@ class _Stop(Exception):
   """Ends a forward pass once every requested input has been captured."""
 
 
-def _is_layer_call(context) -> bool:
-  """Whether an intercepted call is a Dense/Conv layer that COMQ quantizes."""
-  return (context.method_name == "__call__"
-          and type(context.module) in (nn.Dense, nn.Conv))
-
-
-def _apply_fn(model_or_apply):
-  return (model_or_apply.apply if isinstance(model_or_apply, nn.Module)
-          else model_or_apply)
-
-
-def layer_paths(model_or_apply: Any, variables, batch,
-                **apply_kwargs) -> list:
-  """``/``-joined paths of the layers :func:`quantize_model` visits, in order.
-
-  Traces one forward pass on shapes only (``jax.eval_shape``), e.g. to build
-  a ``skip`` predicate for the first and last layers.
-  """
-  paths = []
-
-  def record(next_fun, args, kwargs, context):
-    if _is_layer_call(context):
-      path = _path_name(context.module.path)
-      if path not in paths:
-        paths.append(path)
-    return next_fun(*args, **kwargs)
-
-  apply_fn = _apply_fn(model_or_apply)
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda v, x: apply_fn(v, x, **apply_kwargs), variables,
-                   batch)
-  return paths
-
-
 def _capture(apply_fn, variables, batches, apply_kwargs, targets):
   """Forward passes that accumulate the grouped Gram of each layer input.
 
   Args:
-    targets: module paths to capture, or None for every Dense/Conv.
+    targets: module paths to capture, or None for every linear layer.
 
   Returns:
     ``(order, grams, modules)``: paths in first-call order, ``path ->
@@ -107,9 +132,10 @@ def _capture(apply_fn, variables, batches, apply_kwargs, targets):
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if _is_layer_call(context) and (targets is None or mod.path in targets):
+    if layers.is_linear_call(context) and (targets is None
+                                           or mod.path in targets):
       path = mod.path
-      g = _group_gram(_grouped_inputs(mod, args[0]))
+      g = _group_gram(layers.grouped_inputs(mod, args[0]))
       if path not in grams:
         order.append(path)
         modules[path] = mod
@@ -129,29 +155,24 @@ def _capture(apply_fn, variables, batches, apply_kwargs, targets):
   return order, grams, modules
 
 
-def _path_name(path):
-  return "/".join(path)
-
-
-def _solve_layer(module, kernel, gram, options):
-  """COMQ and RTN for every group of one layer; returns kernel and errors."""
-  mats = _grouped_kernel(module, kernel).astype(
-      layer_lib.compute_dtype(kernel.dtype))
+def _solve_layer(module, kernel, gram, method, options):
+  """The method and RTN for every group of one layer; kernel and errors."""
+  mats = layers.grouped_kernel(module, kernel).astype(
+      objective.compute_dtype(kernel.dtype))
   rtn_options = {k: options[k] for k in ("bits", "grid", "granularity",
                                         "scalar")}
-  solve = jax.vmap(lambda w, h: layer_lib.solve(w.T, h, **options))
-  qt, _, _, err, _ = solve(mats, gram)
 
-  def rtn_error(w, h):
-    q, _, _ = layer_lib.rtn_solve(w.T, **rtn_options)
-    return layer_lib.reconstruction_error(w, q.T, h)
+  def rtn(w, h):
+    q, _, _ = baselines.rtn_solve(w.T, **rtn_options)
+    return q, objective.reconstruction_error(w, q.T, h)
 
-  rtn_err = jax.vmap(rtn_error)(mats, gram)
+  qt, rtn_err = jax.vmap(rtn)(mats, gram)
+  err = rtn_err
+  if method == "comq":
+    solve = jax.vmap(lambda w, h: layer_lib.solve(w.T, h, **options))
+    qt, _, _, err, _ = solve(mats, gram)
   q = jnp.transpose(qt, (0, 2, 1))
-  if isinstance(module, nn.Conv):
-    new_kernel = im2col.kernel_from_matrix(q, kernel.shape)
-  else:
-    new_kernel = q[0]
+  new_kernel = layers.kernel_from_grouped(module, q, kernel.shape)
   total = lambda e: float(jnp.sqrt(jnp.sum(e * e)))
   return new_kernel.astype(kernel.dtype), total(err), total(rtn_err)
 
@@ -163,20 +184,25 @@ def _get(tree, path):
 
 
 def quantize_model(model_or_apply: Any, variables, calibration_batches:
-                   Sequence[Any], *, bits: int, iters: int = 1,
-                   order: str = "greedy", scale_update: bool = False,
-                   scalar: float = 1.0, grid: str = "asymmetric",
-                   granularity: str = "channel",
+                   Sequence[Any], *, bits: int, method: str = "comq",
+                   iters: int = 1, order: str = "greedy",
+                   scale_update: bool = False, scalar: float = 1.0,
+                   grid: str = "asymmetric", granularity: str = "channel",
                    skip: Optional[Callable[[str, Any], bool]] = None,
-                   inputs: str = "fp", **apply_kwargs):
-  """Quantizes every ``nn.Dense`` / ``nn.Conv`` kernel of a model with COMQ.
+                   inputs: str = "fp", **apply_kwargs) -> ModelQuantization:
+  """Quantizes every ``nn.Dense`` / ``nn.Conv`` kernel of a model.
 
   Layers are found and their inputs captured with ``nn.intercept_methods``
   (the model is not rewritten), in the order of their first call. For each
   layer the Gram ``H = X^T X`` of its inputs is accumulated over all
-  calibration batches and :func:`comq_jax.layer.quantize_layer` is solved
-  (conv layers via im2col, one solve per feature group, vmapped). Biases,
-  BatchNorm parameters and ``batch_stats`` are left in float.
+  calibration batches and the layer is solved (conv layers via im2col, one
+  solve per feature group, vmapped) with ``method``:
+
+  * ``"comq"``: :func:`comq_jax.quantize_layer` coordinate descent;
+  * ``"rtn"``: round-to-nearest on the same grid (the data only measure the
+    error).
+
+  Biases, BatchNorm parameters and ``batch_stats`` are left in float.
 
   * ``inputs="fp"`` (official code): inputs come from the full-precision
     model, one pass over the batches captures every layer.
@@ -191,20 +217,24 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
     calibration_batches: iterable of model inputs (re-iterated per layer for
       ``"sequential"``, so pass a list).
     bits, iters, order, scale_update, scalar, grid, granularity: as in
-      :func:`comq_jax.layer.quantize_layer` (``"layer"`` granularity shares a
-      scale per feature group).
+      :func:`comq_jax.quantize_layer` (``"layer"`` granularity shares a
+      scale per feature group); ``method="rtn"`` uses only ``bits``,
+      ``grid``, ``granularity`` and ``scalar``.
+    method: ``"comq"`` or ``"rtn"``.
     skip: optional predicate ``skip(path, kernel) -> bool`` with ``path`` the
       module path as a ``/``-joined string (e.g. ``"Dense_0"``,
-      ``"block1/conv2"``); skipped layers stay in float.
+      ``"block1/conv2"``); skipped layers stay in float and are listed in
+      the result's ``skipped``.
     inputs: ``"fp"`` or ``"sequential"``.
     **apply_kwargs: passed to every apply call (e.g. ``train=False``).
 
   Returns:
-    ``(new_variables, reports)``: variables with quantized kernels (same tree,
-    shapes and dtypes) and a list of :class:`LayerReport` in forward order.
+    A :class:`ModelQuantization`.
   """
   grid_lib.check_options(bits=bits, grid=grid, granularity=granularity,
                          scalar=scalar)
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}.")
   if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
@@ -214,7 +244,7 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
         f"order must be one of {layer_lib.ORDERS}, got {order!r}.")
   if "params" not in variables:
     raise ValueError("variables must contain a 'params' collection.")
-  apply_fn = _apply_fn(model_or_apply)
+  apply_fn = layers.apply_fn_of(model_or_apply)
   batches = list(calibration_batches)
   if not batches:
     raise ValueError("calibration_batches is empty.")
@@ -224,12 +254,17 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
 
   layer_order, grams, modules = _capture(apply_fn, variables, batches,
                                          apply_kwargs, None)
+  if not layer_order:
+    raise ValueError("The model has no nn.Dense or nn.Conv layer to quantize.")
   params = flax.core.unfreeze(variables["params"])
   new_variables = dict(variables)
   new_variables["params"] = params
-  todo = [p for p in layer_order
-          if skip is None or not skip(_path_name(p),
-                                      _get(params, p)["kernel"])]
+  skipped = [p for p in layer_order
+             if skip is not None and skip(layers.path_name(p),
+                                          _get(params, p)["kernel"])]
+  todo = [p for p in layer_order if p not in skipped]
+  for path in skipped:
+    _LOG.info("%s left in float (skip predicate)", layers.path_name(path))
   reports = []
   for index, path in enumerate(todo):
     if inputs == "sequential" and index > 0:
@@ -240,15 +275,18 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
     leaf = _get(params, path)
     kernel = leaf["kernel"]
     new_kernel, err, rtn_err = _solve_layer(modules[path], kernel,
-                                            grams[path], options)
+                                            grams[path], method, options)
     jax.block_until_ready(new_kernel)
     seconds = time.perf_counter() - start
     leaf["kernel"] = new_kernel
-    name = _path_name(path)
+    name = layers.path_name(path)
     reports.append(LayerReport(path=name, shape=tuple(kernel.shape),
                                bits=bits, error=err, rtn_error=rtn_err,
                                seconds=seconds))
-    logging.info("COMQ %d/%d %s %s: error %.4g (RTN %.4g), %.2fs",
-                 index + 1, len(todo), name, tuple(kernel.shape), err,
-                 rtn_err, seconds)
-  return new_variables, reports
+    _LOG.info("%s %d/%d %s %s: error %.4g (RTN %.4g), %.2fs",
+                 method.upper(), index + 1, len(todo), name,
+                 tuple(kernel.shape), err, rtn_err, seconds)
+  return ModelQuantization(
+      variables=new_variables, layers=reports,
+      skipped=[layers.path_name(p) for p in skipped],
+      settings=dict(options, method=method, inputs=inputs))

@@ -76,19 +76,24 @@ def get_config(dataset):
   config.comq.granularity = "channel"
   config.comq.inputs = "fp"
   config.comq.skip_first_last = False
-  # Calibration: the first num_calibration_examples of a seeded shuffle of the training
-  # split with the training preprocessing (ImageNet: random-resized crop + flip, as the
-  # official code's timm train transforms), shared by every layer (the official code
-  # draws a fresh batch per layer). Must be a multiple of calibration_batch_size.
-  config.comq.calibration_batch_size = 64
 
-  # Round-to-nearest on the COMQ grid (comq_jax.round_to_nearest), no data needed;
+  # Round-to-nearest on the COMQ grid (comq_jax.round_to_nearest); the calibration data
+  # only measure each layer's error;
   # grid "pow2" gives INQ's power-of-two set without retraining.
   config.rtn = ml_collections.ConfigDict()
   config.rtn.bits = 4
   config.rtn.grid = "asymmetric"
   config.rtn.granularity = "channel"
   config.rtn.scalar = 1.0
+  config.rtn.skip_first_last = False
+
+  # Calibration images of the post-training methods (COMQ; RTN only measures its
+  # error on them): the first num_examples of a seeded shuffle of the training split
+  # with the training preprocessing (ImageNet: random-resized crop + flip, as the
+  # official code's timm train transforms), shared by every layer (the official code
+  # draws a fresh batch per layer). Must be a multiple of batch_size.
+  config.calibration = ml_collections.ConfigDict()
+  config.calibration.batch_size = 64
 
   if dataset == "imagenet":
     config.data.name = "imagenet2012"
@@ -121,7 +126,7 @@ def get_config(dataset):
     config.checkpoint_every_steps = 2000
     config.log_every_steps = 100
     # 1024 training images (the official --batchsize for ViT-S, comq.md §1.7).
-    config.comq.num_calibration_examples = 1024
+    config.calibration.num_examples = 1024
   else:
     config.data.name = "digits"
     # sklearn train_test_split(stratify=labels, random_state=0, test_size=0.25): 1347/450.
@@ -145,5 +150,5 @@ def get_config(dataset):
     config.inq.weight_decay = 5e-4
     # 256 of the 1347 training images: 16k patch rows for conv1, 4k for conv2/conv3
     # (at most 288 inputs) and 256 for fc (64 inputs), enough for a full-rank Gram.
-    config.comq.num_calibration_examples = 256
+    config.calibration.num_examples = 256
   return config

@@ -1,4 +1,8 @@
-"""Whole-file writes: a reader never sees half a file, and a crash leaves the old one."""
+"""File writes shared by the experiments.
+
+`write_atomically`: a reader never sees half a file, and a crash leaves the old one.
+`append_jsonl`: one JSON record per line at the end of a log (sweep_status.jsonl).
+"""
 
 import json
 import os
@@ -14,3 +18,9 @@ def write_atomically(path, data, mode="w"):
 
 def write_json_atomically(path, value):
   write_atomically(path, json.dumps(value, indent=2))
+
+
+def append_jsonl(path, record):
+  """Appends `record` to the JSON-lines file `path` as one line, flushed on return."""
+  with open(path, "a") as f:  # closing the file flushes the line
+    f.write(json.dumps(record) + "\n")

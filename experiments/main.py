@@ -14,95 +14,55 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections.config_flags import config_flags as config_flags_lib
+from ml_collections import config_flags
 
 import configs
 from experiments import input_pipeline
+from experiments import logs
+from experiments import report
 from experiments import train
 
 
-class ConfigNameOrFileParser(flags.ArgumentParser):
-  """Parses --config as a config name or a file, for a fixed dataset."""
+def parse_flags(argv, dataset):
+  """Parses `argv` with --config resolved by `configs.get_config(NAME_OR_PATH, dataset)`.
 
-  def __init__(self, dataset):
-    self.dataset = dataset
+  ml_collections' public config flags load either a file path or a fixed ConfigDict, not
+  a name, so a first pass reads --config alone and hands the resolved config to
+  `DEFINE_config_dict`, whose flag applies and checks the --config.FIELD=VALUE overrides.
 
-  def parse(self, argument):
-    return configs.get_config(argument, self.dataset)
+  Args:
+    argv: the command line, program name first.
+    dataset: passed to `configs.get_config`.
 
-  def flag_type(self):
-    return "config object"
-
-
-def define_flags(dataset):
-  # ml_collections has no public constructor for a config flag with a custom parser;
-  # _ConfigFlag is the class DEFINE_config_file itself uses, and gives --config.x overrides.
-  flags.DEFINE_flag(config_flags_lib._ConfigFlag(  # pylint: disable=protected-access
-      parser=ConfigNameOrFileParser(dataset),
-      serializer=flags.ArgumentSerializer(), name="config", default="inq_5bit",
-      help_string=f"Config name in configs/ ({', '.join(configs.available())}) or path "
-                  "to a config file; override fields with --config.FIELD=VALUE."))
-  flags.DEFINE_string("workdir", None,
-                      "Run directory (checkpoints, metrics, results); default "
-                      f"./workdirs/{dataset}_<config name>.")
-
-
-METHOD_NAMES = {"fp": "full precision", "inq": "INQ", "comq": "COMQ",
-                "rtn": "round-to-nearest"}
-
-
-def format_results(results):
-  """A plain-text table of a results dict: accuracies and sizes for every method, the INQ
-  portions, and COMQ's per-layer errors against round-to-nearest on the same grid."""
-  bits = results["bits"]
-  method = METHOD_NAMES[results["method"]]
-  rows = [("Full-precision test accuracy", f"{results['fp_accuracy']:.4f}")]
-  for entry in results["portion_accuracies"]:
-    rows.append((f"  after INQ portion {entry['portion']:g}", f"{entry['accuracy']:.4f}"))
-  if results["method"] != "fp":
-    rows.append((f"Final {bits}-bit {method} test accuracy",
-                 f"{results['final_accuracy']:.4f} "
-                 f"({100 * (results['final_accuracy'] - results['fp_accuracy']):+.2f} points)"))
-  if results["packed_accuracy"] is not None:
-    rows.append(("  through the packed shift kernel", f"{results['packed_accuracy']:.4f}"))
-  if results["codebook_fraction"] is not None:
-    rows.append(("Weights in the power-of-two codebook",
-                 f"{100 * results['codebook_fraction']:.2f}%"))
-  rows.append(("Model size FP32", f"{results['fp32_bytes']:,} bytes"))
-  if results["method"] != "fp":
-    rows.append((f"Model size packed ({bits}-bit kernels)",
-                 f"{results['packed_bytes']:,} bytes "
-                 f"({results['fp32_bytes'] / results['packed_bytes']:.2f}x smaller)"))
-    rows.append(("  information-theoretic (uniform codes)",
-                 f"{results['codebook_bytes']:,.0f} bytes"))
-    if results["entropy_bytes"] is not None:
-      rows.append(("  empirical code entropy", f"{results['entropy_bytes']:,.0f} bytes"))
-  width = max(len(name) for name, _ in rows)
-  title = f"{results['config_name']} on {results['dataset']} ({results['model']})"
-  lines = [title, "-" * len(title)] + [f"{name:<{width}}  {value}" for name, value in rows]
-  if results["layers"]:
-    lines += ["", f"Per-layer error ||XW - XQ||_F on the calibration set ({bits}-bit):"]
-    header = ("layer", "shape", "COMQ", "RTN", "COMQ/RTN", "seconds")
-    table = [header] + [
-        (layer["path"], "x".join(map(str, layer["shape"])), f"{layer['comq_error']:.4g}",
-         f"{layer['rtn_error']:.4g}",
-         f"{layer['comq_error'] / layer['rtn_error']:.3f}" if layer["rtn_error"] else "-",
-         f"{layer['seconds']:.2f}") for layer in results["layers"]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(row, widths))) for row in table]
-  return "\n".join(lines)
+  Returns:
+    The arguments left after the flags, argv[0] first, for `main`.
+  """
+  help_string = (f"Config name in configs/ ({', '.join(configs.available())}) or path to "
+                 "a config file; override fields with --config.FIELD=VALUE.")
+  name_flags = flags.FlagValues()
+  name_flags.set_gnu_getopt(True)  # look past positional values ("--workdir DIR")
+  flags.DEFINE_string("config", "inq_5bit", help_string, flag_values=name_flags)
+  try:
+    argv = name_flags(argv, known_only=True)  # every argument but --config
+    config = configs.get_config(name_flags.config, dataset)
+  except (flags.Error, ValueError, FileNotFoundError) as error:
+    sys.exit(f"FATAL Flags parsing error: {error}")  # as absl reports its flag errors
+  # The overrides are looked for in sys_argv; in sys.argv, the flag would find
+  # --config=NAME and parse NAME as its ConfigDict.
+  config_flags.DEFINE_config_dict("config", config, help_string, sys_argv=argv)
+  return app.parse_flags_with_usage(argv)
 
 
 def run(dataset):
   """Defines the flags and runs `train_and_evaluate` for `dataset`."""
-  define_flags(dataset)
+  flags.DEFINE_string("workdir", None,
+                      "Run directory (checkpoints, metrics, results); default "
+                      f"./workdirs/{dataset}_<config name>.")
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    # Orbax logs every checkpoint write at INFO; keep the log to our progress lines.
-    logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+    logs.hide_orbax_logs()
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or os.path.join("workdirs", f"{dataset}_{config.name}")
     logging.info("JAX devices: %s; workdir %s", jax.local_devices(), workdir)
@@ -111,7 +71,7 @@ def run(dataset):
     except input_pipeline.ImageNetNotPreparedError as error:
       sys.exit(f"Error: {error}")  # the message says what to do; a traceback would not
     if results is not None:
-      print(format_results(results))
+      print(report.format_results(results))
       print(f"Results written to {os.path.join(workdir, 'results.json')}")
 
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: parse_flags(argv, dataset))

@@ -12,10 +12,11 @@ Finds every results.json under DIR (recursively; each next to the config.json th
 Runs are grouped by config name, method, bits and the config fields that vary between
 runs of the same config (the sweep's axes; `seed` and `stop_after_steps` excepted), so
 the seeds of one setting form one row.
+
+`format_results` is the plain-text table of one run that the entry points print.
 """
 
 import collections
-import csv
 import io
 import json
 import os
@@ -23,19 +24,65 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
-import matplotlib
+# Figure objects render without pyplot, so importing this module selects no backend.
+from matplotlib import figure as mpl_figure
 import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # pylint: disable=wrong-import-position
-
-from experiments import files  # pylint: disable=wrong-import-position
+from experiments import files
+from experiments import methods
 
 REPORT_DIR = "report"
 # Fields that differ between runs of one setting: averaged over, never a group key.
 IGNORED_FIELDS = ("seed", "stop_after_steps")
-METHOD_ORDER = ("fp", "inq", "comq", "rtn")
-METHOD_LABELS = {"fp": "FP", "inq": "INQ", "comq": "COMQ", "rtn": "RTN"}
+
+
+def method_label(method):
+  """The registry's display label of `method` ("comq" -> "COMQ"); else the name itself."""
+  return methods.REGISTRY[method].label if method in methods.REGISTRY else method
+
+
+def format_results(results):
+  """Formats the results dict of one run as a plain-text table.
+
+  Accuracies and sizes for every method, the INQ portions, and the per-layer errors of
+  post-training methods against round-to-nearest on the same grid.
+  """
+  bits = results["bits"]
+  rows = {"Full-precision test accuracy": f"{results['fp_accuracy']:.4f}"}
+  for entry in results["portion_accuracies"]:
+    rows[f"  after INQ portion {entry['portion']:g}"] = f"{entry['accuracy']:.4f}"
+  if results["method"] != "fp":
+    rows[f"Final {bits}-bit {method_label(results['method'])} test accuracy"] = (
+        f"{results['final_accuracy']:.4f} "
+        f"({100 * (results['final_accuracy'] - results['fp_accuracy']):+.2f} points)")
+  if results["packed_accuracy"] is not None:
+    rows["  through the packed shift kernel"] = f"{results['packed_accuracy']:.4f}"
+  if results["codebook_fraction"] is not None:
+    rows["Weights in the power-of-two codebook"] = (
+        f"{100 * results['codebook_fraction']:.2f}%")
+  rows["Model size FP32"] = f"{results['fp32_bytes']:,} bytes"
+  if results["method"] != "fp":
+    rows[f"Model size packed ({bits}-bit kernels)"] = (
+        f"{results['packed_bytes']:,} bytes "
+        f"({results['fp32_bytes'] / results['packed_bytes']:.2f}x smaller)")
+    rows["  information-theoretic (uniform codes)"] = (
+        f"{results['codebook_bytes']:,.0f} bytes")
+    if results["entropy_bytes"] is not None:
+      rows["  empirical code entropy"] = f"{results['entropy_bytes']:,.0f} bytes"
+  title = f"{results['config_name']} on {results['dataset']} ({results['model']})"
+  lines = [title, "-" * len(title), pd.Series(rows).to_string()]
+  if results["layers"]:
+    label = method_label(results["method"])
+    layers = pd.DataFrame([{
+        "layer": layer["path"], "shape": "x".join(map(str, layer["shape"])),
+        label: f"{layer['error']:.4g}", "RTN": f"{layer['rtn_error']:.4g}",
+        f"{label}/RTN": (f"{layer['error'] / layer['rtn_error']:.3f}"
+                         if layer["rtn_error"] else "-"),
+        "seconds": f"{layer['seconds']:.2f}"} for layer in results["layers"]])
+    lines += ["", f"Per-layer error ||XW - XQ||_F on the calibration set ({bits}-bit):",
+              layers.to_string(index=False)]
+  return "\n".join(lines)
 
 
 class Run(collections.namedtuple("Run", "path results config")):
@@ -90,8 +137,8 @@ def varied_fields(runs):
 
 
 def sort_key(group):
-  method_index = (METHOD_ORDER.index(group.method) if group.method in METHOD_ORDER
-                  else len(METHOD_ORDER))
+  order = list(methods.REGISTRY)
+  method_index = order.index(group.method) if group.method in order else len(order)
   return (group.config_name, method_index, group.method, -group.bits, str(group.setting))
 
 
@@ -161,7 +208,7 @@ def markdown_tables(groups):
       stats = group_stats(group)
       count = len(group.runs)
       seeds = ",".join(str(run.results["seed"]) for run in group.runs)
-      cells = ([METHOD_LABELS.get(group.method, group.method), str(group.bits)] +
+      cells = ([method_label(group.method), str(group.bits)] +
                [format_value(value) for _, value in group.setting] +
                [seeds, format_mean_std(*stats["fp"], count),
                 format_mean_std(*stats["final"], count),
@@ -205,17 +252,13 @@ def run_rows(groups):
 
 
 def write_csv(path, rows):
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-  writer.writeheader()
-  writer.writerows(rows)
-  files.write_atomically(path, buffer.getvalue())
+  csv_text = pd.DataFrame(rows).to_csv(index=False, lineterminator="\n")
+  files.write_atomically(path, csv_text)
 
 
 def save_figure(figure, path):
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-  plt.close(figure)
   files.write_atomically(path, buffer.getvalue(), mode="wb")
 
 
@@ -254,16 +297,16 @@ def plot_accuracy_vs_bits(groups, path):
   fp_mean, fp_std = mean_std([100 * run.results["fp_accuracy"]
                               for group in groups for run in group.runs])
   families = sorted({grid_family(group) for group in quantized})
-  figure, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.8),
-                              squeeze=False, sharey=True)
-  for axis, family in zip(axes[0], families):
+  figure = mpl_figure.Figure(figsize=(6.5 * len(families), 4.8))
+  axes = figure.subplots(1, len(families), squeeze=False, sharey=True)
+  for axis, family in zip(axes[0], families, strict=True):
     lines = collections.defaultdict(list)
     for config_name in dict.fromkeys(group.config_name for group in quantized):
       config_groups = [group for group in quantized if group.config_name == config_name]
       fields = line_fields(config_groups)
       for group in config_groups:
         if grid_family(group) == family:
-          label = " ".join(filter(None, [METHOD_LABELS.get(group.method, group.method),
+          label = " ".join(filter(None, [method_label(group.method),
                                          setting_label(group, fields)]))
           lines[label].append(group)
     for index, (label, line) in enumerate(sorted(lines.items())):
@@ -294,9 +337,9 @@ def plot_inq_portions(groups, path):
   if not inq_groups:
     return False
   config_names = list(dict.fromkeys(group.config_name for group in inq_groups))
-  figure, axes = plt.subplots(1, len(config_names), figsize=(6.5 * len(config_names), 4.8),
-                              squeeze=False)
-  for axis, config_name in zip(axes[0], config_names):
+  figure = mpl_figure.Figure(figsize=(6.5 * len(config_names), 4.8))
+  axes = figure.subplots(1, len(config_names), squeeze=False)
+  for axis, config_name in zip(axes[0], config_names, strict=True):
     config_groups = [group for group in inq_groups if group.config_name == config_name]
     fields = line_fields(config_groups)
     for group in config_groups:

@@ -22,7 +22,6 @@ its directory, every outcome is appended to `DIR/sweep_status.jsonl`, and the co
 exits with status 1 after a summary of all points.
 """
 
-import json
 import os
 import re
 import time
@@ -31,9 +30,11 @@ import traceback
 from absl import app
 from absl import flags
 from absl import logging
+import pandas as pd
 
 import configs
 from experiments import files
+from experiments import logs
 from experiments import train
 
 RESULTS_FILE = "results.json"
@@ -63,7 +64,7 @@ def point_name(overrides):
     return "default"
   last = [key.split(".")[-1] for key in overrides]
   parts = []
-  for key, short in zip(overrides, last):
+  for key, short in zip(overrides, last, strict=True):
     label = short if last.count(short) == 1 else key
     parts.append(f"{label}={format_value(overrides[key])}")
   return ",".join(parts)
@@ -92,11 +93,6 @@ def sweep_configs(config_name, dataset, reduced):
   base_config = configs.get_config(config_name, dataset)
   return [(name, configs.apply_overrides(base_config, overrides))
           for name, overrides in collect_points(module, reduced)]
-
-
-def append_status(workdir, record):
-  with open(os.path.join(workdir, STATUS_FILE), "a") as f:
-    f.write(json.dumps(record) + "\n")
 
 
 def run_point(name, config, point_dir, train_fn):
@@ -149,25 +145,24 @@ def run_sweep(config_name, workdir, dataset, reduced, train_fn=train.train_and_e
       record = run_point(name, config, point_dir, train_fn)
       logging.info("[%d/%d] %s: %s in %.1f s", index + 1, len(points), name,
                    record["status"], record["seconds"])
-    append_status(workdir, dict(record, time=time.time()))
+    files.append_jsonl(os.path.join(workdir, STATUS_FILE), dict(record, time=time.time()))
     records.append(record)
   return records
 
 
 def format_summary(records):
-  """A plain-text table with one line per point."""
-  width = max(len(record["point"]) for record in records)
-  lines = []
-  for record in records:
-    detail = record.get("error", "")
-    if "final_accuracy" in record:
-      detail = f"final accuracy {record['final_accuracy']:.4f}"
-    lines.append(f"{record['point']:<{width}}  {record['status']:<7}  "
-                 f"{record['seconds']:7.1f} s  {detail}")
+  """A plain-text table with one line per point, then the count of each status."""
+  table = pd.DataFrame({
+      "point": [record["point"] for record in records],
+      "status": [record["status"] for record in records],
+      "seconds": [f"{record['seconds']:.1f} s" for record in records],
+      "detail": [f"final accuracy {record['final_accuracy']:.4f}"
+                 if "final_accuracy" in record else record.get("error", "")
+                 for record in records]})
   counts = {status: sum(r["status"] == status for r in records)
             for status in ("done", "skipped", "stopped", "failed")}
-  lines.append(", ".join(f"{count} {status}" for status, count in counts.items()))
-  return "\n".join(lines)
+  return "\n".join([table.to_string(index=False, header=False, justify="left"),
+                    ", ".join(f"{count} {status}" for status, count in counts.items())])
 
 
 def define_flags():
@@ -185,8 +180,7 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Orbax logs every checkpoint write at INFO; keep the log to our progress lines.
-  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  logs.hide_orbax_logs()
   start = time.time()
   records = run_sweep(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.dataset,
                       flags.FLAGS.reduced)

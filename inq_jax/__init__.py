@@ -1,16 +1,22 @@
-"""inq_jax: Incremental Network Quantization (Zhou et al., ICLR 2017) in JAX."""
+"""inq_jax: Incremental Network Quantization (Zhou et al., ICLR 2017) in JAX.
 
+Packed storage, the Pallas shift-matmul kernel and packed inference live in
+:mod:`inq_jax.deploy`, imported on first use.
+"""
+
+from inq_jax import deploy
 from inq_jax.incremental import INQ
 from inq_jax.incremental import INQState
 from inq_jax.incremental import codebook_fraction
 from inq_jax.incremental import inq
-from inq_jax.optim import MaskFrozenUpdatesState
+from inq_jax.layers import Predicate
+from inq_jax.layers import default_quantizable
+from inq_jax.layers import layer_paths
+from inq_jax.layers import quantizable_mask
 from inq_jax.optim import inq_optimizer
 from inq_jax.optim import mask_frozen_updates
 from inq_jax.partitioning import STRATEGIES
-from inq_jax.partitioning import default_quantizable
 from inq_jax.partitioning import partition
-from inq_jax.partitioning import quantizable_mask
 from inq_jax.pow2 import MAX_BITS
 from inq_jax.pow2 import MIN_BITS
 from inq_jax.pow2 import ZERO_LAYER_N1
@@ -22,17 +28,30 @@ from inq_jax.pow2 import pow2_quantize
 from inq_jax.schedules import SCHEDULES
 from inq_jax.schedules import get_schedule
 from inq_jax.schedules import validate_schedule
-from inq_jax.packed_inference import evaluate_packed
-from inq_jax.packed_inference import pack_variables
-from inq_jax.packed_inference import packed_apply
-from inq_jax.packing import PackedPow2
-from inq_jax.packing import SizeReport
-from inq_jax.packing import pack
-from inq_jax.packing import pack_params
-from inq_jax.packing import size_report
-from inq_jax.packing import unpack
-from inq_jax.packing import unpack_params
-from inq_jax.shift_kernel import IntResult
-from inq_jax.shift_kernel import shift_matmul
-from inq_jax.shift_kernel import shift_matmul_reference
-from inq_jax.shift_kernel import to_float
+
+__all__ = [
+    "INQ",
+    "INQState",
+    "MAX_BITS",
+    "MIN_BITS",
+    "Predicate",
+    "SCHEDULES",
+    "STRATEGIES",
+    "ZERO_LAYER_N1",
+    "codebook_fraction",
+    "default_quantizable",
+    "deploy",
+    "get_schedule",
+    "in_codebook",
+    "inq",
+    "inq_optimizer",
+    "layer_paths",
+    "mask_frozen_updates",
+    "partition",
+    "pow2_decode",
+    "pow2_encode",
+    "pow2_exponents",
+    "pow2_quantize",
+    "quantizable_mask",
+    "validate_schedule",
+]

@@ -1,47 +1,20 @@
-"""Which leaves INQ quantizes, and how each layer's weights are partitioned.
+"""How INQ partitions each layer's weights into a frozen and a free group.
 
 Reference: Zhou et al., ICLR 2017, Sec. 2.2 (weight partition).
 """
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inq_jax import layers
 from inq_jax import validation
 
 PyTree = Any
-Predicate = Callable[[Any, Any], bool]
 
 STRATEGIES = ("magnitude", "random")
-
-
-def default_quantizable(path, leaf) -> bool:
-  """True for Conv and Dense kernels (a leaf named ``kernel``, ndim >= 2).
-
-  Biases, normalisation scales and offsets and batch statistics are left in
-  float. The first and last layers are included, as in the paper.
-  """
-  last = path[-1] if path else None
-  return getattr(last, "key", None) == "kernel" and jnp.ndim(leaf) >= 2
-
-
-def quantizable_mask(params: PyTree,
-                     predicate: Optional[Predicate] = None) -> PyTree:
-  """A pytree of Python bools parallel to ``params``: which leaves INQ owns.
-
-  Args:
-    params: a parameter pytree (arrays or shape-dtype structs).
-    predicate: ``(key_path, leaf) -> bool``; defaults to
-      :func:`default_quantizable`.
-
-  Returns:
-    Static bools, usable as an ``optax.masked`` mask.
-  """
-  predicate = predicate or default_quantizable
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: bool(predicate(path, leaf)), params)
 
 
 def frozen_counts(params: PyTree, portion) -> PyTree:
@@ -98,7 +71,7 @@ def partition_priority(weights: jax.Array, strategy: str,
 
 def partition(params: PyTree, frozen: PyTree, portion, *,
               strategy: str = "magnitude", key: Optional[jax.Array] = None,
-              quantizable: Optional[Predicate] = None) -> PyTree:
+              quantizable: Optional[layers.Predicate] = None) -> PyTree:
   """The frozen mask after the accumulated ``portion`` is reached.
 
   Per quantizable layer exactly ``round(portion * size)`` elements end up
@@ -112,7 +85,7 @@ def partition(params: PyTree, frozen: PyTree, portion, *,
     strategy: ``"magnitude"`` or ``"random"``.
     key: PRNG key, required for ``"random"``.
     quantizable: ``(path, leaf) -> bool`` predicate; defaults to
-      :func:`default_quantizable`.
+      :func:`inq_jax.layers.default_quantizable`.
 
   Returns:
     The new frozen mask pytree.
@@ -124,7 +97,7 @@ def partition(params: PyTree, frozen: PyTree, portion, *,
   validation.check_portion(portion)
   validation.check_same_structure(params, frozen, "params", "frozen mask")
   return extend_masks(params, frozen, frozen_counts(params, portion),
-                      quantizable_mask(params, quantizable), strategy, key)
+                      layers.quantizable_mask(params, quantizable), strategy, key)
 
 
 def extend_masks(params: PyTree, frozen: PyTree, counts: PyTree,
@@ -141,7 +114,7 @@ def extend_masks(params: PyTree, frozen: PyTree, counts: PyTree,
       partition_leaf(w, f, n, partition_priority(w, strategy, k))
       if sel else f
       for w, f, n, sel, k in zip(leaves, frozen_leaves, count_leaves,
-                                 selected_leaves, keys)
+                                 selected_leaves, keys, strict=True)
   ]
   return jax.tree.unflatten(treedef, new_frozen)
 

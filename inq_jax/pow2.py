@@ -151,7 +151,7 @@ def in_codebook(w, bits: int, n1) -> jax.Array:
 def pow2_encode(q, bits: int, n1) -> jax.Array:
   """Encodes values of ``P`` as ``bits``-bit unsigned integer codes.
 
-  The code format, read by :mod:`inq_jax.packing` and the shift-matmul
+  The code format, read by :mod:`inq_jax.deploy.packing` and the shift-matmul
   kernel::
 
     0                                  -> 0

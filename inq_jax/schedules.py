@@ -38,7 +38,7 @@ def validate_schedule(portions: Sequence[float]) -> Tuple[float, ...]:
     raise ValueError("A schedule needs at least one portion; it must end at 1.")
   if not all(np.isfinite(values)) or values[0] <= 0.0 or values[-1] > 1.0:
     raise ValueError(f"Schedule portions must lie in (0, 1], got {values}.")
-  if any(b <= a for a, b in zip(values, values[1:])):
+  if any(b <= a for a, b in zip(values, values[1:], strict=False)):
     raise ValueError(f"Schedule portions must be strictly increasing, "
                      f"got {values}.")
   if values[-1] != 1.0:

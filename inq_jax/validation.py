@@ -51,7 +51,7 @@ def check_same_structure(reference, other, reference_name: str,
     raise ValueError(
         f"{other_name} does not match the structure of {reference_name}: "
         f"expected {ref_def}, got {other_def}.")
-  for (path, ref_leaf), (_, other_leaf) in zip(ref_leaves, other_leaves):
+  for (path, ref_leaf), (_, other_leaf) in zip(ref_leaves, other_leaves, strict=True):
     if jnp.shape(ref_leaf) != jnp.shape(other_leaf):
       raise ValueError(
           f"{other_name} leaf {path_name(path)} has shape "

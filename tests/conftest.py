@@ -7,3 +7,5 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Four fake CPU devices, so data-parallel code runs sharded in tests.
 jax.config.update("jax_num_cpu_devices", 4)
+# The suite's shapes are small: compilation, not execution, dominates its time.
+jax.config.update("jax_disable_most_optimizations", True)

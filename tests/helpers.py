@@ -6,19 +6,29 @@ import pathlib
 
 import jax
 import orbax.checkpoint as ocp
-import pytest
 
-REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / (
-    "reference")
+# Golden data travel with the repository (provenance in data/README.md).
+REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "data"
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def reference_file(name: str) -> pathlib.Path:
-  """Path of a shared reference file, skipping the test when it is absent."""
+  """Path of a golden reference file in ``tests/data``.
+
+  Args:
+    name: file name, e.g. ``"inq_pow2_cases.npz"``.
+
+  Returns:
+    The file's path.
+
+  Raises:
+    FileNotFoundError: the file is missing. Golden tests must fail, never
+      skip, without their data.
+  """
   path = REFERENCE_DIR / name
-  if not path.exists():
-    pytest.skip(f"reference data {path} is not available")
+  if not path.is_file():
+    raise FileNotFoundError(f"golden reference data {path} is missing")
   return path
 
 

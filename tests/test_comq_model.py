@@ -1,14 +1,16 @@
 """Tests of COMQ over Flax models (comq_jax.model)."""
 
+import logging
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
-jax.config.update("jax_disable_most_optimizations", True)
-
-from comq_jax import model as model_lib
+import comq_jax
+import inq_jax
 from inq_jax import im2col
 
 
@@ -76,10 +78,14 @@ def test_mlp_quantize_model_fp_and_sequential():
   batches = _batches((32, 12))
   variables = model.init(jax.random.key(1), batches[0])
   for inputs in ("fp", "sequential"):
-    new, reports = model_lib.quantize_model(
+    result = comq_jax.quantize_model(
         model, variables, batches, bits=3, inputs=inputs, train=False)
-    assert [r.path for r in reports] == ["Dense_0", "Dense_1"]
-    for r in reports:
+    new = result.variables
+    assert [r.path for r in result.layers] == ["Dense_0", "Dense_1"]
+    assert result.skipped == []
+    assert result.settings["inputs"] == inputs
+    for r in result.layers:
+      assert r.bits == 3
       assert r.error <= r.rtn_error * (1 + 1e-6)
       leaf = new["params"][r.path]
       assert np.unique(np.asarray(leaf["kernel"][:, 0])).size <= 8
@@ -93,30 +99,81 @@ def test_fp_report_matches_quantize_layer():
   model = _MLP()
   batches = _batches((32, 12))
   variables = model.init(jax.random.key(1), batches[0])
-  from comq_jax import layer
-  new, reports = model_lib.quantize_model(model, variables, batches, bits=4,
-                                          skip=lambda p, k: p == "Dense_1")
-  assert [r.path for r in reports] == ["Dense_0"]
+  result = comq_jax.quantize_model(model, variables, batches, bits=4,
+                                   skip=lambda p, k: p == "Dense_1")
+  new = result.variables
+  assert [r.path for r in result.layers] == ["Dense_0"]
+  assert result.skipped == ["Dense_1"]
   x = jnp.concatenate(batches)
-  direct = layer.quantize_layer(variables["params"]["Dense_0"]["kernel"], x,
-                                bits=4)
+  direct = comq_jax.quantize_layer(variables["params"]["Dense_0"]["kernel"], x,
+                                   bits=4)
   np.testing.assert_allclose(new["params"]["Dense_0"]["kernel"],
                              direct.weights, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(new["params"]["Dense_1"]["kernel"],
                                 variables["params"]["Dense_1"]["kernel"])
+  # The mask marks exactly the quantized kernels, not the skipped one.
+  assert result.quantized_mask() == {
+      "Dense_0": {"kernel": True, "bias": False},
+      "Dense_1": {"kernel": False, "bias": False}}
+
+
+def test_rtn_method_rounds_each_kernel_on_the_same_grid():
+  model = _MLP()
+  batches = _batches((32, 12))
+  variables = model.init(jax.random.key(1), batches[0])
+  result = comq_jax.quantize_model(model, variables, batches, bits=4,
+                                   method="rtn")
+  assert result.settings["method"] == "rtn"
+  for r in result.layers:
+    kernel = variables["params"][r.path]["kernel"]
+    np.testing.assert_array_equal(
+        result.variables["params"][r.path]["kernel"],
+        comq_jax.round_to_nearest(kernel, bits=4).weights)
+    assert r.error == r.rtn_error
+
+
+def test_size_report_counts_codes_and_grid_parameters():
+  model = _MLP()
+  batches = _batches((16, 12), n=1)
+  variables = model.init(jax.random.key(1), batches[0])
+  report = comq_jax.quantize_model(model, variables, batches,
+                                   bits=4).size_report()
+  kernels, biases = 12 * 16 + 16 * 5, 16 + 5
+  assert report.fp32_bytes == 4 * (kernels + biases)
+  # 4-bit codes, a float32 scale and zero point per output channel (asymmetric
+  # grid), f32 biases.
+  packed = (math.ceil(4 * 12 * 16 / 8) + 8 * 16 + math.ceil(4 * 16 * 5 / 8)
+            + 8 * 5 + 4 * biases)
+  assert report.packed_bytes == packed
+  assert report.codebook_bytes == pytest.approx(packed)  # log2(16) = 4 bits
+  assert report.entropy_bytes is None
+  assert report.quantized_fraction == pytest.approx(kernels / (kernels + biases))
+
+
+def test_layers_are_logged(caplog):
+  model = _MLP()
+  batches = _batches((8, 12), n=1)
+  variables = model.init(jax.random.key(1), batches[0])
+  with caplog.at_level(logging.INFO, logger="comq_jax"):
+    comq_jax.quantize_model(model, variables, batches, bits=4,
+                            skip=lambda p, k: p == "Dense_0")
+  text = caplog.text
+  assert "Dense_0 left in float" in text
+  assert "Dense_1" in text and "error" in text
 
 
 def test_cnn_with_batchnorm_grouped_and_depthwise():
   model = _CNN()
   batches = _batches((4, 12, 12, 3))
   variables = model.init(jax.random.key(2), batches[0])
-  new, reports = model_lib.quantize_model(
+  result = comq_jax.quantize_model(
       model, variables, batches, bits=4, iters=2, inputs="sequential",
       train=False)
-  assert len(reports) == 4
-  assert model_lib.layer_paths(model, variables, batches[0], train=False) == [
-      r.path for r in reports]
-  for r in reports:
+  new = result.variables
+  assert len(result.layers) == 4
+  assert inq_jax.layer_paths(model, variables, batches[0], train=False) == [
+      r.path for r in result.layers]
+  for r in result.layers:
     assert r.error <= r.rtn_error * (1 + 1e-6)
     kernel = new["params"][r.path]["kernel"]
     assert kernel.shape == r.shape
@@ -125,13 +182,27 @@ def test_cnn_with_batchnorm_grouped_and_depthwise():
   assert bool(jnp.all(jnp.isfinite(out)))
 
 
+class _NoLinear(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.LayerNorm()(x)
+
+
 def test_bad_arguments_raise():
   model = _MLP()
   batches = _batches((8, 12), n=1)
   variables = model.init(jax.random.key(1), batches[0])
   with pytest.raises(ValueError, match="inputs"):
-    model_lib.quantize_model(model, variables, batches, bits=4, inputs="q")
+    comq_jax.quantize_model(model, variables, batches, bits=4, inputs="q")
   with pytest.raises(ValueError, match="empty"):
-    model_lib.quantize_model(model, variables, [], bits=4)
+    comq_jax.quantize_model(model, variables, [], bits=4)
   with pytest.raises(ValueError, match="bits"):
-    model_lib.quantize_model(model, variables, batches, bits=12)
+    comq_jax.quantize_model(model, variables, batches, bits=12)
+  with pytest.raises(ValueError, match="method"):
+    comq_jax.quantize_model(model, variables, batches, bits=4, method="gptq")
+  no_linear = _NoLinear()
+  with pytest.raises(ValueError, match="no nn.Dense or nn.Conv"):
+    comq_jax.quantize_model(no_linear,
+                            no_linear.init(jax.random.key(0), batches[0]),
+                            batches, bits=4)

@@ -8,6 +8,7 @@ import pytest
 
 import configs
 from experiments import input_pipeline
+from experiments import methods
 from experiments import train
 import inq_jax
 
@@ -20,7 +21,7 @@ def test_every_config_loads(name, dataset):
   config = configs.get_config(name, dataset)
   assert config.name == name
   assert config.dataset == dataset
-  assert config.method in train.METHODS
+  methods.get(config.method).check(config)
   inq_jax.validate_schedule(config.inq.schedule)
 
 
@@ -40,8 +41,8 @@ def test_comq_configs_follow_the_official_recipe(bits):
   assert not config.comq.skip_first_last
   # README 2-bit recipe: --scalar 0.65; 1.0 otherwise.
   assert config.comq.scalar == (0.65 if bits == 2 else 1.0)
-  assert config.comq.num_calibration_examples == 1024
-  assert configs.get_config(f"comq_{bits}bit", "digits").comq.num_calibration_examples == 256
+  assert config.calibration.num_examples == 1024
+  assert configs.get_config(f"comq_{bits}bit", "digits").calibration.num_examples == 256
   rtn = configs.get_config(f"rtn_{bits}bit", "imagenet")
   assert (rtn.method, rtn.rtn.bits, rtn.rtn.grid, rtn.rtn.granularity) == (
       "rtn", bits, "asymmetric", "channel")

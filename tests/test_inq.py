@@ -8,9 +8,6 @@ import pytest
 import inq_jax
 from tests import helpers
 
-# Many small programs: compile time dominates run time here.
-jax.config.update("jax_disable_most_optimizations", True)
-
 
 def make_params(seed=0):
   keys = jax.random.split(jax.random.key(seed), 3)
@@ -32,7 +29,7 @@ def test_frozen_count_is_exact_per_layer(portion):
   params = make_params()
   quantizer = inq_jax.inq(4)
   _, state = quantizer.step(params, quantizer.init(params), portion)
-  for mask, weights in zip(kernels(state.frozen), kernels(params)):
+  for mask, weights in zip(kernels(state.frozen), kernels(params), strict=True):
     assert int(mask.sum()) == round(portion * weights.size)
   assert not bool(state.frozen["conv"]["bias"].any())
   assert not bool(state.frozen["norm"]["scale"].any())
@@ -45,7 +42,7 @@ def test_magnitude_freezes_largest_free_weights_first():
   params1, state1 = quantizer.step(params, state, 0.5)
   params2, state2 = quantizer.step(params1, state1, 0.75)
   for before, new, old in zip(kernels(params1), kernels(state2.frozen),
-                              kernels(state1.frozen)):
+                              kernels(state1.frozen), strict=True):
     newly = np.asarray(new & ~old)
     still_free = np.asarray(~new)
     magnitudes = np.abs(np.asarray(before))
@@ -63,13 +60,15 @@ def test_masks_only_grow_and_frozen_values_never_change():
   new_params, new_state = quantizer.step(moved, state, 0.6)
   for old, new, old_w, new_w in zip(kernels(state.frozen),
                                     kernels(new_state.frozen),
-                                    kernels(params), kernels(new_params)):
+                                    kernels(params), kernels(new_params),
+                                    strict=True):
     assert bool(jnp.all(new | ~old))
     np.testing.assert_array_equal(np.asarray(new_w)[np.asarray(old)],
                                   np.asarray(old_w)[np.asarray(old)])
   # A smaller portion freezes nothing new and unfreezes nothing.
   _, same_state = quantizer.step(new_params, new_state, 0.3)
-  for a, b in zip(kernels(new_state.frozen), kernels(same_state.frozen)):
+  for a, b in zip(kernels(new_state.frozen), kernels(same_state.frozen),
+                  strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -78,7 +77,7 @@ def test_step_leaves_free_weights_and_other_leaves_untouched():
   quantizer = inq_jax.inq(4)
   new_params, state = quantizer.step(params, quantizer.init(params), 0.5)
   for old, new, mask in zip(kernels(params), kernels(new_params),
-                            kernels(state.frozen)):
+                            kernels(state.frozen), strict=True):
     free = ~np.asarray(mask)
     np.testing.assert_array_equal(np.asarray(new)[free],
                                   np.asarray(old)[free])
@@ -123,6 +122,9 @@ def test_custom_quantizable_predicate_skips_layers():
                                 params["dense"]["kernel"])
   assert not bool(state.frozen["dense"]["kernel"].any())
   assert bool(state.frozen["conv"]["kernel"].all())
+  # The state's predicate, not the default, decides what is counted: the
+  # float dense kernel would bring the default's fraction below 1.
+  assert inq_jax.codebook_fraction(new_params, state) == 1.0
 
 
 def test_all_zero_layer_stays_zero_through_inq():
@@ -135,7 +137,7 @@ def test_all_zero_layer_stays_zero_through_inq():
   grown["dense"]["kernel"] = jnp.full((7, 3), 0.2)
   out, state = quantizer.step(grown, state, 1.0)
   np.testing.assert_array_equal(out["dense"]["kernel"], jnp.zeros((7, 3)))
-  assert inq_jax.codebook_fraction(out, state, 4) == 1.0
+  assert inq_jax.codebook_fraction(out, state) == 1.0
 
 
 @pytest.mark.parametrize("portion", [0.0, -0.1, 1.5, float("nan")])
@@ -165,11 +167,27 @@ def test_mismatched_mask_structure_raises():
   missing = dict(state.frozen)
   del missing["norm"]
   with pytest.raises(ValueError, match="structure"):
-    quantizer.step(params, state._replace(frozen=missing), 0.5)
+    quantizer.step(params, state.replace(frozen=missing), 0.5)
   wrong_shape = jax.tree.map(lambda x: x, state.frozen)
   wrong_shape["dense"]["kernel"] = jnp.zeros((3, 7), bool)
   with pytest.raises(ValueError, match="dense/kernel.*shape"):
     inq_jax.partition(params, wrong_shape, 0.5)
+
+
+def test_state_carries_the_settings_and_rejects_another_quantizer():
+  params = make_params()
+  only_conv = lambda path, leaf: inq_jax.default_quantizable(path, leaf) and (
+      path[0].key == "conv")
+  state = inq_jax.inq(4, quantizable=only_conv).init(params)
+  assert (state.bits, state.quantizable) == (4, only_conv)
+  # Static fields: they are no leaves and survive jit.
+  assert len(jax.tree.leaves(state)) == 2 * len(jax.tree.leaves(params))
+  through_jit = jax.jit(lambda s: s)(state)
+  assert (through_jit.bits, through_jit.quantizable) == (4, only_conv)
+  with pytest.raises(ValueError, match="bits=4"):
+    inq_jax.inq(5, quantizable=only_conv).step(params, state, 0.5)
+  with pytest.raises(ValueError, match="quantizable"):
+    inq_jax.inq(4).step(params, state, 0.5)
 
 
 def test_bad_strategy_raises():
@@ -188,8 +206,9 @@ def test_named_schedule_ends_fully_quantized_and_spares_other_leaves(bits):
   out = variables
   for portion in inq_jax.get_schedule(bits):
     out, state = quantizer.step(out, state, portion)
-  assert inq_jax.codebook_fraction(out, state, bits) == 1.0
-  for w, n1 in zip(kernels(out["params"]), kernels(state.n1["params"])):
+  assert inq_jax.codebook_fraction(out, state) == 1.0
+  for w, n1 in zip(kernels(out["params"]), kernels(state.n1["params"]),
+                   strict=True):
     n2 = int(n1) + 1 - 2 ** (bits - 2)
     allowed = {0.0} | {s * 2.0**e for e in range(n2, int(n1) + 1)
                        for s in (1, -1)}

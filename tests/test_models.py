@@ -7,7 +7,6 @@ import pytest
 
 from experiments import models
 
-jax.config.update("jax_disable_most_optimizations", True)
 
 
 def shapes(name, num_classes, image_shape):

@@ -27,6 +27,11 @@ def test_reference_cases_reproduced_exactly():
                                   err_msg=f"case {k}")
 
 
+def test_missing_golden_data_fails_instead_of_skipping():
+  with pytest.raises(FileNotFoundError, match="absent.npz"):
+    helpers.reference_file("absent.npz")
+
+
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_thresholds_and_ties_follow_paper_rule(bits):
   n1 = 3

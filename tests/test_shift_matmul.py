@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from inq_jax import deploy
 from inq_jax import inq
 from inq_jax import pow2_exponents
 from inq_jax import pow2_quantize
-from inq_jax import packed_inference
-from inq_jax import packing
-from inq_jax import shift_kernel as sm
+from inq_jax.deploy import kernels as sm
+from inq_jax.deploy import packing
+from tests import helpers
 
 # Ragged on every axis: M, N and K are not multiples of the blocks (8, 16)
 # or of k_tile (32), and K needs padding.
@@ -95,7 +96,7 @@ def test_fori_loop_kernel_matches_grid_kernel(bits, dtype):
        jax.random.normal(jax.random.key(7), (M, K), dtype))
   grid = sm.shift_matmul(x, packed, k_loop="grid", **BLOCKS)
   fori = sm.shift_matmul(x, packed, k_loop="fori", **BLOCKS)
-  for a, b in zip(jax.tree.leaves(grid), jax.tree.leaves(fori)):
+  for a, b in zip(jax.tree.leaves(grid), jax.tree.leaves(fori), strict=True):
     np.testing.assert_allclose(np.asarray(a, np.float64),
                                np.asarray(b, np.float64), rtol=1e-6)
 
@@ -177,11 +178,11 @@ def test_packed_model_matches_float_model():
   model = _Net()
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3), jnp.float32)
   variables, state = _quantized_model(model, x, bits=5)
-  packed = packed_inference.pack_variables(variables, state, 5, k_tile=32)
+  packed = deploy.pack_variables(variables, state, k_tile=32)
   assert isinstance(packed["params"]["Dense_0"]["kernel"],
                     packing.PackedPow2)
   expected = model.apply(variables, x)
-  got = jax.jit(lambda v, x: packed_inference.packed_apply(model, v, x))(
+  got = jax.jit(lambda v, x: deploy.packed_apply(model, v, x))(
       packed, x)
   assert got.dtype == expected.dtype
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -193,8 +194,8 @@ def test_int8_inputs_are_bit_exact(layer):
   x = _int8((2, 9, 8, 3), seed=11)
   x_float = x.astype(jnp.float32)
   variables, state = _quantized_model(layer, x_float, bits=4)
-  packed = packed_inference.pack_variables(variables, state, 4, k_tile=32)
-  got = packed_inference.packed_apply(layer, packed, x)
+  packed = deploy.pack_variables(variables, state, k_tile=32)
+  got = deploy.packed_apply(layer, packed, x)
   # Every partial sum is a multiple of 2^n2 below 2^24·2^n2 here, so the
   # float model on the same integers is exact too.
   np.testing.assert_array_equal(got, layer.apply(variables, x_float))
@@ -205,14 +206,35 @@ def test_evaluate_packed_runs_the_model():
   x = jax.random.normal(jax.random.key(0), (4, 10), jnp.float32)
   variables, state = _quantized_model(model, x, bits=3)
   np.testing.assert_allclose(
-      packed_inference.evaluate_packed(model, variables, state, 3, x),
+      deploy.evaluate_packed(model, variables, state, x),
       model.apply(variables, x), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_packed_compiles_once_per_input_shape():
+  # Shapes no other test uses, so the first call must compile.
+  model = nn.Dense(5)
+  xs = [jax.random.normal(jax.random.key(i), (3, 11), jnp.float32)
+        for i in range(3)]
+  variables, state = _quantized_model(model, xs[0], bits=4)
+  with helpers.count_compilations() as first:
+    jax.block_until_ready(
+        deploy.evaluate_packed(model, variables, state, xs[0]))
+  assert first[0] > 0  # The counter sees compilations at all.
+  for x in xs[1:]:
+    # An equal, freshly built module hits the same cache entry.
+    for same_model in (model, nn.Dense(5)):
+      with helpers.count_compilations() as again:
+        got = deploy.evaluate_packed(same_model, variables, state, x)
+        jax.block_until_ready(got)
+      assert again[0] == 0
+      np.testing.assert_allclose(got, model.apply(variables, x), rtol=1e-5,
+                                 atol=1e-6)
 
 
 def test_unsupported_conv_raises():
   layer = nn.Conv(4, (3, 3), feature_group_count=2)
   x = jnp.zeros((1, 5, 5, 4), jnp.float32)
   variables, state = _quantized_model(layer, x, bits=4)
-  packed = packed_inference.pack_variables(variables, state, 4)
+  packed = deploy.pack_variables(variables, state)
   with pytest.raises(ValueError, match="feature_group_count"):
-    packed_inference.packed_apply(layer, packed, x)
+    deploy.packed_apply(layer, packed, x)

@@ -9,7 +9,6 @@ from safetensors import numpy as safetensors_numpy
 from experiments import models
 from experiments import torchvision_import
 
-jax.config.update("jax_disable_most_optimizations", True)
 
 
 def torchvision_resnet18_state_dict(num_classes, rng):

@@ -8,14 +8,18 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import configs
+import inq_jax
+from experiments import input_pipeline
+from experiments import methods
+from experiments import models
 from experiments import train
+from experiments.methods import base
 from tests import helpers
-
-jax.config.update("jax_disable_most_optimizations", True)
 
 
 def tiny_config(name="inq_5bit", **overrides):
@@ -37,19 +41,20 @@ def test_inq_run_writes_results_metrics_and_config(tmp_path):
               "portion_accuracies", "config_name", "bits", "method", "seed"):
     assert key in results
   assert results["codebook_fraction"] == 1.0
-  assert 0.5 < results["fp_accuracy"] <= 1.0  # well above chance (0.1) after one epoch
-  assert 0.0 <= results["final_accuracy"] <= 1.0
+  # One FP epoch reaches 0.61-0.77 and the three short INQ steps (three more epochs of
+  # training) 0.96 at seeds 0-2 (measured with this config); chance is 0.1.
+  assert 0.5 < results["fp_accuracy"] <= 1.0
+  assert 0.9 < results["final_accuracy"] <= 1.0
   # The packed codes through the shift kernel give the same predictions: the kernel sums
   # the same power-of-two products in float32, only possibly in another order, which
   # could flip an argmax with a near-tie (allowed: one of the 450 test images).
   assert abs(results["packed_accuracy"] - results["final_accuracy"]) <= 1 / 450 + 1e-12
   assert [p["portion"] for p in results["portion_accuracies"]] == [0.5, 0.75, 1.0]
-  # Sizes from inq_jax.pack_params + size_report. 5-bit codes take one byte each, and
+  # Sizes from inq_jax.deploy.pack_params + size_report. 5-bit codes take one byte each, and
   # K is padded to the kernel's k_tile, so the real packed model is only ~2.7x smaller
   # than FP32 on this small CNN; log2(17) bits per weight would give ~7x.
   state, _ = helpers.latest_checkpoint(workdir)
-  num_values = sum(leaf.size for leaf in jax.tree.leaves(
-      (state["params"], state["batch_stats"])))
+  num_values = sum(leaf.size for leaf in jax.tree.leaves(state["variables"]))
   assert results["fp32_bytes"] == 4 * num_values
   assert results["packed_bytes"] < results["fp32_bytes"] / 2
   assert results["entropy_bytes"] <= results["codebook_bytes"] < results["fp32_bytes"] / 6
@@ -62,7 +67,7 @@ def test_inq_run_writes_results_metrics_and_config(tmp_path):
   evals = [r for r in records if r["type"] == "eval"]
   assert [r["phase_name"] for r in evals] == ["fp", "inq_0.5", "inq_0.75", "inq_1"]
   assert all(np.isfinite(r["loss"]) for r in records if r["type"] == "train")
-  frozen = state["inq_state"]["frozen"]
+  frozen = state["method"]["frozen"]
   assert all(np.all(f) for f in (frozen["conv1"]["kernel"], frozen["fc"]["kernel"]))
   assert not np.any(frozen["fc"]["bias"])
 
@@ -163,7 +168,7 @@ def test_four_devices_match_one_device(tmp_path):
   state_four, _ = helpers.latest_checkpoint(str(tmp_path / "four"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                                        rtol=1e-5, atol=1e-6),
-               state_four["params"], state_one["params"])
+               state_four["variables"], state_one["variables"])
 
 
 def test_batch_not_divisible_by_devices_is_an_error(tmp_path):
@@ -174,9 +179,55 @@ def test_batch_not_divisible_by_devices_is_an_error(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config("fp", **{"fp.learning_rate": 1e12, "checkpoint_every_steps": 1,
                                 "log_every_steps": 1})
-  with pytest.raises(FloatingPointError, match=r"Non-finite loss or parameters at training step \d+"):
+  with pytest.raises(FloatingPointError,
+                     match=r"Non-finite loss or parameters at training step \d+"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "results.json"))
   state, progress = helpers.latest_checkpoint(str(tmp_path))
   assert progress["global_step"] >= 1
-  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state["params"]))
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state["variables"]))
+
+
+class ZeroMantissa(base.Method):
+  """A toy method for the registry test: every kernel rounded to a signed power of two
+  by truncating its float32 mantissa (zero bits of mantissa); no data, no training."""
+  name = "zero_mantissa"
+  label = "Zero-mantissa"
+
+  def bits(self, config):
+    return 9  # sign and 8 exponent bits
+
+  def phases(self, config, steps_per_epoch):
+    return [base.Phase("zero_mantissa", 0, None)]
+
+  def enter(self, phase, state, context):
+    def truncate(path, leaf):
+      if not inq_jax.default_quantizable(path, leaf):
+        return leaf
+      bits = jax.lax.bitcast_convert_type(leaf, jnp.uint32) & jnp.uint32(0xFF800000)
+      return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    params = jax.tree_util.tree_map_with_path(truncate, state["variables"]["params"])
+    return dict(state, variables=dict(state["variables"], params=params)), {"kernels": 4}
+
+
+def test_a_method_registered_from_a_test_runs_end_to_end(tmp_path, monkeypatch):
+  monkeypatch.setitem(methods.REGISTRY, "zero_mantissa", ZeroMantissa())
+  results = train.train_and_evaluate(tiny_config("fp", method="zero_mantissa"),
+                                     str(tmp_path))
+  assert results["method"] == "zero_mantissa" and results["bits"] == 9
+  state, progress = helpers.latest_checkpoint(str(tmp_path))
+  assert progress["records"] == {"zero_mantissa": {"kernels": 4}}
+  params = state["variables"]["params"]
+  for layer in ("conv1", "conv2", "conv3", "fc"):
+    kernel = np.asarray(params[layer]["kernel"])
+    mantissa, _ = np.frexp(kernel)
+    assert np.all(np.isin(np.abs(mantissa), [0.0, 0.5])), layer
+  assert np.any(np.asarray(params["fc"]["bias"]) % 1 != 0)  # biases left in float
+  # The final accuracy is that of the method's weights, evaluated independently.
+  config = tiny_config("fp")
+  dataset = input_pipeline.create_dataset(config)
+  model = models.create_model(config.model.name, config.model.num_classes)
+  logits = model.apply(state["variables"], dataset.test_images, train=False)
+  correct = int(np.sum(np.argmax(logits, -1) == dataset.test_labels))
+  assert results["final_accuracy"] == correct / len(dataset.test_labels)
+  assert results["fp_accuracy"] > 0.5  # chance is 0.1; see test_fp_method_...

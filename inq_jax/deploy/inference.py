@@ -1,10 +1,10 @@
 """Inference of an INQ-quantized Flax model through the shift-matmul kernel.
 
 :func:`pack_variables` replaces each quantized kernel in ``variables["params"]``
-with a :class:`inq_jax.packing.PackedPow2`. :func:`packed_apply` runs
+with a :class:`inq_jax.deploy.PackedPow2`. :func:`packed_apply` runs
 ``model.apply`` under a Flax method interceptor: every ``nn.Dense`` and
 ``nn.Conv`` whose ``kernel`` is packed computes its product with
-:func:`inq_jax.shift_kernel.shift_matmul`; all other modules run unchanged.
+:func:`inq_jax.deploy.shift_matmul`; all other modules run unchanged.
 
 * Dense: ``x @ W + b`` over the last axis of ``x``.
 * Conv: :func:`inq_jax.im2col.conv_patches` (same padding, strides and
@@ -13,7 +13,7 @@ with a :class:`inq_jax.packing.PackedPow2`. :func:`packed_apply` runs
   view of the ``(kh, kw, cin, cout)`` kernel, then multiplied. Feature groups,
   masks and circular/causal padding are not supported (ValueError).
 * Integer activations: an int8 input to a packed layer takes the exact
-  integer path; its output is :func:`inq_jax.shift_kernel.to_float` of the
+  integer path; its output is :func:`inq_jax.deploy.to_float` of the
   exact sum in ``float32`` (one rounding for bits <= 4), plus the bias.
 * Float activations: products accumulate in f32 on the matrix units; the
   output has the dtype ``nn.Dense``/``nn.Conv`` would give (``module.dtype``,
@@ -23,6 +23,7 @@ Reference: A. Zhou et al., "Incremental Network Quantization: Towards
 Lossless CNNs with Low-Precision Weights", ICLR 2017.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -30,34 +31,30 @@ import jax
 import jax.numpy as jnp
 
 from inq_jax import im2col
-from inq_jax import packing
-from inq_jax import shift_kernel
-from inq_jax.partitioning import Predicate
+from inq_jax import layers
+from inq_jax.deploy import kernels
+from inq_jax.deploy import packing
+from inq_jax.incremental import INQState
 
 PyTree = Any
 
 
-def pack_variables(variables: PyTree, n1_or_state, bits: int,
-                   quantizable: Optional[Predicate] = None, *,
+def pack_variables(variables: PyTree, state: INQState, *,
                    k_tile: Optional[int] = None) -> PyTree:
   """Packs the quantized kernels of ``variables["params"]``.
 
   Args:
     variables: Flax variables (``{"params": ..., "batch_stats": ...}``) after
       INQ with portion 1.
-    n1_or_state: the :class:`inq_jax.INQState` (or its ``n1`` tree) of
-      ``variables["params"]``.
-    bits: code width used by INQ.
-    quantizable: the predicate given to :func:`inq_jax.incremental` (default
-      :func:`inq_jax.default_quantizable`).
+    state: the :class:`inq_jax.INQState` of ``variables["params"]``.
     k_tile: optional ``K`` step for every layer.
 
   Returns:
     ``variables`` with packed kernels; the other collections are kept.
   """
   out = dict(variables)
-  out["params"] = packing.pack_params(variables["params"], n1_or_state, bits,
-                                      quantizable, k_tile=k_tile)
+  out["params"] = packing.pack_params(variables["params"], state,
+                                      k_tile=k_tile)
   return out
 
 
@@ -73,11 +70,11 @@ def _product(x: jax.Array, packed: packing.PackedPow2, dtype,
              kernel_options) -> jax.Array:
   """``x @ W`` through the kernel, in ``dtype``."""
   if x.dtype == jnp.int8:
-    return shift_kernel.to_float(
-        shift_kernel.shift_matmul(x, packed, **kernel_options), dtype)
-  if x.dtype not in shift_kernel.FLOAT_DTYPES:
+    return kernels.to_float(
+        kernels.shift_matmul(x, packed, **kernel_options), dtype)
+  if x.dtype not in kernels.FLOAT_DTYPES:
     x = x.astype(dtype)
-  return shift_kernel.shift_matmul(x, packed, **kernel_options).astype(
+  return kernels.shift_matmul(x, packed, **kernel_options).astype(
       dtype)
 
 
@@ -109,8 +106,7 @@ def _interceptor(kernel_options):
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name != "__call__" or
-        type(module) not in (nn.Dense, nn.Conv) or
+    if (not layers.is_linear_call(context) or
         not module.has_variable("params", "kernel")):
       return next_fun(*args, **kwargs)
     packed = module.get_variable("params", "kernel")
@@ -137,7 +133,7 @@ def packed_apply(model: nn.Module, packed_variables: PyTree, *args,
     *args: inputs to ``model.apply`` (e.g. images; int8 inputs to a packed
       first layer take the exact integer path).
     block_m: optional kernel block override, see
-      :func:`inq_jax.shift_kernel.shift_matmul`.
+      :func:`inq_jax.deploy.shift_matmul`.
     block_n: optional kernel block override.
     interpret: optional interpret-mode override.
     **kwargs: passed to ``model.apply`` (e.g. ``train=False``).
@@ -150,28 +146,31 @@ def packed_apply(model: nn.Module, packed_variables: PyTree, *args,
     return model.apply(packed_variables, *args, **kwargs)
 
 
-def evaluate_packed(model: nn.Module, variables: PyTree, n1_or_state,
-                    bits: int, *args,
-                    quantizable: Optional[Predicate] = None, **kwargs):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="apply_kwargs")
+def _jitted_packed_apply(model, packed_variables, args, apply_kwargs):
+  return packed_apply(model, packed_variables, *args, **dict(apply_kwargs))
+
+
+def evaluate_packed(model: nn.Module, variables: PyTree, state: INQState,
+                    *args, **kwargs):
   """Packs an INQ-quantized model and runs it through the kernel (jitted).
 
-  The entry point for experiments: call it once per evaluation batch, or
-  call :func:`pack_variables` once and jit :func:`packed_apply` yourself to
-  pack only once.
+  The jitted apply is cached on the model and the keyword arguments, so
+  repeated calls with the same input shapes compile once. To pack only once
+  as well, call :func:`pack_variables` once and :func:`packed_apply` under
+  your own ``jax.jit``.
 
   Args:
-    model: the Flax module.
+    model: the Flax module (hashable, as linen modules are).
     variables: its variables after INQ with portion 1.
-    n1_or_state: the final :class:`inq_jax.INQState` (or its ``n1`` tree).
-    bits: code width used by INQ.
+    state: the final :class:`inq_jax.INQState`.
     *args: inputs for ``model.apply``.
-    quantizable: the predicate given to :func:`inq_jax.incremental`.
     **kwargs: keyword arguments for ``model.apply`` (static, e.g.
       ``train=False``).
 
   Returns:
     The model outputs.
   """
-  packed = pack_variables(variables, n1_or_state, bits, quantizable)
-  run = jax.jit(lambda v, *a: packed_apply(model, v, *a, **kwargs))
-  return run(packed, *args)
+  packed = pack_variables(variables, state)
+  return _jitted_packed_apply(model, packed, args,
+                              tuple(sorted(kwargs.items())))

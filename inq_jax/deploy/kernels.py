@@ -1,7 +1,7 @@
 """Matrix product with packed power-of-two weights, as a Pallas kernel.
 
 ``shift_matmul(x, packed)`` computes ``x @ W`` for a weight ``W`` stored as
-codes (:mod:`inq_jax.packing`). Each kernel step reads a tile of codes (4 or
+codes (:mod:`inq_jax.deploy.packing`). Each kernel step reads a tile of codes (4 or
 8 bits a weight instead of 16 or 32: the bandwidth win) and decodes it in
 registers/VMEM; no decoded weight is written to HBM.
 
@@ -53,8 +53,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from inq_jax.packing import PackedPow2
-from inq_jax.packing import unpack_codes
+from inq_jax.deploy.packing import PackedPow2
+from inq_jax.deploy.packing import unpack_codes
 
 BAND_EXPONENTS = 7
 MAX_INT_K = 2**18 - 1
@@ -166,12 +166,12 @@ def tile_products(x_parts, data: jax.Array, bits: int):
   if x_parts[0].dtype == jnp.int8:
     return [
         _sum(_dot(x, int_units(c, bits, band))
-             for x, c in zip(x_parts, code_tiles))
+             for x, c in zip(x_parts, code_tiles, strict=True))
         for band in range(num_bands(bits))
     ]
   return [
       _sum(_dot(x, float_units(c, bits, x.dtype))
-           for x, c in zip(x_parts, code_tiles))
+           for x, c in zip(x_parts, code_tiles, strict=True))
   ]
 
 
@@ -204,7 +204,7 @@ def _fori_kernel(x_ref, data_ref, out_ref, *, bits: int, parts: int,
                for p in range(parts)]
     products = tile_products(x_parts, data_ref[pl.ds(step * rows, rows), :],
                              bits)
-    return tuple(a + p for a, p in zip(accs, products))
+    return tuple(a + p for a, p in zip(accs, products, strict=True))
 
   bands = out_ref.shape[0]
   acc_shape = out_ref.shape[1:]
@@ -296,7 +296,7 @@ def shift_matmul(x, packed: PackedPow2, *, block_m: Optional[int] = None,
   Args:
     x: activations ``(..., K)``: bfloat16 or float32 (f32 accumulation on the
       matrix units) or int8 (exact integer shift-and-add).
-    packed: the weight, from :func:`inq_jax.packing.pack`, matrix view
+    packed: the weight, from :func:`inq_jax.deploy.pack`, matrix view
       ``(K, N)``.
     block_m: rows of ``x`` per program; default :func:`default_blocks`.
     block_n: output columns per program; default :func:`default_blocks`.
@@ -377,7 +377,7 @@ def shift_matmul_reference(x, packed: PackedPow2):
 
   Args:
     x: ``(..., K)`` bfloat16, float32 or int8.
-    packed: a :class:`inq_jax.packing.PackedPow2`.
+    packed: a :class:`inq_jax.deploy.PackedPow2`.
 
   Returns:
     As :func:`shift_matmul`.

@@ -3,7 +3,7 @@
 A weight ``W`` whose values lie in ``P = {0, ±2^n2, ..., ±2^n1}`` is stored as
 the ``bits``-bit codes of :func:`inq_jax.pow2_encode` (sign bit and exponent
 field; code 0 is the value 0) plus the layer's ``n1``. The layout is the one
-the shift-matmul kernel (:mod:`inq_jax.shift_kernel`) reads:
+the shift-matmul kernel (:mod:`inq_jax.deploy.kernels`) reads:
 
 * ``W`` is viewed as a matrix ``(K, N)``: the last axis is the output axis
   ``N`` and the leading axes are flattened row-major into ``K`` (a Flax Dense
@@ -34,8 +34,6 @@ from flax import struct
 from inq_jax import pow2
 from inq_jax import validation
 from inq_jax.incremental import INQState
-from inq_jax.partitioning import Predicate
-from inq_jax.partitioning import quantizable_mask
 
 PyTree = Any
 
@@ -200,23 +198,14 @@ def unpack(packed: PackedPow2, dtype=jnp.float32) -> jax.Array:
                           dtype=dtype).reshape(packed.shape)
 
 
-def _n1_tree(n1_or_state) -> PyTree:
-  if isinstance(n1_or_state, INQState):
-    return n1_or_state.n1
-  return n1_or_state
-
-
-def pack_params(params: PyTree, n1_or_state, bits: int,
-                quantizable: Optional[Predicate] = None, *,
+def pack_params(params: PyTree, state: INQState, *,
                 k_tile: Optional[int] = None) -> PyTree:
   """Packs every quantizable leaf of an INQ-quantized params pytree.
 
   Args:
     params: parameters after INQ with portion 1.
-    n1_or_state: an :class:`inq_jax.INQState` or its ``n1`` tree.
-    bits: code width used by INQ.
-    quantizable: ``(key_path, leaf) -> bool``; defaults to
-      :func:`inq_jax.default_quantizable`, the same rule as :func:`inq_jax.incremental`.
+    state: their :class:`inq_jax.INQState` (``n1`` per layer, ``bits`` and
+      the ``quantizable`` predicate).
     k_tile: optional ``K`` step for every layer (default per layer,
       :func:`default_k_tile`).
 
@@ -228,21 +217,20 @@ def pack_params(params: PyTree, n1_or_state, bits: int,
     ValueError: when the trees differ, or a quantizable leaf is not in ``P``
       (the message names the leaf).
   """
-  n1_tree = _n1_tree(n1_or_state)
   validation.check_same_structure(
-      jax.tree.map(lambda _: 0, params), jax.tree.map(lambda _: 0, n1_tree),
-      "params", "n1")
-  selected = quantizable_mask(params, quantizable)
+      jax.tree.map(lambda _: 0, params), jax.tree.map(lambda _: 0, state.n1),
+      "params", "state.n1")
 
   def pack_leaf(path, leaf, n1, sel):
     if not sel:
       return leaf
     try:
-      return pack(leaf, bits, n1, k_tile=k_tile)
+      return pack(leaf, state.bits, n1, k_tile=k_tile)
     except ValueError as error:
       raise ValueError(f"{validation.path_name(path)}: {error}") from error
 
-  return jax.tree_util.tree_map_with_path(pack_leaf, params, n1_tree, selected)
+  return jax.tree_util.tree_map_with_path(pack_leaf, params, state.n1,
+                                          state.quantizable_mask(params))
 
 
 def _is_packed(leaf) -> bool:

@@ -1,0 +1,123 @@
+"""What a quantization method provides to the job, and the full-precision default.
+
+A run is a list of phases sharing one training loop. Phase 0 trains (or only
+evaluates) the full-precision model; the method adds its own phases. Entering a
+phase may change the model (quantize); a phase then trains for its steps, if
+any, and is evaluated at its end.
+
+A method is an object with the hooks of :class:`Method`. Register it in
+`experiments.methods.REGISTRY` and select it with `config.method`.
+"""
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+PyTree = Any
+
+
+class Phase(NamedTuple):
+  """One stretch of the run.
+
+  name: unique within the run ("fp", "inq_0.5", "comq"). num_steps: training
+  steps after entry. hparams: the config block of the optimizer settings (None
+  for a phase that trains no step). portion: the accumulated INQ portion, for
+  the metrics (None for other methods).
+  """
+  name: str
+  num_steps: int
+  hparams: Optional[ml_collections.ConfigDict]
+  portion: Optional[float] = None
+
+
+class Context(NamedTuple):
+  """What a method may use on entering a phase.
+
+  phase_index: position of the phase being entered in the run (0 is FP).
+  rng: the run's root PRNG key (derive keys with fold_in).
+  """
+  config: ml_collections.ConfigDict
+  model: Any
+  dataset: Any
+  rng: jax.Array
+  phase_index: int
+
+
+def fp_phase(config, steps_per_epoch) -> Phase:
+  """Phase 0: FP training for config.fp.num_epochs (0 evaluates imported weights)."""
+  return Phase("fp", config.fp.num_epochs * steps_per_epoch,
+               config.fp if config.fp.num_epochs else None)
+
+
+def size_entries(report) -> dict:
+  """The results.json size entries of a size report (`inq_jax.deploy.SizeReport`)."""
+  return {"fp32_bytes": report.fp32_bytes, "packed_bytes": report.packed_bytes,
+          "codebook_bytes": report.codebook_bytes, "entropy_bytes": report.entropy_bytes}
+
+
+class Method:
+  """Full precision, and the default of every hook.
+
+  The job calls, in order: `check(config)`; `init_state(config, params)` once (the
+  method's checkpointed state, or None); `phases(config, steps_per_epoch)` for the
+  phases after the FP one; `enter(phase, state, context)` on entering each of them;
+  `frozen(state)` for the training steps of every phase; `packed_model` with
+  eval_packed; and `results(config, state, progress, phases)` at the end.
+  """
+  name = "fp"
+  label = "FP"
+
+  def check(self, config) -> None:
+    """Raises ValueError for config fields this method cannot honour."""
+    if config.eval_packed:
+      raise ValueError(f"eval_packed needs a method with packed weights (inq), got "
+                       f"{self.name!r}.")
+
+  def bits(self, config) -> int:
+    """Bit width of the quantized kernels (32: full precision)."""
+    del config
+    return 32
+
+  def init_state(self, config, params) -> Optional[PyTree]:
+    """The method's state, checkpointed with the run (None: none)."""
+    del config, params
+    return None
+
+  def phases(self, config, steps_per_epoch) -> list:
+    """The phases after the FP phase."""
+    del config, steps_per_epoch
+    return []
+
+  def enter(self, phase: Phase, state: dict, context: Context):
+    """Runs on entering one of `phases`: returns (state, record).
+
+    state: {"variables": Flax variables, "method": the method's state}. record: a
+    JSON-able dict kept in the run's progress (e.g. per-layer errors), or None.
+    """
+    del phase, context
+    return state, None
+
+  def frozen(self, state) -> PyTree:
+    """Bool pytree over the params: weights the training steps must not move.
+
+    Every training phase of every method runs the same optimizer (SGD with INQ's
+    frozen-update mask, `train.make_optimizer`), so the FP phase gives the same FP
+    model whatever the method; by default nothing is frozen.
+    """
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, bool), state["variables"]["params"])
+
+  def packed_model(self, model, state):
+    """(apply_fn, variables) running the model from packed weights (eval_packed)."""
+    raise NotImplementedError(f"{self.name} has no packed weights.")
+
+  def results(self, config, state, progress, phases) -> dict:
+    """The method's entries of results.json (sizes and method-specific keys)."""
+    del config, progress, phases
+    variables = jax.device_get(state["variables"])
+    fp32 = sum(4 * leaf.size for leaf in jax.tree.leaves(variables))
+    own = sum(leaf.nbytes for leaf in jax.tree.leaves(variables))
+    return {"portion_accuracies": [], "codebook_fraction": None, "layers": None,
+            "fp32_bytes": fp32, "packed_bytes": own, "codebook_bytes": own,
+            "entropy_bytes": None}

@@ -1,0 +1,36 @@
+"""Deployment of power-of-two weights: packed codes, the Pallas kernel, packed inference.
+
+Loaded only when used: ``import inq_jax`` and ``import comq_jax`` do not import
+Pallas. The names below are imported from their modules on first access.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "PackedPow2": "packing",
+    "SizeReport": "packing",
+    "pack": "packing",
+    "pack_params": "packing",
+    "size_report": "packing",
+    "unpack": "packing",
+    "unpack_params": "packing",
+    "IntResult": "kernels",
+    "shift_matmul": "kernels",
+    "shift_matmul_reference": "kernels",
+    "to_float": "kernels",
+    "evaluate_packed": "inference",
+    "pack_variables": "inference",
+    "packed_apply": "inference",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'inq_jax.deploy' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"inq_jax.deploy.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+  return __all__

@@ -1,0 +1,71 @@
+"""The libraries install and import on their own: no experiment dependency, no Pallas."""
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+
+import comq_jax
+import inq_jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What a bare install must be able to do: import both packages without Pallas or any
+# experiment dependency, then quantize a layer with each library. (orbax-checkpoint
+# and absl-py come with flax itself.)
+BARE_CHECK = """
+import importlib.util, sys
+import jax, jax.numpy as jnp
+import comq_jax, inq_jax
+for heavy in ("jax.experimental.pallas", "inq_jax.deploy.kernels"):
+  assert heavy not in sys.modules, heavy
+for extra in ("tensorflow", "tensorflow_datasets", "ml_collections", "sklearn",
+              "matplotlib", "safetensors", "pandas"):
+  assert importlib.util.find_spec(extra) is None, extra
+w = 0.1 * jax.random.normal(jax.random.key(0), (16, 8))
+x = jax.random.normal(jax.random.key(1), (64, 16))
+assert comq_jax.quantize_layer(w, x, bits=4).error <= comq_jax.round_to_nearest(w, x, bits=4).error
+quantizer = inq_jax.inq(bits=5)
+params = {"dense": {"kernel": w}}
+params, state = quantizer.step(params, quantizer.init(params), 1.0)
+assert inq_jax.codebook_fraction(params, state) == 1.0
+print("bare install ok")
+"""
+
+
+def test_importing_the_libraries_does_not_import_pallas():
+  check = ("import sys, comq_jax, inq_jax\n"
+           "print(sorted(m for m in ('jax.experimental.pallas', 'inq_jax.deploy.kernels')"
+           " if m in sys.modules))\n"
+           "inq_jax.deploy.shift_matmul\n"
+           "print('jax.experimental.pallas' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                       check=True, cwd=REPO).stdout.split("\n")
+  assert out[:2] == ["[]", "True"]  # loaded on first use of a kernel, not before
+
+
+def test_all_lists_resolvable_public_names():
+  for package in (inq_jax, comq_jax, inq_jax.deploy):
+    assert package.__all__ == sorted(package.__all__)
+    for name in package.__all__:
+      assert getattr(package, name) is not None, (package.__name__, name)
+
+
+def test_bare_library_installs_into_a_fresh_venv_and_imports(tmp_path):
+  source = tmp_path / "source"
+  source.mkdir()
+  for name in ("setup.py", "README.md"):
+    shutil.copy(os.path.join(REPO, name), source)
+  for package in ("inq_jax", "comq_jax"):
+    shutil.copytree(os.path.join(REPO, package), source / package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+  env_dir = tmp_path / "venv"
+  venv.create(env_dir, with_pip=True)
+  python = str(env_dir / "bin" / "python")
+  subprocess.run([python, "-m", "pip", "install", "--quiet", str(source)], check=True)
+  out = subprocess.run([python, "-c", BARE_CHECK], capture_output=True, text=True,
+                       cwd=str(tmp_path), env={"PATH": os.environ["PATH"],
+                                               "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip() == "bare install ok"
