@@ -26,7 +26,12 @@ All X-based variants compute the visiting order with ``comq_jax.layer.greedy_ord
 The script checks that they return the same ``Q`` and prints medians over
 repeats, after compilation, with ``block_until_ready``.
 
-Run: ``python benchmarks/comq_layer.py [--d_in 1536 --d_out 384 --n 2048]``.
+Then, on the same precomputed Gram, it times the layer solvers side by side:
+COMQ per channel and with groups of ``--group_size`` inputs, and GPTQ
+(:func:`comq_jax.gptq_layer`, blocks of 128, 1% dampening) per channel and
+with groups, with each solver's error ``||XW - XQ||_F`` and the time ratios.
+
+Run: ``python -m benchmarks.comq_layer [--d_in 1536 --d_out 384 --n 2048]``.
 """
 
 import functools
@@ -39,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from comq_jax import baselines
 from comq_jax import grid as grid_lib
 from comq_jax import layer
 from comq_jax import objective
@@ -49,6 +55,7 @@ _D_IN = flags.DEFINE_integer("d_in", 1536, "Layer inputs.")
 _D_OUT = flags.DEFINE_integer("d_out", 384, "Layer outputs.")
 _N = flags.DEFINE_integer("n", 2048, "Calibration rows.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", 128, "Inputs per group-wise scale.")
 
 
 def _x_step(values, xt, sq_norms, u, i, w, q_old):
@@ -142,6 +149,50 @@ def gram_sweep_only(wt, gram):
   return qt
 
 
+def median_times(variants, repeats):
+  """Median seconds of each ``name -> (fn, args)``, after one compiling call each;
+  also returns the outputs of that first call."""
+  outputs = {k: jax.block_until_ready(f(*a)) for k, (f, a) in variants.items()}
+  times = {k: [] for k in variants}
+  for _ in range(repeats):  # interleaved, so load drifts hit all alike
+    for k, (f, a) in variants.items():
+      start = time.perf_counter()
+      jax.block_until_ready(f(*a))
+      times[k].append(time.perf_counter() - start)
+  return {k: statistics.median(v) for k, v in times.items()}, outputs
+
+
+def compare_solvers(wt, gram, group_size, repeats):
+  """COMQ and GPTQ, per channel and group-wise, on one Gram: times and errors."""
+  grid = dict(bits=4, grid="asymmetric", scalar=1.0)
+  comq = lambda granularity, size: jax.jit(lambda w, h: layer.solve(
+      w, h, iters=1, order="greedy", scale_update=False, granularity=granularity,
+      group_size=size, **grid)[3])
+  gptq = lambda granularity, size: jax.jit(lambda w, h: baselines.gptq_solve(
+      w, h, granularity=granularity, group_size=size, block_size=128, damp=0.01,
+      act_order=False, static_groups=False, **grid)[3])
+  variants = {
+      "COMQ per channel": (comq("channel", None), (wt, gram)),
+      f"COMQ g{group_size}": (comq("group", group_size), (wt, gram)),
+      "GPTQ per channel": (gptq("channel", None), (wt, gram)),
+      f"GPTQ g{group_size}": (gptq("group", group_size), (wt, gram)),
+  }
+  median, errors = median_times(variants, repeats)
+  print(f"\nLayer solvers on the same Gram (4-bit asymmetric grid), median of {repeats}:")
+  for k in variants:
+    print(f"  {k:20s} {median[k] * 1e3:9.1f} ms   error ||XW - XQ||_F "
+          f"{float(errors[k]):.4f}")
+  print(f"  COMQ g{group_size} / COMQ per channel time: "
+        f"{median[f'COMQ g{group_size}'] / median['COMQ per channel']:.2f}x")
+  print(f"  GPTQ / COMQ time, per channel: "
+        f"{median['GPTQ per channel'] / median['COMQ per channel']:.2f}x; "
+        f"g{group_size}: {median[f'GPTQ g{group_size}'] / median[f'COMQ g{group_size}']:.2f}x")
+  print(f"  COMQ / GPTQ error, per channel: "
+        f"{float(errors['COMQ per channel']) / float(errors['GPTQ per channel']):.3f}; "
+        f"g{group_size}: "
+        f"{float(errors[f'COMQ g{group_size}']) / float(errors[f'GPTQ g{group_size}']):.3f}")
+
+
 def main(argv):
   del argv
   d_in, d_out, n, repeats = _D_IN.value, _D_OUT.value, _N.value, _REPEATS.value
@@ -160,16 +211,9 @@ def main(argv):
       "X-based, eager NumPy (official code as run on CPU)": (
           x_numpy_comq, (wt, x)),
   }
-  outputs = {k: np.asarray(jax.block_until_ready(f(*a)))  # compiles
-             for k, (f, a) in variants.items()}
+  median, outputs = median_times(variants, repeats)
+  outputs = {k: np.asarray(v) for k, v in outputs.items()}
   reference = outputs["Gram solver, quantize_layer (incl. X^T X)"]
-  times = {k: [] for k in variants}
-  for _ in range(repeats):  # interleaved, so load drifts hit all alike
-    for k, (f, a) in variants.items():
-      start = time.perf_counter()
-      jax.block_until_ready(f(*a))
-      times[k].append(time.perf_counter() - start)
-  median = {k: statistics.median(v) for k, v in times.items()}
 
   print(f"layer {d_in}->{d_out}, N={n}, 4-bit greedy K=1, "
         f"{jax.devices()[0].platform}, median of {repeats} "
@@ -187,6 +231,7 @@ def main(argv):
       verdict = "meets" if ratio >= TARGET_SPEEDUP else "does NOT meet"
       print(f"{solver} vs {base}: {ratio:.1f}x ({verdict} the "
             f"{TARGET_SPEEDUP:.0f}x target)")
+  compare_solvers(wt, gram, _GROUP_SIZE.value, repeats)
 
 
 if __name__ == "__main__":

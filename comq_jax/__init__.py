@@ -3,10 +3,11 @@
 * :mod:`comq_jax.grid`: the uniform and power-of-two grids;
 * :mod:`comq_jax.objective`: the layer objective from Grams, and the result type;
 * :mod:`comq_jax.layer`: the COMQ coordinate-descent solver;
-* :mod:`comq_jax.baselines`: round-to-nearest on the same grids;
+* :mod:`comq_jax.baselines`: round-to-nearest and GPTQ on the same grids;
 * :mod:`comq_jax.model`: whole-model quantization with any of them.
 """
 
+from comq_jax.baselines import gptq_layer
 from comq_jax.baselines import round_to_nearest
 from comq_jax.grid import Grid
 from comq_jax.grid import make_grid
@@ -26,6 +27,7 @@ __all__ = [
     "LayerReport",
     "ModelQuantization",
     "accumulate_gram",
+    "gptq_layer",
     "make_grid",
     "quantize_layer",
     "quantize_model",

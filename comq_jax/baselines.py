@@ -1,14 +1,18 @@
-"""Baselines on the same grids and statistics as COMQ: round-to-nearest.
+"""Baselines on the same grids and Gram statistics as COMQ: round-to-nearest and GPTQ.
 
-Reference: A. Zhang et al., "COMQ: A Backpropagation-Free Algorithm for
-Post-Training Quantization", arXiv 2403.07134 (2024), which compares against
-round-to-nearest on the same grid.
+References:
+  A. Zhang et al., "COMQ: A Backpropagation-Free Algorithm for Post-Training
+  Quantization", arXiv 2403.07134 (2024), which compares against both.
+  E. Frantar, S. Ashkboos, T. Hoefler, D. Alistarh, "GPTQ: Accurate
+  Post-Training Quantization for Generative Pre-trained Transformers",
+  ICLR 2023 (arXiv 2210.17323), Algorithm 1.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from comq_jax import grid as grid_lib
 from comq_jax import objective
@@ -16,7 +20,7 @@ from comq_jax import objective
 
 def round_to_nearest(w, x=None, *, bits: int, grid: str = "asymmetric",
                      granularity: str = "channel", scalar: float = 1.0,
-                     gram=None) -> objective.LayerQuantization:
+                     group_size=None, gram=None) -> objective.LayerQuantization:
   """Round-to-nearest baseline on the same grid as :func:`comq_jax.quantize_layer`.
 
   .. math:: q_{ji} = \\Pi_{G_j}(w_{ji})
@@ -24,34 +28,237 @@ def round_to_nearest(w, x=None, *, bits: int, grid: str = "asymmetric",
   Args:
     w: ``(d_in, d_out)`` weights (Flax layout).
     x: optional ``(N, d_in)`` inputs, to report the error.
-    bits, grid, granularity, scalar: as in :func:`comq_jax.quantize_layer`.
+    bits, grid, granularity, scalar, group_size: as in
+      :func:`comq_jax.quantize_layer`.
     gram: optional ``X^T X`` instead of ``x``.
 
   Returns:
     A :class:`LayerQuantization`; ``error`` is None without ``x``/``gram``.
   """
   grid_lib.check_options(bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar)
+                         scalar=scalar, group_size=group_size)
   w = jnp.asarray(w)
   gram = objective.check_layer_inputs(w, x, gram)
   wt = w.T.astype(objective.compute_dtype(w.dtype))
   qt, codes, g = rtn_solve(wt, bits=bits, grid=grid, granularity=granularity,
-                           scalar=float(scalar))
+                           scalar=float(scalar), group_size=group_size)
   error = None if gram is None else objective.reconstruction_error(
       wt.T, qt.T, gram.astype(wt.dtype))
   return objective.layer_result(w, qt, codes, g, error,
-                               jnp.zeros((0,), wt.dtype))
+                               jnp.zeros((0,), wt.dtype), group_size)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("bits", "grid", "granularity", "scalar"))
-def rtn_solve(wt, *, bits, grid, granularity, scalar):
+@functools.partial(jax.jit, static_argnames=("bits", "grid", "granularity",
+                                             "scalar", "group_size"))
+def rtn_solve(wt, *, bits, grid, granularity, scalar, group_size=None):
   """Jitted round-to-nearest core in channel-major layout.
 
   Returns:
     ``(qt, codes_t, grid)``, see :func:`round_to_nearest`.
   """
   g = grid_lib.make_grid(wt, bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar)
-  codes, qt = grid_lib.nearest(g.values(), wt)
+                         scalar=scalar, group_size=group_size)
+  codes, qt = grid_lib.round_to_grid(g.values(), wt, group_size)
   return qt, codes, g
+
+
+# gptq_layer's defaults: the paper code's block of 128 and 1% dampening.
+GPTQ_DEFAULTS = dict(block_size=128, damp=0.01, act_order=False)
+
+
+def check_gptq_options(*, granularity, block_size, damp, act_order,
+                       static_groups) -> None:
+  """Raises ValueError on GPTQ options outside their ranges."""
+  if (isinstance(block_size, (bool, np.bool_))
+      or not isinstance(block_size, (int, np.integer)) or block_size < 1):
+    raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+  if not isinstance(damp, (int, float)) or not 0.0 < damp < 1.0:
+    raise ValueError(f"damp must be a number in (0, 1), got {damp!r}.")
+  if act_order and granularity == "group" and not static_groups:
+    raise ValueError(
+        "act_order with granularity='group' needs static_groups=True: groups are "
+        "consecutive inputs, so their grids must be fixed before the permutation.")
+
+
+def gptq_layer(w, x=None, *, bits: int, grid: str = "asymmetric",
+               granularity: str = "channel", group_size=None, scalar: float = 1.0,
+               block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+               static_groups: bool = False, gram=None) -> objective.LayerQuantization:
+  """GPTQ: quantizes one input after another, pushing each error onto the rest.
+
+  With ``H = X^T X + λ I`` (``λ = damp · mean(diag H)``) and ``U`` the upper
+  Cholesky factor of ``H^{-1}``, input ``i`` of every channel is rounded to
+  the grid and the remaining inputs absorb its error:
+
+  .. math::
+
+    q_{:,i} = \\Pi(w_{:,i}), \\qquad
+    w_{:,k} \\leftarrow w_{:,k} - \\frac{w_{:,i} - q_{:,i}}{U_{ii}}\\, U_{ik}
+    \\quad (k > i).
+
+  The updates run lazily in blocks of ``block_size`` inputs: inside a block
+  column by column, then one matrix product for every later input
+  (Frantar et al., Sec. 3, "lazy batch updates"). ``act_order`` visits the
+  inputs by decreasing ``H_ii``. The grid is :func:`comq_jax.grid.make_grid`'s,
+  from the original weights, except for group-wise grids without
+  ``static_groups``: then each group's grid comes from the updated weights
+  when its first input is reached, as in the paper's code. With groups the
+  block size is rounded to a multiple of ``group_size``, so that a group is
+  never split between blocks (then blocked and unblocked updates agree).
+
+  Dead inputs (``H_ii = 0``) carry no error: they are rounded to nearest, as
+  :func:`comq_jax.quantize_layer` does (the paper's code zeroes them instead).
+
+  Args:
+    w: ``(d_in, d_out)`` weights (Flax layout).
+    x: ``(N, d_in)`` calibration inputs; or give ``gram`` instead.
+    bits, grid, granularity, group_size, scalar: as in
+      :func:`comq_jax.quantize_layer`.
+    block_size: inputs per lazy block, >= 1.
+    damp: dampening, a fraction in (0, 1) of the mean diagonal of ``H``.
+    act_order: visit inputs by decreasing ``H_ii``.
+    static_groups: group grids from the original weights (needed with
+      ``act_order`` and groups).
+    gram: ``(d_in, d_in)`` ``X^T X``.
+
+  Returns:
+    A :class:`LayerQuantization` (empty ``history``).
+
+  Raises:
+    ValueError: bad options or shapes, NaN/inf inputs, or an ``H`` that is
+      not positive definite after damping (raise ``damp``).
+
+  References:
+    Frantar et al., ICLR 2023, Algorithm 1.
+  """
+  grid_lib.check_options(bits=bits, grid=grid, granularity=granularity,
+                         scalar=scalar, group_size=group_size)
+  check_gptq_options(granularity=granularity, block_size=block_size, damp=damp,
+                     act_order=act_order, static_groups=static_groups)
+  w = jnp.asarray(w)
+  gram = objective.check_layer_inputs(w, x, gram)
+  if gram is None:
+    raise ValueError("gptq_layer needs calibration data: x or gram.")
+  wt = w.T.astype(objective.compute_dtype(w.dtype))
+  qt, codes, g, error, positive_definite = gptq_solve(
+      wt, gram, bits=bits, grid=grid, granularity=granularity,
+      group_size=group_size, scalar=float(scalar), block_size=block_size,
+      damp=float(damp), act_order=bool(act_order), static_groups=bool(static_groups))
+  if not bool(positive_definite):
+    raise ValueError(f"H is not positive definite after damping with damp={damp}; "
+                     "raise damp, or check the calibration data.")
+  return objective.layer_result(w, qt, codes, g, error,
+                               jnp.zeros((0,), wt.dtype), group_size)
+
+
+def _inverse_cholesky(gram, damp, d_in):
+  """Upper ``U`` with ``U^T U = (H + λ I)^{-1}``, and whether it is finite.
+
+  ``λ = damp · mean(diag H)`` over the first ``d_in`` (real) inputs, after
+  dead inputs get ``H_ii = 1`` as in the paper's code.
+  """
+  d = gram.shape[0]
+  dead = jnp.diagonal(gram) == 0
+  gram = jnp.where(jnp.diag(dead), jnp.ones_like(gram), gram)
+  mean_diagonal = jnp.mean(jnp.diagonal(gram)[:d_in])
+  gram = gram + damp * mean_diagonal * jnp.eye(d, dtype=gram.dtype)
+  lower = jnp.linalg.cholesky(gram)
+  inverse = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(d, dtype=gram.dtype))
+  upper = jnp.linalg.cholesky(inverse).T
+  return upper, jnp.all(jnp.isfinite(upper))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "bits", "grid", "granularity", "group_size", "scalar", "block_size", "damp",
+    "act_order", "static_groups"))
+def gptq_solve(wt, gram, *, bits, grid, granularity, group_size, scalar, block_size,
+               damp, act_order, static_groups):
+  """Jitted GPTQ core in channel-major layout; see :func:`gptq_layer`.
+
+  Returns:
+    ``(qt, codes_t, grid, error, positive_definite)``.
+  """
+  gram = gram.astype(wt.dtype)
+  d_out, d_in = wt.shape
+  options = dict(bits=bits, grid=grid, scalar=scalar)
+  grouped = granularity == "group"
+  dynamic_groups = grouped and not static_groups
+  # Grids fixed before the sweep; dynamic groups replace theirs on the way.
+  g = grid_lib.make_grid(wt, granularity=granularity, group_size=group_size, **options)
+  if act_order:
+    perm = jnp.argsort(-jnp.diagonal(gram), stable=True)
+  else:
+    perm = jnp.arange(d_in)
+  block = group_size * max(1, block_size // group_size) if grouped else block_size
+  n = -(-d_in // block) * block
+  pad = n - d_in
+  # Padded inputs come last with an identity Gram: they take no error from the
+  # real ones and give none back.
+  w_perm = jnp.pad(wt[:, perm], ((0, 0), (0, pad)))
+  gram_perm = jnp.pad(gram[perm][:, perm], ((0, pad), (0, pad)))
+  gram_perm = gram_perm + jnp.diag((jnp.arange(n) >= d_in).astype(gram.dtype))
+  upper, positive_definite = _inverse_cholesky(gram_perm, damp, d_in)
+  groups = grid_lib.num_groups(d_in, group_size)
+  values = g.values().reshape(d_out, groups, -1)
+  group_of = (jnp.minimum(jnp.pad(perm, (0, pad)) // (group_size or d_in), groups - 1)
+              if grouped else jnp.zeros((n,), jnp.int32))
+
+  def block_step(w_all, start):
+    w_block = jax.lax.dynamic_slice_in_dim(w_all, start, block, axis=1)
+    u_block = jax.lax.dynamic_slice_in_dim(upper, start, block, axis=0)
+    u_diag = jax.lax.dynamic_slice_in_dim(u_block, start, block, axis=1)
+
+    def group_grid(w_block, i):
+      """The grid of the group starting at input i, from the weights as updated."""
+      span = jax.lax.dynamic_slice_in_dim(w_block, i, group_size, axis=1)
+      # A ragged last group: stand-ins equal to its first input keep min and max.
+      valid = (start + i + jnp.arange(group_size)) < d_in
+      span = jnp.where(valid[None, :], span, span[:, :1])
+      return grid_lib.make_grid(span, granularity="channel", **options)
+
+    def column(i, carry):
+      w_block, quantized, errors, codes, current, used = carry
+      if dynamic_groups:
+        current = jax.lax.cond(i % group_size == 0, group_grid, lambda *_: current,
+                               w_block, i)
+        used = jax.tree.map(
+            lambda table, field: jax.lax.dynamic_update_index_in_dim(
+                table, field, i // group_size, axis=0), used, current)
+        row_values = current.values()
+      else:
+        row_values = values[:, group_of[start + i]]
+      w_i = jax.lax.dynamic_index_in_dim(w_block, i, axis=1, keepdims=False)
+      code, q_i = grid_lib.nearest(row_values, w_i)
+      error = (w_i - q_i) / u_diag[i, i]
+      # U is upper triangular: only inputs from i on move.
+      w_block = w_block - error[:, None] * u_diag[i][None, :]
+      put = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, axis=1)
+      return (w_block, put(quantized, q_i), put(errors, error), put(codes, code),
+              current, used)
+
+    # Per-channel stand-ins (unused without dynamic groups) fix the carry's shapes.
+    current = jax.tree.map(lambda a: a[:d_out], g)
+    used = jax.tree.map(lambda a: jnp.stack([a] * (block // (group_size or block))),
+                        current)
+    _, quantized, errors, codes, _, used = jax.lax.fori_loop(
+        0, block, column,
+        (w_block, jnp.zeros_like(w_block), jnp.zeros_like(w_block),
+         jnp.zeros(w_block.shape, jnp.int32), current, used))
+    later = (jnp.arange(n) >= start + block)[None, :]
+    w_all = w_all - jnp.where(later, jnp.matmul(
+        errors, u_block, precision=jax.lax.Precision.HIGHEST), 0.0)
+    return w_all, (quantized, codes, used)
+
+  starts = jnp.arange(0, n, block)
+  _, (q_blocks, code_blocks, used) = jax.lax.scan(block_step, w_perm, starts)
+  unblock = lambda a: jnp.swapaxes(a, 0, 1).reshape(d_out, n)[:, :d_in]
+  inverse = jnp.argsort(perm)
+  qt = unblock(q_blocks)[:, inverse]
+  codes = unblock(code_blocks)[:, inverse]
+  if dynamic_groups:
+    # (blocks, groups per block, d_out, ...) -> rows (channel, group), as make_grid.
+    g = jax.tree.map(
+        lambda a: jnp.swapaxes(a.reshape((-1,) + a.shape[2:])[:groups], 0, 1).reshape(
+            (d_out * groups,) + a.shape[3:]), used)
+  error = objective.reconstruction_error(wt.T, qt.T, gram)
+  return qt, codes, g, error, positive_definite

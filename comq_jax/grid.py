@@ -24,11 +24,15 @@ import numpy as np
 from inq_jax import pow2
 
 GRIDS = ("asymmetric", "symmetric", "pow2")
-GRANULARITIES = ("channel", "layer")
+GRANULARITIES = ("channel", "group", "layer")
 
 
 class Grid(NamedTuple):
-  """Per-channel quantization grid, values ``units * step[:, None]``.
+  """Per-channel (or per-group) quantization grid, values ``units * step[:, None]``.
+
+  Its rows are the output channels, or with ``granularity="group"`` the
+  ``(channel, group)`` pairs (``d_out * groups`` rows, see :func:`make_grid`);
+  the shapes below say ``d_out`` for either.
 
   Attributes:
     units: ``(d_out, L)`` sorted level units (they already include ``scalar``).
@@ -53,8 +57,8 @@ class Grid(NamedTuple):
     return self.units * self.step[:, None]
 
 
-def check_options(*, bits, grid, granularity, scalar) -> None:
-  """Raises ValueError on a bad bit width, mode string or ``scalar``."""
+def check_options(*, bits, grid, granularity, scalar, group_size=None) -> None:
+  """Raises ValueError on a bad bit width, mode string, ``scalar`` or group size."""
   pow2.check_bits(bits)
   if grid not in GRIDS:
     raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}.")
@@ -67,6 +71,68 @@ def check_options(*, bits, grid, granularity, scalar) -> None:
     raise ValueError(
         "grid='pow2' needs scalar=1.0: a shrink factor would move the levels "
         f"off the powers of two, got scalar={scalar!r}.")
+  if granularity == "group":
+    if (isinstance(group_size, (bool, np.bool_))
+        or not isinstance(group_size, (int, np.integer)) or group_size < 1):
+      raise ValueError("granularity='group' needs group_size, an integer >= 1 "
+                       f"(inputs per scale), got {group_size!r}.")
+  elif group_size is not None:
+    raise ValueError(f"group_size={group_size!r} is only for granularity='group', "
+                     f"not {granularity!r}.")
+
+
+def num_groups(d_in: int, group_size) -> int:
+  """Groups along ``d_in``: ``ceil(d_in / group_size)``, 1 without groups."""
+  return 1 if group_size is None else -(-d_in // group_size)
+
+
+def group_rows(wt, group_size):
+  """``(d_out, d_in)`` as ``(d_out * groups, group_size)``: one row per group.
+
+  A ragged last group (``group_size`` not dividing ``d_in``) is padded with
+  copies of its last weight, which leaves its min, max and max-abs unchanged.
+  """
+  d_out, d_in = wt.shape
+  pad = num_groups(d_in, group_size) * group_size - d_in
+  if pad:
+    wt = jnp.pad(wt, ((0, 0), (0, pad)), mode="edge")
+  return wt.reshape(-1, group_size)
+
+
+def lookup(table, codes, group_size=None):
+  """Per-weight entries of a grid table: ``table[row of (j, i), codes[j, i]]``.
+
+  Args:
+    table: ``(d_out * groups, L)``, one row per channel, or per ``(channel,
+      group)`` with ``group_size`` inputs per group (the last may be shorter).
+    codes: ``(d_out, d_in)`` int indices into the rows.
+    group_size: inputs per group, or None for one row per channel.
+
+  Returns:
+    ``(d_out, d_in)``.
+  """
+  if group_size is None:
+    return jnp.take_along_axis(table, codes, axis=1)
+  d_out, d_in = codes.shape
+  groups = num_groups(d_in, group_size)
+  padded = jnp.pad(codes, ((0, 0), (0, groups * group_size - d_in)))
+  out = jnp.take_along_axis(table.reshape(d_out, groups, -1),
+                            padded.reshape(d_out, groups, group_size), axis=2)
+  return out.reshape(d_out, groups * group_size)[:, :d_in]
+
+
+def round_to_grid(values, wt, group_size=None):
+  """Nearest grid value of every weight: ``(codes, rounded)``, both ``wt``-shaped.
+
+  ``values`` has one row per channel, or per ``(channel, group)`` of
+  ``group_size`` inputs (see :func:`make_grid`).
+  """
+  if group_size is None:
+    return nearest(values, wt)
+  d_out, d_in = wt.shape
+  codes, rounded = nearest(values, group_rows(wt, group_size))
+  crop = lambda a: a.reshape(d_out, -1)[:, :d_in]
+  return crop(codes), crop(rounded)
 
 
 def _reduce(wt, fn, granularity):
@@ -78,7 +144,8 @@ def _reduce(wt, fn, granularity):
 
 
 def make_grid(wt, *, bits: int, grid: str = "asymmetric",
-              granularity: str = "channel", scalar: float = 1.0) -> Grid:
+              granularity: str = "channel", scalar: float = 1.0,
+              group_size=None) -> Grid:
   """Builds the grid of each output channel from the weights.
 
   * ``"asymmetric"`` (official COMQ): ``δ = (max - min) / (2^b - 1)``,
@@ -100,7 +167,10 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     ``exponent`` as ``n1`` (per channel, or per layer).
 
   With ``granularity="layer"`` the statistics are taken over the whole
-  matrix and broadcast to every channel.
+  matrix and broadcast to every channel. With ``granularity="group"`` each
+  channel has one grid per ``group_size`` consecutive inputs: the grid rows
+  are ``(channel, group)`` pairs, row ``j * groups + k`` for inputs
+  ``k * group_size ...``; a last group of fewer inputs takes the rest.
 
   Args:
     wt: ``(d_out, d_in)`` weights, channel-major.
@@ -108,11 +178,16 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     grid: ``"asymmetric"``, ``"symmetric"`` or ``"pow2"``.
     granularity: ``"channel"`` or ``"layer"``.
     scalar: the official ``--scalar`` shrink factor λ in (0, 1].
+    group_size: inputs per grid with ``granularity="group"``.
 
   Returns:
-    A :class:`Grid`.
+    A :class:`Grid` with one row per channel, or ``d_out * groups`` rows.
   """
-  check_options(bits=bits, grid=grid, granularity=granularity, scalar=scalar)
+  check_options(bits=bits, grid=grid, granularity=granularity, scalar=scalar,
+                group_size=group_size)
+  if granularity == "group":
+    return make_grid(group_rows(wt, group_size), bits=bits, grid=grid,
+                     granularity="channel", scalar=scalar)
   dtype = wt.dtype
   d_out = wt.shape[0]
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from comq_jax import baselines
 from comq_jax import grid as grid_lib
 from comq_jax import objective
 
@@ -73,7 +74,7 @@ def greedy_order(wt, gram_diag):
 _BLOCK = 16
 
 
-def _sweep(wt, qt, values, gram, perm, *, first):
+def _sweep(wt, qt, values, gram, perm, *, first, group_size=None):
   """One coordinate-descent pass; every channel visits its own order.
 
   Step ``t`` sets ``q_ji``, ``i = perm[j, t]``, to the grid point nearest to
@@ -91,16 +92,29 @@ def _sweep(wt, qt, values, gram, perm, *, first):
 
   Args:
     wt, qt: ``(d_out, d_in)`` weights and current quantized weights.
-    values: ``(d_out, L)`` grid values.
+    values: ``(d_out * groups, L)`` grid values, one row per channel or per
+      ``(channel, group)`` (:func:`comq_jax.grid.make_grid`).
     gram: ``(d_in, d_in)`` Gram matrix.
     perm: ``(d_out, d_in)`` or ``(1, d_in)`` int32 visiting orders.
     first: ``qt`` is ``wt`` (so ``E = 0`` needs no matmul).
+    group_size: inputs per group of the grid rows, or None (one per channel).
 
   Returns:
     ``(qt, codes)``, both ``(d_out, d_in)``.
   """
   d_out, d_in = wt.shape
   shared = perm.shape[0] == 1
+  groups = grid_lib.num_groups(d_in, group_size)
+  per_group = values.reshape(d_out, groups, -1)
+
+  def row_values(coords):
+    """``(d_out, L)`` grid of each channel at input ``coords`` (its group)."""
+    if group_size is None:
+      return values
+    group = jnp.minimum(coords // group_size, groups - 1)  # padded inputs: any
+    group = jnp.broadcast_to(group, (d_out,))
+    return jnp.take_along_axis(per_group, group[:, None, None], axis=1)[:, 0]
+
   pad = -d_in % _BLOCK
   if pad:
     # Padded inputs have zero Gram rows and come last: they change nothing.
@@ -141,7 +155,7 @@ def _sweep(wt, qt, values, gram, perm, *, first):
       target = jnp.where(col(live),
                          w_s + (col(eb) - h_s * (w_s - q_s)) / col(safe_h),
                          w_s)
-      c, q = grid_lib.nearest(values, target)
+      c, q = grid_lib.nearest(row_values(col(idx)), target)
       row = jax.lax.dynamic_index_in_dim(pairs, s, axis=1, keepdims=False)
       eb = eb + (q_s - q)[:, None] * row
       put = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, s, axis=1)
@@ -170,15 +184,36 @@ def _sweep(wt, qt, values, gram, perm, *, first):
   return qt[:, :d_in], codes[:, :d_in]
 
 
-def _update_scale(wt, codes, g, gram, granularity, is_pow2):
+def _best_step(num, den, old_step, old_exponent, is_pow2):
+  """Minimiser of ``s^2 den - 2 s num`` over positive steps (powers of two for pow2).
+
+  The objective is a convex quadratic in ``s``, so the best power of two is one
+  of the two around the unconstrained optimum. A non-positive or undefined
+  optimum keeps the old step.
+  """
+  ok = (den > 0) & (num > 0)
+  best = jnp.where(ok, num / jnp.where(ok, den, jnp.ones_like(den)), old_step)
+  exponent = old_exponent
+  if is_pow2:
+    lo_exp = jnp.floor(jnp.log2(best)).astype(jnp.int32)
+    lo = jnp.ldexp(jnp.ones_like(best), lo_exp)
+    hi = 2.0 * lo
+    cost = lambda s: s * s * den - 2.0 * s * num
+    pick_hi = cost(hi) < cost(lo)
+    best = jnp.where(ok, jnp.where(pick_hi, hi, lo), old_step)
+    exponent = jnp.where(ok, lo_exp + pick_hi.astype(jnp.int32), exponent)
+  return best, exponent
+
+
+def _update_scale(wt, codes, g, gram, granularity, group_size, is_pow2):
   """Least-squares step for fixed codes (the paper's scale update).
 
   Per channel ``δ_j = (u_j^T H w_j) / (u_j^T H u_j)`` with ``u_j`` the level
   units of the codes (per layer: sums over channels). pow2 steps stay powers
-  of two: the objective is a convex quadratic in ``δ``, so the best power of
-  two is one of the two around the unconstrained optimum. A non-positive or
-  undefined optimum keeps the old step.
+  of two (:func:`_best_step`). With groups, see :func:`_update_group_scales`.
   """
+  if granularity == "group":
+    return _update_group_scales(wt, codes, g, gram, group_size, is_pow2)
   u = jnp.take_along_axis(g.units, codes, axis=1)
   uh = jnp.matmul(u, gram, precision=jax.lax.Precision.HIGHEST)
   num = jnp.sum(uh * wt, axis=1)
@@ -186,31 +221,60 @@ def _update_scale(wt, codes, g, gram, granularity, is_pow2):
   if granularity == "layer":
     num = jnp.broadcast_to(jnp.sum(num), num.shape)
     den = jnp.broadcast_to(jnp.sum(den), den.shape)
-  ok = (den > 0) & (num > 0)
-  best = jnp.where(ok, num / jnp.where(ok, den, jnp.ones_like(den)), g.step)
-  exponent = g.exponent
-  if is_pow2:
-    lo_exp = jnp.floor(jnp.log2(best)).astype(jnp.int32)
-    lo = jnp.ldexp(jnp.ones_like(best), lo_exp)
-    hi = 2.0 * lo
-    cost = lambda s: s * s * den - 2.0 * s * num
-    pick_hi = cost(hi) < cost(lo)
-    best = jnp.where(ok, jnp.where(pick_hi, hi, lo), g.step)
-    exponent = jnp.where(ok, lo_exp + pick_hi.astype(jnp.int32), exponent)
-  return g._replace(step=best, exponent=exponent)
+  step, exponent = _best_step(num, den, g.step, g.exponent, is_pow2)
+  return g._replace(step=step, exponent=exponent)
+
+
+def _update_group_scales(wt, codes, g, gram, size, is_pow2):
+  """The scale step with one scale per ``(channel, group)``, group after group.
+
+  For group ``k`` with the other groups' scales fixed, the objective is a
+  quadratic in ``δ_jk`` with optimum ``u_jk^T H (w_j - q_j^{(-k)}) /
+  (u_jk^T H u_jk)``, ``u_jk`` the units of group ``k`` (zero elsewhere). One
+  pass of these exact block steps (block coordinate descent) never raises the
+  objective; the residual ``H (w - q)`` follows each step.
+  """
+  d_out, d_in = wt.shape
+  groups = grid_lib.num_groups(d_in, size)
+  pad = groups * size - d_in
+  u = jnp.pad(grid_lib.lookup(g.units, codes, size), ((0, 0), (0, pad)))
+  gram = jnp.pad(gram, ((0, pad), (0, pad)))
+  steps = g.step.reshape(d_out, groups)
+  exponents = g.exponent.reshape(d_out, groups)
+  q = u * jnp.repeat(steps, size, axis=1)
+  residual = jnp.matmul(jnp.pad(wt, ((0, 0), (0, pad))) - q, gram,
+                        precision=jax.lax.Precision.HIGHEST)
+
+  def group_step(k, carry):
+    steps, exponents, residual = carry
+    u_k = jax.lax.dynamic_slice_in_dim(u, k * size, size, axis=1)
+    uh = jnp.matmul(u_k, jax.lax.dynamic_slice_in_dim(gram, k * size, size, axis=0),
+                    precision=jax.lax.Precision.HIGHEST)
+    den = jnp.sum(jax.lax.dynamic_slice_in_dim(uh, k * size, size, axis=1) * u_k, axis=1)
+    old = steps[:, k]
+    num = jnp.sum(jax.lax.dynamic_slice_in_dim(residual, k * size, size, axis=1) * u_k,
+                  axis=1) + old * den
+    new, exponent = _best_step(num, den, old, exponents[:, k], is_pow2)
+    residual = residual - (new - old)[:, None] * uh
+    return steps.at[:, k].set(new), exponents.at[:, k].set(exponent), residual
+
+  steps, exponents, _ = jax.lax.fori_loop(0, groups, group_step,
+                                          (steps, exponents, residual))
+  return g._replace(step=steps.reshape(-1), exponent=exponents.reshape(-1))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "bits", "iters", "order", "scale_update", "scalar", "grid", "granularity"))
+    "bits", "iters", "order", "scale_update", "scalar", "grid", "granularity",
+    "group_size", "init"))
 def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
-          granularity):
+          granularity, group_size=None, init="float"):
   """Jitted COMQ core in channel-major layout; see :func:`quantize_layer`.
 
   Args:
     wt: ``(d_out, d_in)`` float weights.
     gram: ``(d_in, d_in)`` Gram matrix of the layer inputs.
-    bits, iters, order, scale_update, scalar, grid, granularity: as in
-      :func:`quantize_layer` (static).
+    bits, iters, order, scale_update, scalar, grid, granularity, group_size,
+      init: as in :func:`quantize_layer` (static).
 
   Returns:
     ``(qt, codes_t, grid, error, history)`` with ``qt``/``codes_t`` of shape
@@ -218,7 +282,7 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
   """
   gram = gram.astype(wt.dtype)
   g = grid_lib.make_grid(wt, bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar)
+                         scalar=scalar, group_size=group_size)
   error = lambda qt: objective.reconstruction_error(wt.T, qt.T, gram)
   if order == "greedy":
     perm = greedy_order(wt, jnp.diagonal(gram))
@@ -226,16 +290,26 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
     perm = jnp.arange(wt.shape[1], dtype=jnp.int32)[None, :]
   def one_round(qt, g, first):
     """A sweep, then the optional scale step; returns their errors too."""
-    qt, codes = _sweep(wt, qt, g.values(), gram, perm, first=first)
+    qt, codes = _sweep(wt, qt, g.values(), gram, perm, first=first,
+                       group_size=group_size)
     errors = [error(qt)]
     if scale_update:
-      g = _update_scale(wt, codes, g, gram, granularity, grid == "pow2")
-      qt = jnp.take_along_axis(g.values(), codes, axis=1)
+      g = _update_scale(wt, codes, g, gram, granularity, group_size, grid == "pow2")
+      qt = grid_lib.lookup(g.values(), codes, group_size)
       errors.append(error(qt))
     return qt, codes, g, jnp.stack(errors)
 
-  # The first sweep starts from the unrounded weights (official code).
-  qt, codes, g, errors = one_round(wt, g, True)
+  if init == "gptq":
+    start, _, _, _, positive_definite = baselines.gptq_solve(
+        wt, gram, bits=bits, grid=grid, granularity=granularity,
+        group_size=group_size, scalar=scalar, static_groups=True,
+        **baselines.GPTQ_DEFAULTS)
+    # Without a usable Cholesky factor GPTQ has no solution: start from W.
+    start = jnp.where(positive_definite, start, wt)
+    qt, codes, g, errors = one_round(start, g, False)
+  else:
+    # The first sweep starts from the unrounded weights (official code).
+    qt, codes, g, errors = one_round(wt, g, True)
   history = jnp.zeros((iters,) + errors.shape, errors.dtype).at[0].set(errors)
 
   def later_round(k, carry):
@@ -250,11 +324,14 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
   return qt, codes, g, history[-1], history
 
 
+INITS = ("float", "gptq")
+
+
 def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
                    order: str = "greedy", scale_update: bool = False,
                    scalar: float = 1.0, grid: str = "asymmetric",
-                   granularity: str = "channel",
-                   gram=None) -> objective.LayerQuantization:
+                   granularity: str = "channel", group_size=None,
+                   init: str = "float", gram=None) -> objective.LayerQuantization:
   """Quantizes one linear layer with COMQ coordinate descent.
 
   Minimises the layer reconstruction error over the grid of
@@ -280,8 +357,15 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
   (official code); ``"cyclic"`` uses ``0..d_in-1``. With
   ``scale_update=True`` each sweep is followed by the paper's closed-form
   scale step (least squares in ``δ_j``, or one ``δ`` for
-  ``granularity="layer"``), which the official code omits. No step can raise
-  the objective. The defaults reproduce the official code.
+  ``granularity="layer"``; with groups, one exact step per group in turn),
+  which the official code omits. No step can raise the objective. The
+  defaults reproduce the official code.
+
+  ``init="gptq"`` starts the sweeps from GPTQ's solution on the same grid
+  (:func:`comq_jax.gptq_layer`, default options, static groups) instead of
+  from ``W``: since no sweep raises the objective, the result is never worse
+  than GPTQ's. (Where ``H`` is not positive definite even after GPTQ's
+  damping, the sweeps start from ``W``.)
 
   Guards: an input with ``H_ii = 0`` (dead feature) is rounded to nearest;
   a constant weight channel is represented exactly (see ``make_grid``).
@@ -295,7 +379,11 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
     scale_update: alternate sweeps with least-squares scale updates.
     scalar: shrink factor λ in (0, 1] of the grid (official ``--scalar``).
     grid: ``"asymmetric"`` (official), ``"symmetric"`` or ``"pow2"``.
-    granularity: ``"channel"`` or ``"layer"`` (one scale for the layer).
+    granularity: ``"channel"``, ``"group"`` (one scale per ``group_size``
+      consecutive inputs of a channel) or ``"layer"`` (one for the layer).
+    group_size: inputs per scale with ``granularity="group"``; a last group
+      of fewer inputs takes the rest when it does not divide ``d_in``.
+    init: ``"float"`` (start from ``W``, official) or ``"gptq"``.
     gram: ``(d_in, d_in)`` ``X^T X``, e.g. from :func:`accumulate_gram`.
 
   Returns:
@@ -306,11 +394,8 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
       (for concrete inputs) NaN/inf values.
   """
   grid_lib.check_options(bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar)
-  if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-    raise ValueError(f"iters must be an integer >= 1, got {iters!r}.")
-  if order not in ORDERS:
-    raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
+                         scalar=scalar, group_size=group_size)
+  check_options(iters=iters, order=order, init=init)
   w = jnp.asarray(w)
   gram = objective.check_layer_inputs(w, x, gram)
   if gram is None:
@@ -319,7 +404,17 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
   qt, codes, g, error, history = solve(
       w.T.astype(dtype), gram, bits=bits, iters=iters, order=order,
       scale_update=bool(scale_update), scalar=float(scalar), grid=grid,
-      granularity=granularity)
-  return objective.layer_result(w, qt, codes, g, error, history)
+      granularity=granularity, group_size=group_size, init=init)
+  return objective.layer_result(w, qt, codes, g, error, history, group_size)
+
+
+def check_options(*, iters, order, init) -> None:
+  """Raises ValueError on COMQ solver options outside their ranges."""
+  if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+    raise ValueError(f"iters must be an integer >= 1, got {iters!r}.")
+  if order not in ORDERS:
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
+  if init not in INITS:
+    raise ValueError(f"init must be one of {INITS}, got {init!r}.")
 
 

@@ -29,7 +29,7 @@ from inq_jax import layers
 from inq_jax.deploy.packing import SizeReport
 
 INPUTS = ("fp", "sequential")
-METHODS = ("comq", "rtn")
+METHODS = ("comq", "gptq", "rtn")
 
 PyTree = Any
 
@@ -74,13 +74,16 @@ class ModelQuantization(NamedTuple):
     """Bytes of the model with its quantized kernels stored as codes.
 
     A quantized kernel takes ``ceil(bits * size / 8)`` bytes of codes plus
-    its grid parameters (:func:`comq_jax.grid.parameter_bytes`); every other
+    its grid parameters (:func:`comq_jax.grid.parameter_bytes`: per layer,
+    per output channel, or per output channel and group of its ``d_in =
+    size / d_out`` inputs); every other
     leaf counts in its own dtype. ``codebook_bytes`` is the
     information-theoretic size, ``log2(levels)`` bits per weight.
     ``entropy_bytes`` is None (not measured).
     """
     bits, grid = self.settings["bits"], self.settings["grid"]
-    per_layer = self.settings["granularity"] == "layer"
+    granularity = self.settings["granularity"]
+    group_size = self.settings["group_size"]
     quantized = {"params": self.quantized_mask()}
     for name, collection in self.variables.items():
       if name != "params":
@@ -98,8 +101,10 @@ class ModelQuantization(NamedTuple):
         codebook += own
         continue
       quantized_size += size
-      grid_bytes = grid_lib.parameter_bytes(
-          grid, 1 if per_layer else leaf.shape[-1])
+      d_in = size // leaf.shape[-1]
+      num_grids = {"layer": 1, "channel": leaf.shape[-1],
+                   "group": leaf.shape[-1] * grid_lib.num_groups(d_in, group_size)}
+      grid_bytes = grid_lib.parameter_bytes(grid, num_grids[granularity])
       packed += math.ceil(bits * size / 8) + grid_bytes
       codebook += size * math.log2(grid_lib.num_levels(bits, grid)) / 8 + grid_bytes
     return SizeReport(fp32_bytes=fp32, packed_bytes=packed,
@@ -159,18 +164,29 @@ def _solve_layer(module, kernel, gram, method, options):
   """The method and RTN for every group of one layer; kernel and errors."""
   mats = layers.grouped_kernel(module, kernel).astype(
       objective.compute_dtype(kernel.dtype))
-  rtn_options = {k: options[k] for k in ("bits", "grid", "granularity",
-                                        "scalar")}
+  grid_options = {k: options[k] for k in ("bits", "grid", "granularity", "scalar",
+                                         "group_size")}
 
   def rtn(w, h):
-    q, _, _ = baselines.rtn_solve(w.T, **rtn_options)
+    q, _, _ = baselines.rtn_solve(w.T, **grid_options)
     return q, objective.reconstruction_error(w, q.T, h)
 
   qt, rtn_err = jax.vmap(rtn)(mats, gram)
   err = rtn_err
   if method == "comq":
-    solve = jax.vmap(lambda w, h: layer_lib.solve(w.T, h, **options))
+    comq_options = {k: options[k] for k in ("iters", "order", "scale_update", "init")}
+    solve = jax.vmap(lambda w, h: layer_lib.solve(w.T, h, **grid_options,
+                                                  **comq_options))
     qt, _, _, err, _ = solve(mats, gram)
+  elif method == "gptq":
+    gptq_options = {k: options[k] for k in ("block_size", "damp", "act_order",
+                                           "static_groups")}
+    solve = jax.vmap(lambda w, h: baselines.gptq_solve(w.T, h, **grid_options,
+                                                       **gptq_options))
+    qt, _, _, err, positive_definite = solve(mats, gram)
+    if not bool(jnp.all(positive_definite)):
+      raise ValueError(f"{layers.path_name(module.path)}: H is not positive definite "
+                       f"after damping with damp={options['damp']}; raise damp.")
   q = jnp.transpose(qt, (0, 2, 1))
   new_kernel = layers.kernel_from_grouped(module, q, kernel.shape)
   total = lambda e: float(jnp.sqrt(jnp.sum(e * e)))
@@ -188,6 +204,9 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
                    iters: int = 1, order: str = "greedy",
                    scale_update: bool = False, scalar: float = 1.0,
                    grid: str = "asymmetric", granularity: str = "channel",
+                   group_size=None, init: str = "float", block_size: int = 128,
+                   damp: float = 0.01, act_order: bool = False,
+                   static_groups: bool = False,
                    skip: Optional[Callable[[str, Any], bool]] = None,
                    inputs: str = "fp", **apply_kwargs) -> ModelQuantization:
   """Quantizes every ``nn.Dense`` / ``nn.Conv`` kernel of a model.
@@ -199,6 +218,7 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
   solve per feature group, vmapped) with ``method``:
 
   * ``"comq"``: :func:`comq_jax.quantize_layer` coordinate descent;
+  * ``"gptq"``: :func:`comq_jax.gptq_layer`, on the same Grams and grid;
   * ``"rtn"``: round-to-nearest on the same grid (the data only measure the
     error).
 
@@ -216,11 +236,13 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
     variables: the model variables; must contain ``"params"``.
     calibration_batches: iterable of model inputs (re-iterated per layer for
       ``"sequential"``, so pass a list).
-    bits, iters, order, scale_update, scalar, grid, granularity: as in
-      :func:`comq_jax.quantize_layer` (``"layer"`` granularity shares a
-      scale per feature group); ``method="rtn"`` uses only ``bits``,
-      ``grid``, ``granularity`` and ``scalar``.
-    method: ``"comq"`` or ``"rtn"``.
+    bits, iters, order, scale_update, scalar, grid, granularity, group_size,
+      init: as in :func:`comq_jax.quantize_layer` (``"layer"`` granularity
+      shares a scale per feature group); ``method="rtn"`` uses only the grid
+      options.
+    block_size, damp, act_order, static_groups: as in
+      :func:`comq_jax.gptq_layer` (``method="gptq"``).
+    method: ``"comq"``, ``"gptq"`` or ``"rtn"``.
     skip: optional predicate ``skip(path, kernel) -> bool`` with ``path`` the
       module path as a ``/``-joined string (e.g. ``"Dense_0"``,
       ``"block1/conv2"``); skipped layers stay in float and are listed in
@@ -232,16 +254,15 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
     A :class:`ModelQuantization`.
   """
   grid_lib.check_options(bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar)
+                         scalar=scalar, group_size=group_size)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}.")
-  if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-    raise ValueError(f"iters must be an integer >= 1, got {iters!r}.")
-  if order not in layer_lib.ORDERS:
-    raise ValueError(
-        f"order must be one of {layer_lib.ORDERS}, got {order!r}.")
+  layer_lib.check_options(iters=iters, order=order, init=init)
+  baselines.check_gptq_options(granularity=granularity, block_size=block_size,
+                               damp=damp, act_order=act_order,
+                               static_groups=static_groups)
   if "params" not in variables:
     raise ValueError("variables must contain a 'params' collection.")
   apply_fn = layers.apply_fn_of(model_or_apply)
@@ -250,7 +271,9 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
     raise ValueError("calibration_batches is empty.")
   options = dict(bits=bits, iters=iters, order=order,
                  scale_update=bool(scale_update), scalar=float(scalar),
-                 grid=grid, granularity=granularity)
+                 grid=grid, granularity=granularity, group_size=group_size,
+                 init=init, block_size=block_size, damp=float(damp),
+                 act_order=bool(act_order), static_groups=bool(static_groups))
 
   layer_order, grams, modules = _capture(apply_fn, variables, batches,
                                          apply_kwargs, None)

@@ -60,12 +60,16 @@ class LayerQuantization(NamedTuple):
   """Result of :func:`comq_jax.quantize_layer` and the baselines.
 
   Layouts follow Flax: weight-shaped arrays are ``(d_in, d_out)`` and
-  per-channel arrays have length ``d_out``.
+  per-channel arrays have length ``d_out``. With group-wise grids
+  (``group_size`` set) the per-channel arrays gain a group axis: ``(d_out,
+  groups)``, and ``levels`` is ``(d_out, groups, L)``; input ``i`` belongs
+  to group ``i // group_size`` (the last group may be shorter).
 
   Attributes:
     weights: de-quantized weights, shape and dtype of ``w``;
-      ``weights[i, j] == levels[j, codes[i, j]]``.
-    codes: int32 index of each weight into its channel's sorted ``levels``.
+      ``weights[i, j] == levels[j, codes[i, j]]`` (``levels[j, i //
+      group_size, codes[i, j]]`` with groups).
+    codes: int32 index of each weight into its grid's sorted ``levels``.
     levels: ``(d_out, L)`` grid values of each channel, in ``w``'s dtype.
     scale: ``(d_out,)`` value of one integer code step. Uniform grids decode
       as ``scale * (codes - zero_point)`` (to 1 ulp); for pow2 this is
@@ -73,6 +77,7 @@ class LayerQuantization(NamedTuple):
     zero_point: ``(d_out,)`` int32 code of zero (``-z`` of the official grid).
     exponent: ``(d_out,)`` int32 INQ ``n1`` per channel for ``grid="pow2"``
       (pack with :func:`inq_jax.pow2.pow2_encode`), zeros otherwise.
+    group_size: inputs per grid, or None for per-channel and per-layer grids.
     error: ``||X W - X weights||_F`` from the Gram, or None without data.
     history: errors after each sweep and, with ``scale_update``, after each
       scale update (``iters`` or ``2 * iters`` entries); empty for RTN.
@@ -85,6 +90,7 @@ class LayerQuantization(NamedTuple):
   exponent: jax.Array
   error: Optional[jax.Array]
   history: jax.Array
+  group_size: Optional[int] = None
 
 
 def reconstruction_error(w, q, gram):
@@ -146,12 +152,15 @@ def compute_dtype(dtype):
   return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
-def layer_result(w, qt, codes, g, error, history):
+def layer_result(w, qt, codes, g, error, history, group_size=None):
   """A :class:`LayerQuantization` from channel-major solver outputs."""
+  d_out = qt.shape[0]
+  per_row = lambda a: a if group_size is None else a.reshape((d_out, -1) + a.shape[1:])
   return LayerQuantization(
       weights=qt.T.astype(w.dtype), codes=codes.T,
-      levels=g.values().astype(w.dtype),
-      scale=g.step * g.unit_scale, zero_point=g.zero_point,
-      exponent=g.exponent, error=error, history=history)
+      levels=per_row(g.values().astype(w.dtype)),
+      scale=per_row(g.step * g.unit_scale), zero_point=per_row(g.zero_point),
+      exponent=per_row(g.exponent), error=error, history=history,
+      group_size=group_size)
 
 

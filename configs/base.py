@@ -34,8 +34,9 @@ def get_config(dataset):
   config.dataset = dataset
   config.seed = 0
   # "fp" keeps the full-precision model; "inq" runs incremental network quantization;
-  # "comq" and "rtn" quantize the trained (or imported) FP weights after training:
-  # COMQ coordinate descent on calibration images, or round-to-nearest on the same grid.
+  # "comq", "gptq" and "rtn" quantize the trained (or imported) FP weights after
+  # training: COMQ coordinate descent or GPTQ on calibration images, or round-to-nearest
+  # on the same grid.
   config.method = "fp"
   # 0 = all local devices; the batch is sharded over a 1-D mesh of this many devices.
   config.num_devices = 0
@@ -74,8 +75,26 @@ def get_config(dataset):
   config.comq.scalar = 1.0
   config.comq.grid = "asymmetric"
   config.comq.granularity = "channel"
+  # Inputs per scale with granularity "group" (e.g. 64, 128); None otherwise.
+  config.comq.group_size = config_dict.placeholder(int)
+  # "float": sweeps start from the FP weights (official); "gptq": from GPTQ's solution.
+  config.comq.init = "float"
   config.comq.inputs = "fp"
   config.comq.skip_first_last = False
+
+  # GPTQ (Frantar et al., ICLR 2023) on COMQ's grid and Grams: the paper code's block
+  # of 128 inputs and 1% dampening, no act-order, dynamic group grids.
+  config.gptq = ml_collections.ConfigDict()
+  config.gptq.bits = 4
+  config.gptq.grid = "asymmetric"
+  config.gptq.granularity = "channel"
+  config.gptq.group_size = config_dict.placeholder(int)
+  config.gptq.scalar = 1.0
+  config.gptq.block_size = 128
+  config.gptq.damp = 0.01
+  config.gptq.act_order = False
+  config.gptq.static_groups = False
+  config.gptq.skip_first_last = False
 
   # Round-to-nearest on the COMQ grid (comq_jax.round_to_nearest); the calibration data
   # only measure each layer's error;
@@ -84,11 +103,12 @@ def get_config(dataset):
   config.rtn.bits = 4
   config.rtn.grid = "asymmetric"
   config.rtn.granularity = "channel"
+  config.rtn.group_size = config_dict.placeholder(int)
   config.rtn.scalar = 1.0
   config.rtn.skip_first_last = False
 
-  # Calibration images of the post-training methods (COMQ; RTN only measures its
-  # error on them): the first num_examples of a seeded shuffle of the training split
+  # Calibration images of the post-training methods (COMQ, GPTQ; RTN only measures
+  # its error on them): the first num_examples of a seeded shuffle of the training split
   # with the training preprocessing (ImageNet: random-resized crop + flip, as the
   # official code's timm train transforms), shared by every layer (the official code
   # draws a fresh batch per layer). Must be a multiple of batch_size.

@@ -218,6 +218,67 @@ def markdown_tables(groups):
   return "\n\n".join(sections)
 
 
+POST_TRAINING = ("comq", "gptq", "rtn")
+
+
+def grid_label(run):
+  """The grid granularity of a post-training run: "channel", "layer" or "g<size>"."""
+  block = run.results["method"]
+  granularity = run.config[f"{block}.granularity"]
+  if granularity == "group":
+    return f"g{run.config[f'{block}.group_size']}"
+  return granularity
+
+
+def solver_label(run):
+  """The method's label, marking COMQ started from GPTQ's solution."""
+  label = method_label(run.results["method"])
+  if run.results["method"] == "comq" and run.config.get("comq.init") == "gptq":
+    return label + " from GPTQ"
+  return label
+
+
+def side_by_side_tables(runs):
+  """Per config with several post-training methods: a table of methods side by side.
+
+  Rows: bits and granularity; per method, test accuracy (mean ± std over seeds) and
+  the summed layer error sum_l ||X_l W_l - X_l Q_l||_F (mean over seeds), all methods
+  on the same FP models, calibration images and grids.
+  """
+  by_config = collections.defaultdict(list)
+  for run in runs:
+    if run.results["method"] in POST_TRAINING:
+      by_config[run.results["config_name"]].append(run)
+  records = [{"config": config_name, "method": solver_label(run),
+              "bits": run.results["bits"], "grid": grid_label(run),
+              "accuracy": 100 * run.results["final_accuracy"],
+              "error": sum(layer["error"] for layer in run.results["layers"])}
+             for config_name, config_runs in by_config.items()
+             if len({run.results["method"] for run in config_runs}) > 1
+             for run in config_runs]
+  sections = []
+  if not records:
+    return sections
+  table = pd.DataFrame(records)
+  for config_name, config_table in table.groupby("config", sort=False):
+    stats = config_table.groupby(["bits", "grid", "method"], sort=False).agg(
+        mean=("accuracy", "mean"), std=("accuracy", "std"), seeds=("accuracy", "size"),
+        error=("error", "mean"))
+    stats["cell"] = [f"{format_mean_std(row.mean, row.std, row.seeds)} ({row.error:.1f})"
+                     for row in stats.itertuples()]
+    pivot = stats["cell"].unstack("method").sort_index(ascending=[False, True])
+    header = ["bits", "grid"] + list(pivot.columns)
+    lines = [f"### {config_name}: methods side by side", "",
+             "Test accuracy (%), mean ± std over seeds, and in parentheses the summed "
+             "layer error (mean over seeds).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([str(bits), grid] + [cell if isinstance(cell, str)
+                                                      else "" for cell in row]) + " |"
+              for (bits, grid), row in pivot.iterrows()]
+    sections.append("\n".join(lines))
+  return sections
+
+
 def summary_rows(groups):
   fields = list(dict.fromkeys(field for group in groups for field, _ in group.setting))
   rows = []
@@ -388,7 +449,8 @@ def write_report(workdir):
       f"{len(runs)} runs under `{workdir}`; test accuracy in percent, "
       "mean ± sample standard deviation over the seeds listed (no ± for one seed); "
       "Δ is the mean over seeds of (final − FP) of the same run.", "",
-      markdown_tables(groups), ""] + images)
+      markdown_tables(groups), ""] + [section + "\n" for section in
+                                       side_by_side_tables(runs)] + images)
   files.write_atomically(paths["report.md"], markdown)
   logging.info("Report of %d runs in %d groups written to %s", len(runs), len(groups),
                report_dir)

@@ -200,7 +200,7 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="bits"):
     comq_jax.quantize_model(model, variables, batches, bits=12)
   with pytest.raises(ValueError, match="method"):
-    comq_jax.quantize_model(model, variables, batches, bits=4, method="gptq")
+    comq_jax.quantize_model(model, variables, batches, bits=4, method="obq")
   no_linear = _NoLinear()
   with pytest.raises(ValueError, match="no nn.Dense or nn.Conv"):
     comq_jax.quantize_model(no_linear,

@@ -147,3 +147,27 @@ def test_command_line_writes_the_report(tmp_path):
   assert "| RTN | 4 | pow2 | 0,1 |" in result.stdout
   assert sorted(os.listdir(tmp_path / "report")) == [
       "accuracy_vs_bits.png", "inq_portions.png", "report.md", "results.csv", "summary.csv"]
+
+
+def test_post_training_methods_side_by_side(tmp_path):
+  # (method, granularity, group size) -> (final accuracy per seed, summed layer error)
+  cases = {("comq", "channel", None): ([0.90, 0.92], 3.0),
+           ("gptq", "channel", None): ([0.91, 0.93], 2.0),
+           ("rtn", "channel", None): ([0.50, 0.70], 9.0),
+           ("comq", "group", 64): ([0.95, 0.95], 1.5)}
+  for (method, granularity, group_size), (finals, error) in cases.items():
+    for seed, final in enumerate(finals):
+      write_run(os.path.join(str(tmp_path), f"{method},{granularity},seed={seed}"),
+                {"name": "ptq", "seed": seed, "method": method, "stop_after_steps": 0,
+                 method: {"bits": 3, "granularity": granularity,
+                          "group_size": group_size}},
+                {"config_name": "ptq", "method": method, "bits": 3, "seed": seed,
+                 "fp_accuracy": 0.95, "final_accuracy": final, "portion_accuracies": [],
+                 "layers": [{"error": error / 2}, {"error": error / 2}]})
+  (section,) = report.side_by_side_tables(report.load_runs(str(tmp_path)))
+  assert "| bits | grid | COMQ | GPTQ | RTN |" in section
+  assert "| 3 | channel | 91.00 ± 1.41 (3.0) | 92.00 ± 1.41 (2.0) | 60.00 ± 14.14 (9.0) |" \
+      in section
+  assert "| 3 | g64 | 95.00 ± 0.00 (1.5) |  |  |" in section
+  with open(report.write_report(str(tmp_path))["report.md"]) as f:
+    assert section in f.read()

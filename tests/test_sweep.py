@@ -262,6 +262,12 @@ def test_comq_and_rtn_sweeps_cover_the_requested_grid():
       ("pow2", 5), ("pow2", 4), ("pow2", 3), ("pow2", 2),
       ("asymmetric", 4), ("asymmetric", 3), ("asymmetric", 2)}
   assert all(c.method == "rtn" for _, c in points) and len(points) == 7 * 3
+  points = sweep.sweep_configs("ablation_ptq", "digits", reduced=False)
+  solvers = {(c.method, c.comq.init, c[c.method].bits, c[c.method].granularity,
+              c[c.method].group_size) for _, c in points}
+  assert len(points) == 72 and len(solvers) == 24
+  assert ("comq", "gptq", 2, "group", 64) in solvers
+  assert ("gptq", "float", 3, "channel", None) in solvers
 
 
 def shortened_run(config, workdir):
@@ -272,7 +278,11 @@ def shortened_run(config, workdir):
   return train.train_and_evaluate(configs.apply_overrides(config, fields), workdir)
 
 
-@pytest.mark.parametrize("name", ["ablation_inq_partition", "ablation_comq"])
+@pytest.mark.parametrize("name", [
+    "ablation_inq_partition",
+    # Two minutes each on 2 cores: run with `-m slow`.
+    pytest.param("ablation_comq", marks=pytest.mark.slow),
+    pytest.param("ablation_ptq", marks=pytest.mark.slow)])
 def test_reduced_sweep_runs_on_digits_and_is_reported(name, tmp_path):
   records = sweep.run_sweep(name, str(tmp_path), "digits", reduced=True,
                             train_fn=shortened_run)

@@ -44,7 +44,8 @@ class PostTrainingMethod(base.Method):
     super().check(config)
     block = config[self.name]
     comq_jax.grid.check_options(bits=block.bits, grid=block.grid,
-                                granularity=block.granularity, scalar=block.scalar)
+                                granularity=block.granularity, scalar=block.scalar,
+                                group_size=block.group_size)
 
   def bits(self, config):
     return config[self.name].bits

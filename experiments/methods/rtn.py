@@ -10,7 +10,7 @@ class RoundToNearestMethod(post_training.PostTrainingMethod):
   def solver_options(self, config):
     block = config.rtn
     return dict(bits=block.bits, grid=block.grid, granularity=block.granularity,
-                scalar=block.scalar)
+                group_size=block.group_size, scalar=block.scalar)
 
 
 METHOD = RoundToNearestMethod()
