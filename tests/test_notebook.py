@@ -29,7 +29,11 @@ def kernel_manager(kernels_dir):
   return manager.KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=spec_manager)
 
 
-def test_quickstart_notebook_runs(tmp_path):
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+  # The experiments run from a checkout (they are not installed): the kernel, like
+  # `PYTHONPATH=. jupyter notebook` in the README, finds them on PYTHONPATH.
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      filter(None, [REPO, os.environ.get("PYTHONPATH")])))
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(
       notebook, km=kernel_manager(str(tmp_path)), timeout=300,
