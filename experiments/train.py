@@ -13,6 +13,7 @@ Training batches are a pure function of (seed, phase, epoch), so a restarted run
 the same data and, on CPU, ends with bitwise-identical parameters.
 """
 
+import copy
 import json
 import os
 import time
@@ -318,8 +319,10 @@ def train_and_evaluate(config, workdir):
     state, progress = restore(manager, trainer, trainer.initial_state())
 
     def save(state):
+      # A copy: the save may finish in the background while training moves progress on.
       manager.save((manager.latest_step() or 0) + 1, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+          state=ocp.args.StandardSave(state),
+          progress=ocp.args.JsonSave(copy.deepcopy(progress))))
 
     steps_this_run = 0
     while progress["phase"] < len(trainer.phases):
