@@ -15,6 +15,7 @@ EXPERIMENTS = [
     "pandas",
     "safetensors",
     "scikit-learn",
+    "tabulate",  # pandas DataFrame.to_markdown
     "tensorflow-cpu>=2.21",
     "tensorflow-datasets>=4.9.10",
 ]

@@ -14,6 +14,9 @@ from comq_jax.grid import make_grid
 from comq_jax.layer import quantize_layer
 from comq_jax.model import LayerReport
 from comq_jax.model import ModelQuantization
+from comq_jax.model import SkippedLayer
+from comq_jax.model import Timings
+from comq_jax.model import layer_grams
 from comq_jax.model import quantize_model
 from comq_jax.objective import GramAccumulator
 from comq_jax.objective import LayerQuantization
@@ -26,8 +29,11 @@ __all__ = [
     "LayerQuantization",
     "LayerReport",
     "ModelQuantization",
+    "SkippedLayer",
+    "Timings",
     "accumulate_gram",
     "gptq_layer",
+    "layer_grams",
     "make_grid",
     "quantize_layer",
     "quantize_model",

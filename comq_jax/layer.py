@@ -22,22 +22,6 @@ from comq_jax import objective
 ORDERS = ("greedy", "cyclic")
 
 
-def _count_not_greater(sorted_rows, values):
-  """Per row, how many entries of ascending ``sorted_rows`` are ``<= values``.
-
-  A branchless binary search: ``log2(n)`` gathers instead of a sort.
-  """
-  n = sorted_rows.shape[1]
-  count = jnp.zeros(values.shape, jnp.int32)
-  step = 1 << (n.bit_length() - 1)
-  while step:
-    probe = count + step
-    entry = jnp.take_along_axis(sorted_rows, jnp.minimum(probe, n) - 1, axis=1)
-    count = jnp.where((probe <= n) & (entry <= values), probe, count)
-    step //= 2
-  return count
-
-
 def greedy_order(wt, gram_diag):
   """The official COMQ greedy visiting order of each output channel.
 
@@ -45,11 +29,10 @@ def greedy_order(wt, gram_diag):
 
   .. math:: s_{ji} = \\sqrt{H_{ii}}\\, |w_{ji}|
 
-  (``--greedy`` of the official code for Zhang et al., arXiv 2403.07134).
-  The result equals ``argsort(-s, stable=True)``. It is computed as
-  ``sort(rank * d_in + i) % d_in`` with ``rank`` the number of larger
-  scores, because XLA sorts one int32 array per row much faster than it
-  sorts (key, index) pairs.
+  (``--greedy`` of the official code for Zhang et al., arXiv 2403.07134):
+  ``argsort(-s, stable=True)``. A stable argsort compiles in a fraction of
+  the time of a rank-based sort, and whole models compile one solve per
+  layer signature.
 
   Args:
     wt: ``(d_out, d_in)`` weights, channel-major.
@@ -58,15 +41,8 @@ def greedy_order(wt, gram_diag):
   Returns:
     ``(d_out, d_in)`` int32; row ``j`` is channel ``j``'s order.
   """
-  d_in = wt.shape[1]
   score = jnp.sqrt(jnp.maximum(gram_diag, 0.0))[None, :] * jnp.abs(wt)
-  if score.dtype != jnp.float32 or d_in * d_in > jnp.iinfo(jnp.int32).max:
-    return jnp.argsort(-score, axis=1, stable=True).astype(jnp.int32)
-  # Non-negative floats sort like their bit patterns.
-  bits = jax.lax.bitcast_convert_type(score, jnp.int32)
-  larger = d_in - _count_not_greater(jnp.sort(bits, axis=1), bits)
-  key = larger * d_in + jnp.arange(d_in, dtype=jnp.int32)[None, :]
-  return jnp.sort(key, axis=1) % d_in
+  return jnp.argsort(-score, axis=1, stable=True).astype(jnp.int32)
 
 
 # Coordinates per block of a sweep (multiple of nothing in particular: tuned

@@ -13,16 +13,81 @@ Where the ImageNet numbers come from:
 * learning rate 1e-3, 4 epochs per INQ step, x0.1 after epoch 2 of each step: the paper
   gives no learning rate; these follow the Mxbonn/INQ-pytorch ResNet-18 reproduction
   (69.64% top-1 at 5 bits vs 69.76% FP).
-* evaluation: resize 256, centre crop 224 (paper: centre-crop validation).
+* evaluation: resize the shorter side, centre crop 224 (paper: centre-crop validation);
+  resize size, interpolation and mean/std are those the model's pretrained weights were
+  made for (PREPROCESSING below), unless the config sets them.
 * COMQ / RTN (post-training, no retraining): the official COMQ code's defaults
   (comq.md §1.7): 1 greedy sweep, no scale update, asymmetric per-channel grid,
   FP-model inputs, 1024 calibration images from the train split.
+
+Models (`--config.model.name`): ResNet18 / ResNet50 from torchvision weights, or the
+transformers of the COMQ paper from timm weights (`experiments.timm_import`; `.safetensors`
+as on the Hugging Face hub), by class name or timm-style alias: vit_small, vit_base,
+deit_tiny, deit_small, deit_base, deit_small_distilled, swin_tiny. COMQ's transformer
+recipe (official code, comq.md §1.7) on 1024 training images, patch embedding and head(s)
+left in float:
+  python -m experiments.imagenet --config=comq_4bit --config.model.name=deit_small \\
+    --config.init_checkpoint=deit_small_patch16_224.safetensors
+
+ImageNet preprocessing per model (PREPROCESSING; used where config.data.resize_size,
+interpolation, mean and std are None, the default). Evaluation resizes the shorter side to
+floor(image_size / crop_pct) with `interpolation`, centre-crops image_size and normalises
+with mean/std; training and calibration images (random-resized crop + flip) use the same
+interpolation and mean/std. The resize rule is timm's `transforms_imagenet_eval`
+(`scale_size = math.floor(img_size / crop_pct)`, then torchvision `Resize(scale_size)` of
+the shorter side and `CenterCrop(img_size)`; timm/data/transforms_factory.py), and timm's
+`resolve_data_config` takes crop_pct, interpolation, mean and std from the model's
+pretrained config (timm/data/config.py). Values from huggingface/pytorch-image-models at
+aa4b5850 (August 2026):
+* ResNet18/50 (torchvision weights): crop 224 of a 256 resize (crop_pct 0.875: 224/0.875 =
+  256), bilinear, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225): torchvision's
+  ImageNet recipe (ResNet18_Weights.IMAGENET1K_V1 transforms: resize 256, crop 224,
+  bilinear), as this config used before.
+* DeiT-Ti/S/B, DeiT-S distilled (timm `deit_*_patch16_224.fb_in1k`): timm/models/deit.py
+  `_cfg`: crop_pct 0.9, bicubic, IMAGENET_DEFAULT_MEAN/STD = (0.485, 0.456, 0.406) /
+  (0.229, 0.224, 0.225) (timm/data/constants.py). Resize floor(224 / 0.9) = 248.
+* ViT-S/16, ViT-B/16 (timm `vit_{small,base}_patch16_224.augreg_in21k_ft_in1k`, the weights
+  COMQ used, issue #6; also `augreg2_in21k_ft_in1k`, timm's current default for ViT-B):
+  timm/models/vision_transformer.py `_cfg`: crop_pct 0.9, bicubic,
+  IMAGENET_INCEPTION_MEAN/STD = (0.5, 0.5, 0.5) / (0.5, 0.5, 0.5). Resize 248.
+* Swin-T (timm `swin_tiny_patch4_window7_224.ms_in1k`): timm/models/swin_transformer.py
+  `_cfg`: crop_pct 0.9, bicubic, IMAGENET_DEFAULT_MEAN/STD. Resize 248.
+Not reproduced: timm's training transform also applies ColorJitter(0.4) (its default in
+`transforms_imagenet_train`), which the official COMQ calibration images went through.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
 DATASETS = ("imagenet", "digits")
+
+# Normalisation constants, as timm/data/constants.py names them.
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
+# The preprocessing each model's pretrained weights expect (sources in the module docstring),
+# keyed by experiments.models.MODELS name; experiments.input_pipeline fills the None fields of
+# config.data from it.
+TORCHVISION_PREPROCESSING = dict(crop_pct=0.875, interpolation="bilinear",
+                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+DEIT_PREPROCESSING = dict(crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
+                          std=IMAGENET_DEFAULT_STD)
+VIT_AUGREG_PREPROCESSING = dict(crop_pct=0.9, interpolation="bicubic",
+                                mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD)
+SWIN_PREPROCESSING = dict(crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
+                          std=IMAGENET_DEFAULT_STD)
+PREPROCESSING = {
+    "ResNet18": TORCHVISION_PREPROCESSING,
+    "ResNet50": TORCHVISION_PREPROCESSING,
+    "DeiTTiny": DEIT_PREPROCESSING,
+    "DeiTSmall": DEIT_PREPROCESSING,
+    "DeiTBase": DEIT_PREPROCESSING,
+    "DeiTSmallDistilled": DEIT_PREPROCESSING,
+    "ViTS16": VIT_AUGREG_PREPROCESSING,
+    "ViTB16": VIT_AUGREG_PREPROCESSING,
+    "SwinTiny": SWIN_PREPROCESSING,
+}
 
 
 def get_config(dataset):
@@ -80,7 +145,10 @@ def get_config(dataset):
   # "float": sweeps start from the FP weights (official); "gptq": from GPTQ's solution.
   config.comq.init = "float"
   config.comq.inputs = "fp"
-  config.comq.skip_first_last = False
+  # Keep the first layer and the classifier(s) in float. None = the official recipe of
+  # the model: the timm transformers skip their patch embedding and head(s) (official
+  # COMQ code); the CNNs quantize every layer.
+  config.comq.skip_first_last = config_dict.placeholder(bool)
 
   # GPTQ (Frantar et al., ICLR 2023) on COMQ's grid and Grams: the paper code's block
   # of 128 inputs and 1% dampening, no act-order, dynamic group grids.
@@ -94,7 +162,7 @@ def get_config(dataset):
   config.gptq.damp = 0.01
   config.gptq.act_order = False
   config.gptq.static_groups = False
-  config.gptq.skip_first_last = False
+  config.gptq.skip_first_last = config_dict.placeholder(bool)  # as comq.skip_first_last
 
   # Round-to-nearest on the COMQ grid (comq_jax.round_to_nearest); the calibration data
   # only measure each layer's error;
@@ -105,7 +173,7 @@ def get_config(dataset):
   config.rtn.granularity = "channel"
   config.rtn.group_size = config_dict.placeholder(int)
   config.rtn.scalar = 1.0
-  config.rtn.skip_first_last = False
+  config.rtn.skip_first_last = config_dict.placeholder(bool)  # as comq.skip_first_last
 
   # Calibration images of the post-training methods (COMQ, GPTQ; RTN only measures
   # its error on them): the first num_examples of a seeded shuffle of the training split
@@ -121,13 +189,27 @@ def get_config(dataset):
     config.data.data_dir = config_dict.placeholder(str)
     # None = TFDS default <data_dir>/downloads/manual.
     config.data.manual_dir = config_dict.placeholder(str)
+    # Side of the centre crop (evaluation) and random-resized crop (training); also the
+    # model's input size (the transformers are built for it).
     config.data.image_size = 224
-    config.data.resize_size = 256
+    # None: from the model's pretrained config (PREPROCESSING, module docstring):
+    # resize_size floor(image_size / crop_pct), interpolation "bilinear" | "bicubic",
+    # mean and std as RGB triples in [0, 1].
+    config.data.resize_size = config_dict.placeholder(int)
+    config.data.interpolation = config_dict.placeholder(str)
+    config.data.mean = config_dict.placeholder(tuple)
+    config.data.std = config_dict.placeholder(tuple)
     config.data.shuffle_buffer = 16_384
     config.data.num_train_examples = 0  # 0 = whole split; >0 takes the first N (smoke runs)
     config.data.num_eval_examples = 0
+    # A key of experiments.models.MODELS or an alias (deit_small, swin_tiny, ...).
     config.model.name = "ResNet18"
     config.model.num_classes = 1000
+    # Swin only: window side (None: the model's, 7). Smaller images need a window that
+    # divides each stage's feature map (image_size / 4, / 8, ...), e.g. 4 at 64 px.
+    config.model.window_size = config_dict.placeholder(int)
+    # torchvision weights for the ResNets, timm weights for the transformers
+    # (experiments.torchvision_import / experiments.timm_import); "" = random init.
     config.init_checkpoint = ""
     config.batch_size = 80
     config.eval_batch_size = 250

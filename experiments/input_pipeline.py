@@ -17,15 +17,73 @@ in the constructor: it reads dataset files, and under `tfds.testing.mock_data` i
 process-wide epath/gfile backends for a temporary mock file system while it runs, which
 would redirect the file writes of Orbax's background checkpoint thread if it ran during
 training ("No ArrayMetadata found for process_index=0").
+
+ImageNet preprocessing (resize size, interpolation, mean/std) follows the model's pretrained
+weights: `resolve_preprocessing` fills the config's None fields from configs.base.PREPROCESSING
+(torchvision's recipe for the ResNets, timm's pretrained configs for ViT, DeiT and Swin).
 """
 
+import math
+from typing import NamedTuple
+
+from absl import logging
 import numpy as np
 from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
 
-# torchvision's normalisation, since ImageNet runs start from torchvision weights.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from configs import base as base_config
+from experiments import models
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+class Preprocessing(NamedTuple):
+  """ImageNet preprocessing: evaluation resizes the shorter side to `resize_size` and
+  centre-crops `image_size`; training random-resized-crops `image_size`; both resample with
+  `interpolation` and normalise with `mean`/`std` (RGB, in [0, 1] units)."""
+  image_size: int
+  resize_size: int
+  interpolation: str
+  mean: tuple
+  std: tuple
+
+
+def resolve_preprocessing(config):
+  """config.data's preprocessing, its None fields taken from the model's pretrained config.
+
+  Args:
+    config: an ImageNet config (data.image_size, resize_size, interpolation, mean, std;
+      model.name).
+  Returns:
+    A Preprocessing; resize_size defaults to floor(image_size / crop_pct), timm's rule.
+  Raises:
+    ValueError: a field is None and the model has no entry in configs.base.PREPROCESSING, or
+      a value is out of range.
+  """
+  data = config.data
+  fields = {"interpolation": data.interpolation, "mean": data.mean, "std": data.std}
+  defaults = base_config.PREPROCESSING.get(models.canonical_name(config.model.name))
+  if defaults is None and (data.resize_size is None or None in fields.values()):
+    raise ValueError(f"No pretrained preprocessing known for model {config.model.name!r} "
+                     f"(known: {sorted(base_config.PREPROCESSING)}); set config.data."
+                     "resize_size, interpolation, mean and std.")
+  resize_size = data.resize_size
+  if resize_size is None:
+    resize_size = math.floor(data.image_size / defaults["crop_pct"])
+  fields = {k: defaults[k] if v is None else v for k, v in fields.items()}
+  preprocessing = Preprocessing(data.image_size, resize_size, fields["interpolation"],
+                                tuple(fields["mean"]), tuple(fields["std"]))
+  if preprocessing.interpolation not in INTERPOLATIONS:
+    raise ValueError(f"config.data.interpolation={preprocessing.interpolation!r}; expected one "
+                     f"of {INTERPOLATIONS}.")
+  if preprocessing.resize_size < preprocessing.image_size:
+    raise ValueError(f"config.data.resize_size={preprocessing.resize_size} is smaller than the "
+                     f"{preprocessing.image_size}-pixel crop.")
+  for name in ("mean", "std"):
+    if len(getattr(preprocessing, name)) != 3:
+      raise ValueError(f"config.data.{name} must have 3 (RGB) values, got "
+                       f"{getattr(preprocessing, name)}.")
+  return preprocessing
 
 
 def pad_batch(batch, batch_size):
@@ -93,12 +151,14 @@ def check_prepared(builder, manual_dir):
 
 class ImageNetData:
   """imagenet2012 from TFDS: Inception-style random resized crop + flip for training;
-  resize (shorter side `resize_size`), centre crop `image_size` for evaluation; both
-  normalised with torchvision's mean/std.
+  resize (shorter side `resize_size`), centre crop `image_size` for evaluation, both with
+  `preprocessing.interpolation` (antialiased, like PIL's resampling in torchvision) and
+  normalised with its mean/std. Resize and crop offsets round as torchvision's `Resize(int)`
+  and `CenterCrop` do.
   """
 
-  def __init__(self, name, data_dir, manual_dir, image_size, resize_size,
-               shuffle_buffer, num_train_examples, num_eval_examples):
+  def __init__(self, name, data_dir, manual_dir, preprocessing, shuffle_buffer,
+               num_train_examples, num_eval_examples):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     # TF only decodes images; keep it off any GPU that JAX uses.
@@ -106,8 +166,9 @@ class ImageNetData:
     self.tf = tf
     self.builder = tfds.builder(name, data_dir=data_dir)
     check_prepared(self.builder, manual_dir)
-    self.image_size = image_size
-    self.resize_size = resize_size
+    self.preprocessing = preprocessing
+    self.image_size = image_size = preprocessing.image_size
+    self.resize_size = preprocessing.resize_size
     self.shuffle_buffer = shuffle_buffer
     self.num_train_examples = (
         num_train_examples or self.builder.info.splits["train"].num_examples)
@@ -118,10 +179,20 @@ class ImageNetData:
     self.train_split = self.builder.as_dataset(split="train", shuffle_files=False)
     self.eval_split = self.builder.as_dataset(split="validation", shuffle_files=False)
 
+  def resize(self, image, size):
+    """`image` resampled to `size` (height, width) with the configured interpolation.
+
+    Bicubic can overshoot; clipped to [0, 255] like PIL's 8-bit output.
+    """
+    tf = self.tf
+    image = tf.image.resize(image, size, method=self.preprocessing.interpolation,
+                            antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
   def normalize(self, image):
     tf = self.tf
-    mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
-    std = tf.constant(IMAGENET_STD, tf.float32) * 255.0
+    mean = tf.constant(self.preprocessing.mean, tf.float32) * 255.0
+    std = tf.constant(self.preprocessing.std, tf.float32) * 255.0
     return (tf.cast(image, tf.float32) - mean) / std
 
   def train_example(self, index, example, seed):
@@ -133,19 +204,21 @@ class ImageNetData:
         min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
         area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
     image = tf.slice(image, box_begin, box_size)
-    image = tf.image.resize(image, (self.image_size, self.image_size), antialias=True)
+    image = self.resize(image, (self.image_size, self.image_size))
     image = tf.image.stateless_random_flip_left_right(image, seed=crop_seed + 1)
     return {"image": self.normalize(image), "label": tf.cast(example["label"], tf.int32)}
 
   def eval_example(self, example):
     tf = self.tf
     image = example["image"]
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = self.resize_size / tf.reduce_min(shape)
-    resized = tf.cast(tf.round(shape * scale), tf.int32)
-    image = tf.image.resize(image, resized, antialias=True)
-    top = (resized[0] - self.image_size) // 2
-    left = (resized[1] - self.image_size) // 2
+    shape = tf.shape(image)[:2]
+    # torchvision Resize(int): the shorter side becomes resize_size, the longer one
+    # int(resize_size * long / short).
+    resized = (self.resize_size * shape) // tf.reduce_min(shape)
+    image = self.resize(image, resized)
+    # torchvision CenterCrop: offset int(round((size - crop) / 2)), half to even as tf.round.
+    top, left = tf.unstack(tf.cast(
+        tf.round(tf.cast(resized - self.image_size, tf.float32) / 2), tf.int32))
     image = image[top:top + self.image_size, left:left + self.image_size]
     return {"image": self.normalize(image), "label": tf.cast(example["label"], tf.int32)}
 
@@ -173,8 +246,10 @@ def create_dataset(config):
   if config.data.name == "digits":
     return DigitsData(config.data.test_size, config.data.split_seed)
   if config.data.name == "imagenet2012":
+    preprocessing = resolve_preprocessing(config)
+    logging.info("ImageNet preprocessing for %s: %s", config.model.name, preprocessing)
     return ImageNetData(
-        config.data.name, config.data.data_dir, config.data.manual_dir,
-        config.data.image_size, config.data.resize_size, config.data.shuffle_buffer,
-        config.data.num_train_examples, config.data.num_eval_examples)
+        config.data.name, config.data.data_dir, config.data.manual_dir, preprocessing,
+        config.data.shuffle_buffer, config.data.num_train_examples,
+        config.data.num_eval_examples)
   raise ValueError(f"Unknown dataset {config.data.name!r}; expected digits or imagenet2012.")

@@ -7,7 +7,11 @@ Finds every results.json under DIR (recursively; each next to the config.json th
   summary.csv            the same rows, machine-readable
   results.csv            one row per run
   accuracy_vs_bits.png   final test accuracy vs bits per method and setting; FP reference
+                         (one panel per grid family, and per model when runs use several)
   inq_portions.png       INQ test accuracy after each accumulated portion
+
+A config whose runs use several models (a sweep with a model axis) also gets a table of
+the models side by side: accuracy by bits and grid, one column per model and method.
 
 Runs are grouped by config name, method, bits and the config fields that vary between
 runs of the same config (the sweep's axes; `seed` and `stop_after_steps` excepted), so
@@ -136,10 +140,15 @@ def varied_fields(runs):
           and len({run.config[field] for run in runs}) > 1]
 
 
-def sort_key(group):
+def method_index(method):
+  """Position of `method` in the registry's display order (unknown methods last)."""
   order = list(methods.REGISTRY)
-  method_index = order.index(group.method) if group.method in order else len(order)
-  return (group.config_name, method_index, group.method, -group.bits, str(group.setting))
+  return order.index(method) if method in order else len(order)
+
+
+def sort_key(group):
+  return (group.config_name, method_index(group.method), group.method, -group.bits,
+          str(group.setting))
 
 
 def group_runs(runs):
@@ -238,18 +247,28 @@ def solver_label(run):
   return label
 
 
+def model_name(run):
+  """The run's model (results.json "model"; "" for runs written before it was recorded)."""
+  return run.results.get("model", "")
+
+
 def side_by_side_tables(runs):
   """Per config with several post-training methods: a table of methods side by side.
 
   Rows: bits and granularity; per method, test accuracy (mean ± std over seeds) and
   the summed layer error sum_l ||X_l W_l - X_l Q_l||_F (mean over seeds), all methods
-  on the same FP models, calibration images and grids.
+  on the same FP models, calibration images and grids. A config with several models
+  has one column per model and method.
   """
   by_config = collections.defaultdict(list)
   for run in runs:
     if run.results["method"] in POST_TRAINING:
       by_config[run.results["config_name"]].append(run)
-  records = [{"config": config_name, "method": solver_label(run),
+  several_models = {config_name: len({model_name(run) for run in config_runs}) > 1
+                    for config_name, config_runs in by_config.items()}
+  records = [{"config": config_name,
+              "method": (f"{model_name(run)} " if several_models[config_name] else "")
+                        + solver_label(run),
               "bits": run.results["bits"], "grid": grid_label(run),
               "accuracy": 100 * run.results["final_accuracy"],
               "error": sum(layer["error"] for layer in run.results["layers"])}
@@ -274,6 +293,55 @@ def side_by_side_tables(runs):
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([str(bits), grid] + [cell if isinstance(cell, str)
                                                       else "" for cell in row]) + " |"
+              for (bits, grid), row in pivot.iterrows()]
+    sections.append("\n".join(lines))
+  return sections
+
+
+def models_grid_label(run):
+  """Grid column of the models table: "float" (FP), "pow2" (INQ) or `grid_label`."""
+  method = run.results["method"]
+  if method in POST_TRAINING:
+    label = grid_label(run)
+    return f"pow2 {label}" if run.config.get(f"{method}.grid") == "pow2" else label
+  return {"fp": "float", "inq": "pow2"}.get(method, "")
+
+
+def model_tables(runs):
+  """Per config whose runs use several models: the models side by side.
+
+  Rows: bits and grid (float for FP, pow2 for INQ, the granularity of a post-training
+  grid); one column per model and method, test accuracy mean ± std over seeds.
+  """
+  by_config = collections.defaultdict(list)
+  for run in runs:
+    by_config[run.results["config_name"]].append(run)
+  sections = []
+  for config_name, config_runs in by_config.items():
+    model_names = list(dict.fromkeys(model_name(run) for run in config_runs))
+    if len(model_names) < 2:
+      continue
+    records = [{"bits": run.results["bits"], "grid": models_grid_label(run),
+                "column": f"{model_name(run)} {solver_label(run)}",
+                "order": (model_names.index(model_name(run)),
+                          method_index(run.results["method"]), solver_label(run)),
+                "accuracy": 100 * run.results["final_accuracy"]} for run in config_runs]
+    table = pd.DataFrame(records)
+    columns = [record["column"] for record in sorted(
+        {record["column"]: record for record in records}.values(),
+        key=lambda record: record["order"])]
+    stats = table.groupby(["bits", "grid", "column"], sort=False)["accuracy"].agg(
+        ["mean", "std", "size"])
+    stats["cell"] = [format_mean_std(row.mean, row.std, row.size)
+                     for row in stats.itertuples()]
+    pivot = stats["cell"].unstack("column").sort_index(ascending=[False, True])
+    header = ["bits", "grid"] + columns
+    lines = [f"### {config_name}: models side by side", "",
+             "Test accuracy (%), mean ± std over seeds; grid: float (FP), pow2 (INQ's "
+             "power-of-two set), per output channel or g<N> (groups of N inputs).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([str(bits), grid] + [
+        cell if isinstance(cell, str) else "" for cell in row[columns]]) + " |"
               for (bits, grid), row in pivot.iterrows()]
     sections.append("\n".join(lines))
   return sections
@@ -347,23 +415,37 @@ def line_fields(groups):
   return kept
 
 
+def in_model(group, model):
+  """Whether `group` ran `model` (None: any model)."""
+  return model is None or model_name(group.runs[0]) == model
+
+
 def plot_accuracy_vs_bits(groups, path):
   """Final accuracy (mean ± std over seeds) vs bits; one panel per grid family.
 
-  Returns False (and writes nothing) when there are no quantized runs.
+  With runs of several models, one panel per model and grid family, each with the FP
+  reference of its model. Returns False (and writes nothing) when there are no
+  quantized runs.
   """
   quantized = [group for group in groups if group.method != "fp"]
   if not quantized:
     return False
-  fp_mean, fp_std = mean_std([100 * run.results["fp_accuracy"]
-                              for group in groups for run in group.runs])
-  families = sorted({grid_family(group) for group in quantized})
-  figure = mpl_figure.Figure(figsize=(6.5 * len(families), 4.8))
-  axes = figure.subplots(1, len(families), squeeze=False, sharey=True)
-  for axis, family in zip(axes[0], families, strict=True):
+  model_names = list(dict.fromkeys(model_name(group.runs[0]) for group in groups))
+  several = len(model_names) > 1
+  panels = [(model, family) for model in (model_names if several else [None])
+            for family in sorted({grid_family(group) for group in quantized
+                                  if in_model(group, model)})]
+  figure = mpl_figure.Figure(figsize=(6.5 * len(panels), 4.8))
+  axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)
+  for axis, (model, family) in zip(axes[0], panels, strict=True):
+    fp_mean, fp_std = mean_std([100 * run.results["fp_accuracy"] for group in groups
+                                if in_model(group, model) for run in group.runs])
     lines = collections.defaultdict(list)
     for config_name in dict.fromkeys(group.config_name for group in quantized):
-      config_groups = [group for group in quantized if group.config_name == config_name]
+      config_groups = [group for group in quantized
+                       if group.config_name == config_name and in_model(group, model)]
+      if not config_groups:
+        continue
       fields = line_fields(config_groups)
       for group in config_groups:
         if grid_family(group) == family:
@@ -379,9 +461,11 @@ def plot_accuracy_vs_bits(groups, path):
                     label=label)
     axis.axhline(fp_mean, color="black", linestyle="--",
                  label=f"FP {fp_mean:.2f} ± {fp_std:.2f}")
-    axis.set_title(f"Test accuracy vs bits ({family})")
+    axis.set_title(f"{model}: test accuracy vs bits ({family})" if model
+                   else f"Test accuracy vs bits ({family})")
     axis.set_xlabel("weight bits")
-    axis.set_xticks(sorted({group.bits for group in quantized}))
+    axis.set_xticks(sorted({group.bits for group in quantized
+                            if in_model(group, model)}))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
   axes[0][0].set_ylabel("final test accuracy (%), mean ± std over seeds")
@@ -450,7 +534,8 @@ def write_report(workdir):
       "mean ± sample standard deviation over the seeds listed (no ± for one seed); "
       "Δ is the mean over seeds of (final − FP) of the same run.", "",
       markdown_tables(groups), ""] + [section + "\n" for section in
-                                       side_by_side_tables(runs)] + images)
+                                       model_tables(runs) + side_by_side_tables(runs)]
+      + images)
   files.write_atomically(paths["report.md"], markdown)
   logging.info("Report of %d runs in %d groups written to %s", len(runs), len(groups),
                report_dir)

@@ -1,6 +1,6 @@
 """The experiment job: `train_and_evaluate(config, workdir) -> results`.
 
-  build model and data -> obtain FP weights (train, or import torchvision weights)
+  build model and data -> obtain FP weights (train, or import torchvision / timm weights)
   -> quantize with the method `config.method` -> evaluate -> write results.json
 
 The run is a list of phases sharing one training loop: phase 0 trains (or only
@@ -29,6 +29,7 @@ from experiments import files
 from experiments import input_pipeline
 from experiments import methods
 from experiments import models
+from experiments import timm_import
 from experiments import torchvision_import
 from experiments.methods import base
 import inq_jax
@@ -122,7 +123,10 @@ class Trainer:
                        f"{dataset.num_train_examples} training examples.")
     self.phases = ([base.fp_phase(config, self.steps_per_epoch)]
                    + self.method.phases(config, self.steps_per_epoch))
-    self.model = models.create_model(config.model.name, config.model.num_classes)
+    # The transformers are built for the data's image size (CNNs take any).
+    self.model = models.create_model(config.model.name, config.model.num_classes,
+                                     image_size=dataset.image_shape[0],
+                                     window_size=config.model.get("window_size"))
     self.rng = jax.random.key(config.seed)
     self.eval_step = make_eval_step(
         lambda v, images: self.model.apply(v, images, train=False))
@@ -140,13 +144,21 @@ class Trainer:
     return self._train_steps[key]
 
   def initial_state(self):
-    """{"variables", "method"}: FP weights (initialised or imported) and method state."""
+    """{"variables", "method"}: FP weights (initialised or imported) and method state.
+
+    config.init_checkpoint holds timm weights for the transformers (ViT, DeiT, Swin) and
+    torchvision weights otherwise; the importer returns every variable converted or
+    raises, naming the key, before anything is written.
+    """
     image = jnp.zeros((1,) + self.dataset.image_shape, jnp.float32)
     variables = jax.jit(lambda key: self.model.init(key, image, train=False))(self.rng)
     if self.config.init_checkpoint:
-      logging.info("Importing torchvision weights from %s", self.config.init_checkpoint)
-      variables = torchvision_import.import_torchvision(self.config.init_checkpoint,
-                                                        variables)
+      if isinstance(self.model, (models.VisionTransformer, models.SwinTransformer)):
+        source, importer = "timm", timm_import.import_timm
+      else:
+        source, importer = "torchvision", torchvision_import.import_torchvision
+      logging.info("Importing %s weights from %s", source, self.config.init_checkpoint)
+      variables = importer(self.config.init_checkpoint, variables)
     state = {"variables": variables}
     method_state = self.method.init_state(self.config, variables["params"])
     if method_state is not None:
@@ -305,9 +317,11 @@ def train_and_evaluate(config, workdir):
   # Data first: an unprepared dataset stops the run before anything is written.
   dataset = input_pipeline.create_dataset(config)
   mesh = make_mesh(config)
+  trainer = Trainer(config, workdir, dataset, mesh)
+  # Imported before the workdir is made, so that a bad checkpoint leaves nothing behind.
+  initial_state = trainer.initial_state()
   os.makedirs(workdir, exist_ok=True)
   check_same_config(workdir, config.to_json())
-  trainer = Trainer(config, workdir, dataset, mesh)
   logging.info("%d devices, %d training examples, %d steps/epoch, phases %s",
                mesh.devices.size, dataset.num_train_examples, trainer.steps_per_epoch,
                [(p.name, p.num_steps) for p in trainer.phases])
@@ -316,7 +330,7 @@ def train_and_evaluate(config, workdir):
                                          create=True)
   with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                              options=options) as manager:
-    state, progress = restore(manager, trainer, trainer.initial_state())
+    state, progress = restore(manager, trainer, initial_state)
 
     def save(state):
       # A copy: the save may finish in the background while training moves progress on.

@@ -11,6 +11,8 @@ block ``j * F/g : (j + 1) * F/g``, matching
 ``conv_kernel_matrix(kernel, g)[j]``.
 """
 
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,17 +24,19 @@ def _per_axis(value, rank):
   return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
-def conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
+def conv_patches(module, x: jax.Array) -> jax.Array:
   """Patches of ``x`` for ``module``: ``x`` convolved by ``module`` is a matmul.
 
-  Strides, SAME/VALID/explicit padding, input and kernel dilation and
-  feature groups follow ``nn.Conv``. Integer inputs are exact: the patch
-  extraction runs in ``float32`` (a 0/1 filter at HIGHEST precision) and the
-  result is cast back.
+  Strides, SAME/VALID/explicit padding, input and kernel dilation follow
+  ``nn.Conv``. The patches are strided slices of the padded input, one per
+  kernel tap: pure data movement, exact for every dtype and free of the
+  arithmetic of a patch-extracting convolution.
 
   Args:
-    module: a bound or unbound ``nn.Conv`` (only its hyper-parameters are
-      read).
+    module: an ``nn.Conv``, an ``nnx.Conv`` or an
+      :class:`inq_jax.layers.Convolution` (only its hyper-parameters are
+      read: ``kernel_size``, ``strides``, ``padding``, ``input_dilation``,
+      ``kernel_dilation``, ``mask``).
     x: ``(*batch, *spatial, cin)`` with one spatial axis per kernel axis.
 
   Returns:
@@ -43,7 +47,8 @@ def conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
     ValueError: for masked convs, circular or causal padding, or an input
       with too few axes.
   """
-  rank = len(module.kernel_size)
+  kernel_size = tuple(module.kernel_size)
+  rank = len(kernel_size)
   if module.mask is not None:
     raise ValueError("conv_patches: masked convs are not supported.")
   padding = nn.linear.canonicalize_padding(module.padding, rank)
@@ -55,18 +60,47 @@ def conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
                      f"with {rank} spatial axes, got shape {x.shape}.")
   batch_shape = x.shape[:-(rank + 1)]
   flat = x.reshape((-1,) + x.shape[-(rank + 1):])
-  spatial = "HWDXYZ"[:rank]
-  numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-  # A 0/1 filter at HIGHEST precision copies f32 values exactly.
-  patches = jax.lax.conv_general_dilated_patches(
-      flat if jnp.issubdtype(flat.dtype, jnp.floating)
-      else flat.astype(jnp.float32),
-      filter_shape=tuple(module.kernel_size),
-      window_strides=_per_axis(module.strides, rank), padding=padding,
-      lhs_dilation=_per_axis(module.input_dilation, rank),
-      rhs_dilation=_per_axis(module.kernel_dilation, rank),
-      dimension_numbers=numbers, precision=jax.lax.Precision.HIGHEST)
-  return patches.reshape(batch_shape + patches.shape[1:]).astype(x.dtype)
+  # (n, *out, cin, taps): feature c * prod(kernel_size) + t.
+  patches = jnp.stack(conv_taps(module, flat), axis=-1)
+  return patches.reshape(batch_shape + patches.shape[1:-2] + (-1,))
+
+
+def conv_taps(module, x: jax.Array) -> list:
+  """The input seen by each kernel tap: ``x`` shifted, strided and padded.
+
+  Tap ``t`` (row-major over the kernel window) of :func:`conv_patches`, as
+  an array ``(n, *out_spatial, cin)``: ``patches[..., c * T + t] ==
+  conv_taps(...)[t][..., c]``.
+
+  Args:
+    module: as in :func:`conv_patches` (padding already checked there).
+    x: ``(n, *spatial, cin)``.
+  """
+  kernel_size = tuple(module.kernel_size)
+  rank = len(kernel_size)
+  padding = nn.linear.canonicalize_padding(module.padding, rank)
+  strides = _per_axis(module.strides, rank)
+  input_dilation = _per_axis(module.input_dilation, rank)
+  kernel_dilation = _per_axis(module.kernel_dilation, rank)
+  spatial = x.shape[1:-1]
+  dilated = [(n - 1) * d + 1 for n, d in zip(spatial, input_dilation, strict=True)]
+  window = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(dilated, window, strides, padding)
+  spatial_config = [(lo, hi, d - 1)
+                    for (lo, hi), d in zip(padding, input_dilation, strict=True)]
+  config = [(0, 0, 0)] + spatial_config + [(0, 0, 0)]
+  padded = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+  out = [(n + lo + hi - w) // s + 1
+         for n, (lo, hi), w, s in zip(dilated, padding, window, strides, strict=True)]
+  taps = []
+  for tap in itertools.product(*(range(k) for k in kernel_size)):
+    begin = [t * d for t, d in zip(tap, kernel_dilation, strict=True)]
+    end = [b + (o - 1) * s + 1 for b, o, s in zip(begin, out, strides, strict=True)]
+    taps.append(jax.lax.slice(padded, [0] + begin + [0],
+                              [padded.shape[0]] + end + [padded.shape[-1]],
+                              [1] + list(strides) + [1]))
+  return taps
 
 
 def conv_kernel_matrix(kernel: jax.Array, groups: int) -> jax.Array:
@@ -77,15 +111,15 @@ def conv_kernel_matrix(kernel: jax.Array, groups: int) -> jax.Array:
   """
   rank = kernel.ndim - 2
   channel_first = (rank,) + tuple(range(rank)) + (rank + 1,)
-  matrix = jnp.transpose(kernel, channel_first).reshape(-1, kernel.shape[-1])
+  matrix = kernel.transpose(channel_first).reshape(-1, kernel.shape[-1])
   matrix = matrix.reshape(matrix.shape[0], groups, -1)
-  return jnp.transpose(matrix, (1, 0, 2))
+  return matrix.transpose((1, 0, 2))
 
 
 def kernel_from_matrix(matrix: jax.Array, kernel_shape) -> jax.Array:
   """Inverse of :func:`conv_kernel_matrix` for a kernel of ``kernel_shape``."""
   rank = len(kernel_shape) - 2
-  flat = jnp.transpose(matrix, (1, 0, 2)).reshape(matrix.shape[1], -1)
+  flat = matrix.transpose((1, 0, 2)).reshape(matrix.shape[1], -1)
   channel_first = flat.reshape((kernel_shape[rank],) + tuple(kernel_shape[:rank])
                                + (kernel_shape[-1],))
-  return jnp.transpose(channel_first, tuple(range(1, rank + 1)) + (0, rank + 1))
+  return channel_first.transpose(tuple(range(1, rank + 1)) + (0, rank + 1))

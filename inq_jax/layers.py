@@ -1,19 +1,48 @@
 """Which modules of a Flax model are quantizable linear layers, and their 2-D view.
 
 The one definition of "a quantizable layer" shared by INQ's default predicate,
-COMQ, round-to-nearest, packing and packed inference:
+COMQ, round-to-nearest, GPTQ, packing, packed inference and the experiments:
 
 * a **parameter** view: a leaf named ``kernel`` with ``ndim >= 2``
   (:func:`default_quantizable`), for transforms that see only the params pytree;
-* a **module** view: an ``nn.Dense`` or ``nn.Conv`` call, found by
-  interception (:func:`is_linear_call`) without rewriting the user's model.
-  Its kernel is one or more matrices ``(d_in, d_out)``: a Dense kernel as it
-  is, a Conv kernel per feature group over the patches of
-  :mod:`inq_jax.im2col` (:func:`grouped_kernel`, :func:`grouped_inputs`).
+* a **module** view: a call of a linear layer, found by interception without
+  rewriting the user's model (:func:`intercept_linear_calls` for linen,
+  :func:`intercept_nnx_linear_calls` for NNX), and its :class:`LinearView`:
+  the layer as ``groups`` independent matrices ``(d_in, d_out)`` multiplying
+  rows of its input.
+
+Supported layer kinds, subclasses included (a subclass that overrides
+``__call__`` is seen where it calls the base layer's ``__call__``):
+
+========================  ==========================  ==============================
+linen                     NNX                         2-D view
+========================  ==========================  ==============================
+``nn.Dense``              ``nnx.Linear``              the kernel as it is
+``nn.DenseGeneral``       ``nnx.LinearGeneral``       ``(prod(in axes), prod(features))``
+``nn.Einsum``             ``nnx.Einsum``              contracted axes x kernel-only axes
+``nn.Conv``               ``nnx.Conv``                per feature group, over im2col patches
+========================  ==========================  ==============================
+
+An einsum qualifies when it contracts the input with the kernel: two operands,
+every kernel axis either contracted with an input axis (and absent from the
+output) or a feature axis (absent from the input, present in the output), at
+least one contracted axis, every other input axis kept in the output, and no
+repeated index. ``...`` may stand for input/output axes, not kernel axes.
+
+Layers of a supported kind that cannot be viewed as matrices raise
+:class:`UnsupportedLayer` with the reason: ``DenseGeneral``/``LinearGeneral``
+with batch axes, a non-qualifying einsum, a kernel of the wrong rank, masked
+convs, circular or causal padding. Other linear-like modules
+(``ConvTranspose``, ``ConvLocal``) are named by :data:`LINEAR_LIKE`.
 """
 
+import dataclasses
+import inspect
+import math
+import string
 from typing import Any, Callable, Optional, Sequence
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,14 +52,13 @@ from inq_jax import im2col
 PyTree = Any
 Predicate = Callable[[Any, Any], bool]
 
-LINEAR_MODULES = (nn.Dense, nn.Conv)
-
 
 def default_quantizable(path, leaf) -> bool:
-  """True for Conv and Dense kernels (a leaf named ``kernel``, ndim >= 2).
+  """True for linear-layer kernels (a leaf named ``kernel``, ndim >= 2).
 
-  Biases, normalisation scales and offsets and batch statistics are left in
-  float. The first and last layers are included, as in the INQ paper.
+  Biases, normalisation scales and offsets, embeddings and batch statistics
+  are left in float. The first and last layers are included, as in the INQ
+  paper.
   """
   last = path[-1] if path else None
   return getattr(last, "key", None) == "kernel" and jnp.ndim(leaf) >= 2
@@ -53,15 +81,455 @@ def quantizable_mask(params: PyTree,
       lambda path, leaf: bool(predicate(path, leaf)), params)
 
 
-def path_name(module_path: Sequence[str]) -> str:
+def path_name(module_path: Sequence[Any]) -> str:
   """A module path as a ``/``-joined string, e.g. ``"block1/conv2"``."""
-  return "/".join(module_path)
+  return "/".join(str(key) for key in module_path)
 
 
-def is_linear_call(context) -> bool:
-  """Whether an intercepted call is a Dense/Conv layer's ``__call__``."""
-  return (context.method_name == "__call__"
-          and type(context.module) in LINEAR_MODULES)
+class UnsupportedLayer(ValueError):
+  """A layer of a supported kind whose configuration has no 2-D view."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+  """A layer computing ``inputs`` contracted with its kernel (Dense, DenseGeneral,
+  Einsum).
+
+  Attributes:
+    input_axes: the contracted input axes (non-negative), in kernel order.
+    kernel_perm: kernel axes reordered as (contracted..., features...).
+    kernel_shape: the kernel's shape.
+    num_contracted: how many kernel axes are contracted.
+  """
+  input_axes: tuple
+  kernel_perm: tuple
+  kernel_shape: tuple
+  num_contracted: int
+
+  groups = 1
+
+  @property
+  def d_in(self) -> int:
+    return math.prod(self.kernel_shape[a]
+                     for a in self.kernel_perm[:self.num_contracted])
+
+  @property
+  def d_out(self) -> int:
+    return math.prod(self.kernel_shape[a]
+                     for a in self.kernel_perm[self.num_contracted:])
+
+  def row_shape(self, inputs_shape) -> tuple:
+    """Shape of the row axes: the input axes that are not contracted."""
+    return tuple(size for axis, size in enumerate(inputs_shape)
+                 if axis not in self.input_axes)
+
+  def rows(self, inputs: jax.Array) -> jax.Array:
+    """The inputs as rows ``(rows, 1, d_in)``, row axes in input order."""
+    kept = [a for a in range(inputs.ndim) if a not in self.input_axes]
+    moved = jnp.transpose(inputs, kept + list(self.input_axes))
+    return moved.reshape(-1, 1, self.d_in)
+
+  def gram(self, inputs: jax.Array, row_weight=None) -> jax.Array:
+    """``(1, d_in, d_in)`` float32 Gram of the rows, each row times its weight."""
+    return _rows_gram(self.rows(inputs), row_weight)
+
+  def matrices(self, kernel: jax.Array) -> jax.Array:
+    """The kernel as ``(1, d_in, d_out)``; row ``i`` multiplies feature ``i``.
+
+    Here and in :meth:`kernel`, numpy arrays stay numpy (no device work)."""
+    return kernel.transpose(self.kernel_perm).reshape(1, self.d_in, self.d_out)
+
+  def kernel(self, matrices: jax.Array) -> jax.Array:
+    """Inverse of :meth:`matrices`."""
+    permuted = matrices.reshape(tuple(self.kernel_shape[a] for a in self.kernel_perm))
+    inverse = tuple(self.kernel_perm.index(a) for a in range(len(self.kernel_perm)))
+    return permuted.transpose(inverse)
+
+
+@dataclasses.dataclass(frozen=True)
+class Convolution:
+  """A convolution (``nn.Conv``/``nnx.Conv``) as ``groups`` matrices over patches.
+
+  The attribute names are those of ``nn.Conv``, so :mod:`inq_jax.im2col`
+  reads the view like a module.
+  """
+  kernel_shape: tuple
+  strides: Any
+  padding: Any
+  input_dilation: Any
+  kernel_dilation: Any
+  feature_group_count: int
+
+  mask = None
+
+  @property
+  def kernel_size(self) -> tuple:
+    return tuple(self.kernel_shape[:-2])
+
+  @property
+  def groups(self) -> int:
+    return self.feature_group_count
+
+  @property
+  def d_in(self) -> int:
+    return math.prod(self.kernel_shape[:-1])
+
+  @property
+  def d_out(self) -> int:
+    return self.kernel_shape[-1] // self.groups
+
+  def _batched(self, inputs):
+    # Like the layers, an input without a batch axis is one example.
+    rank = len(self.kernel_size)
+    return inputs[None] if inputs.ndim == rank + 1 else inputs
+
+  def row_shape(self, inputs_shape) -> tuple:
+    """Shape of the row axes: the batch axes and the output positions."""
+    probe = jax.eval_shape(
+        lambda x: im2col.conv_patches(self, self._batched(x)),
+        jax.ShapeDtypeStruct(tuple(inputs_shape), jnp.float32))
+    return tuple(probe.shape[:-1])
+
+  def rows(self, inputs: jax.Array) -> jax.Array:
+    """The im2col patches as rows ``(rows, groups, d_in)``."""
+    patches = im2col.conv_patches(self, self._batched(inputs))
+    return patches.reshape(-1, self.groups, self.d_in)
+
+  def gram(self, inputs: jax.Array, row_weight=None) -> jax.Array:
+    """``(groups, d_in, d_in)`` float32 Gram of each group's patch rows, each
+    row times its weight.
+
+    With one input channel per group (depthwise) and a small window (at most
+    ``_MAX_TAP_PAIRS_TAPS`` taps, e.g. 3x3), entry ``(c, s, t)`` is the sum
+    over positions of taps ``s`` and ``t`` of channel ``c``: computed from the
+    shifted inputs, without the ``prod(kernel_size)`` times larger patches
+    (one fused reduction per pair of taps, so larger windows use patches).
+    """
+    taps_count = math.prod(self.kernel_size)
+    if self.kernel_shape[-2] != 1 or taps_count > _MAX_TAP_PAIRS_TAPS:
+      return _rows_gram(self.rows(inputs), row_weight)
+    x = self._batched(inputs)
+    rank = len(self.kernel_size)
+    taps = [t.astype(jnp.float32) for t in im2col.conv_taps(
+        self, x.reshape((-1,) + x.shape[-(rank + 1):]))]
+    weighted = taps if row_weight is None else [
+        t * row_weight.reshape(t.shape[:-1] + (1,)) for t in taps]
+    axes = tuple(range(taps[0].ndim - 1))
+    pairs = {}
+    for s_index, a in enumerate(weighted):
+      for t_index in range(s_index, len(taps)):
+        pairs[s_index, t_index] = jnp.sum(a * taps[t_index], axis=axes)
+    n = len(taps)
+    gram = jnp.stack([jnp.stack([pairs[min(s_index, t_index), max(s_index, t_index)]
+                                 for t_index in range(n)]) for s_index in range(n)])
+    return jnp.transpose(gram, (2, 0, 1))
+
+  def matrices(self, kernel: jax.Array) -> jax.Array:
+    """The kernel as ``(groups, d_in, d_out)`` in patch-feature order."""
+    return im2col.conv_kernel_matrix(kernel, self.groups)
+
+  def kernel(self, matrices: jax.Array) -> jax.Array:
+    """Inverse of :meth:`matrices`."""
+    return im2col.kernel_from_matrix(matrices, self.kernel_shape)
+
+
+LinearView = Contraction | Convolution
+
+# Depthwise Grams from pairs of taps up to this window size (3x3: 45 reductions).
+_MAX_TAP_PAIRS_TAPS = 9
+
+
+def _rows_gram(rows, row_weight):
+  rows = rows.astype(jnp.float32)
+  weighted = rows if row_weight is None else rows * row_weight[:, None, None]
+  return jnp.einsum("rgf,rgh->gfh", weighted, rows, precision=jax.lax.Precision.HIGHEST)
+
+# Linear in the weights, but without a per-output-channel matrix view here.
+LINEAR_LIKE = (nn.ConvTranspose, nn.ConvLocal, nnx.ConvTranspose)
+
+
+def _tuple(value):
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _normalize_axes(axes, ndim, what):
+  normalized = []
+  for axis in axes:
+    if not -ndim <= axis < ndim:
+      raise UnsupportedLayer(f"{what} {axis} is out of range for an input of rank {ndim}")
+    normalized.append(axis % ndim)
+  return tuple(normalized)
+
+
+def _check_rank(kind, kernel_shape, expected):
+  if len(kernel_shape) != expected:
+    raise UnsupportedLayer(
+        f"{kind} kernel has rank {len(kernel_shape)} (shape {tuple(kernel_shape)}); "
+        f"this layer allows rank {expected}")
+
+
+def _general_view(kind, inputs_shape, kernel_shape, axis, batch_axes):
+  if batch_axes:
+    raise UnsupportedLayer(
+        f"{kind} with batch axes {tuple(batch_axes)} has one weight matrix per batch "
+        f"index, which is not a single linear layer; only batch_dims=() is supported")
+  axes = _normalize_axes(_tuple(axis), len(inputs_shape), "axis")
+  if len(kernel_shape) <= len(axes):
+    _check_rank(kind, kernel_shape, len(axes) + 1)
+  contracted = tuple(kernel_shape[:len(axes)])
+  if contracted != tuple(inputs_shape[a] for a in axes):
+    raise UnsupportedLayer(
+        f"{kind} kernel shape {tuple(kernel_shape)} does not contract input axes {axes} "
+        f"of an input of shape {tuple(inputs_shape)}")
+  return Contraction(input_axes=axes, kernel_perm=tuple(range(len(kernel_shape))),
+                     kernel_shape=tuple(kernel_shape), num_contracted=len(axes))
+
+
+def einsum_view(equation: str, inputs_shape, kernel_shape) -> Contraction:
+  """The 2-D view of ``einsum(equation, inputs, kernel)``.
+
+  Raises:
+    UnsupportedLayer: when the equation is not a weight contraction (see the
+      module docstring for which equations qualify).
+  """
+  text = equation.replace(" ", "")
+  where = f"einsum {equation!r}"
+  if "->" not in text or text.count(",") != 1:
+    raise UnsupportedLayer(f"{where}: need an explicit 'input,kernel->output' equation")
+  operands, out = text.split("->")
+  lhs, rhs = operands.split(",")
+  if "." in rhs:
+    raise UnsupportedLayer(f"{where}: '...' on the kernel operand is not supported")
+  if "..." in lhs:
+    spare = [c for c in string.ascii_letters if c not in text]
+    fill = "".join(spare[:len(inputs_shape) - (len(lhs) - 3)])
+    lhs, out = lhs.replace("...", fill), out.replace("...", fill)
+  if "." in lhs + out:
+    raise UnsupportedLayer(f"{where}: '...' must appear on both the input and the output")
+  for name, indices in (("input", lhs), ("kernel", rhs), ("output", out)):
+    if len(set(indices)) != len(indices):
+      raise UnsupportedLayer(f"{where}: repeated index on the {name}")
+  if len(lhs) != len(inputs_shape) or len(rhs) != len(kernel_shape):
+    raise UnsupportedLayer(
+        f"{where}: the equation has {len(lhs)} input and {len(rhs)} kernel axes, the "
+        f"input has shape {tuple(inputs_shape)} and the kernel {tuple(kernel_shape)}")
+  for index in rhs:
+    if index in lhs and index in out:
+      raise UnsupportedLayer(
+          f"{where}: kernel axis '{index}' indexes the input and the output alike (a "
+          f"weight per batch index), not a weight contraction")
+    if index not in lhs and index not in out:
+      raise UnsupportedLayer(f"{where}: kernel axis '{index}' is summed away")
+  for index in lhs:
+    if index not in rhs and index not in out:
+      raise UnsupportedLayer(f"{where}: input axis '{index}' is summed without the kernel")
+  contracted = [c for c in rhs if c in lhs]
+  if not contracted:
+    raise UnsupportedLayer(f"{where}: no input axis is contracted with the kernel")
+  features = [c for c in rhs if c not in lhs]
+  return Contraction(input_axes=tuple(lhs.index(c) for c in contracted),
+                     kernel_perm=tuple(rhs.index(c) for c in contracted + features),
+                     kernel_shape=tuple(kernel_shape), num_contracted=len(contracted))
+
+
+def _conv_view(kind, module, inputs_shape, kernel_shape):
+  rank = len(_tuple(module.kernel_size))
+  _check_rank(kind, kernel_shape, rank + 2)
+  if len(inputs_shape) < rank + 1:
+    raise UnsupportedLayer(f"{kind} with {rank} spatial axes got an input of shape "
+                           f"{tuple(inputs_shape)}")
+  if getattr(module, "mask", None) is not None:
+    raise UnsupportedLayer(f"{kind} with a kernel mask is not supported")
+  padding = nn.linear.canonicalize_padding(module.padding, rank)
+  if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+    raise UnsupportedLayer(f"{kind} with padding {padding!r} is not supported; "
+                           f"use SAME, VALID or explicit padding")
+  hashable = lambda value: tuple(map(hashable, value)) if isinstance(
+      value, (tuple, list)) else value
+  return Convolution(kernel_shape=tuple(kernel_shape), strides=hashable(module.strides),
+                     padding=hashable(padding),
+                     input_dilation=hashable(module.input_dilation),
+                     kernel_dilation=hashable(module.kernel_dilation),
+                     feature_group_count=module.feature_group_count)
+
+
+def _dense_view(kind, inputs_shape, kernel_shape):
+  _check_rank(kind, kernel_shape, 2)
+  return _general_view(kind, inputs_shape, kernel_shape, -1, ())
+
+
+def _dense_general_view(module, inputs_shape, kernel_shape):
+  return _general_view("nn.DenseGeneral", inputs_shape, kernel_shape, module.axis,
+                       _tuple(module.batch_dims) if module.batch_dims else ())
+
+
+def _linear_general_view(module, inputs_shape, kernel_shape):
+  return _general_view("nnx.LinearGeneral", inputs_shape, kernel_shape, module.axis,
+                       tuple(module.batch_axis))
+
+
+def _einsum_equation(module, args, kwargs):
+  call_equation = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+  return call_equation if call_equation is not None else module.einsum_str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  """A supported layer class, its base ``__call__`` and how to view it."""
+  cls: type
+  name: str
+  view: Callable  # (module, args, kwargs, inputs_shape, kernel_shape) -> LinearView
+
+  @property
+  def base_call(self):
+    return inspect.unwrap(self.cls.__call__)
+
+
+KINDS = (
+    _Kind(nn.Dense, "nn.Dense", lambda m, a, k, x, w: _dense_view("nn.Dense", x, w)),
+    _Kind(nn.DenseGeneral, "nn.DenseGeneral",
+          lambda m, a, k, x, w: _dense_general_view(m, x, w)),
+    _Kind(nn.Einsum, "nn.Einsum",
+          lambda m, a, k, x, w: einsum_view(_einsum_equation(m, a, k), x, w)),
+    _Kind(nn.Conv, "nn.Conv", lambda m, a, k, x, w: _conv_view("nn.Conv", m, x, w)),
+    _Kind(nnx.Linear, "nnx.Linear", lambda m, a, k, x, w: _dense_view("nnx.Linear", x, w)),
+    _Kind(nnx.LinearGeneral, "nnx.LinearGeneral",
+          lambda m, a, k, x, w: _linear_general_view(m, x, w)),
+    _Kind(nnx.Einsum, "nnx.Einsum",
+          lambda m, a, k, x, w: einsum_view(_einsum_equation(m, a, k), x, w)),
+    _Kind(nnx.Conv, "nnx.Conv", lambda m, a, k, x, w: _conv_view("nnx.Conv", m, x, w)),
+)
+
+
+def kind_of_class(module_class: type) -> Optional[_Kind]:
+  """The supported kind ``module_class`` is (a subclass of), or None."""
+  for kind in KINDS:
+    if issubclass(module_class, kind.cls):
+      return kind
+  return None
+
+
+def kind_of(module) -> Optional[_Kind]:
+  """The supported kind ``module`` is an instance of, or None."""
+  return kind_of_class(type(module))
+
+
+def view_of(module, args, kwargs, kernel_shape) -> LinearView:
+  """The 2-D view of one call ``module(*args, **kwargs)`` of a supported layer.
+
+  Raises:
+    UnsupportedLayer: with the reason, for configurations that have none.
+  """
+  kind = kind_of(module)
+  if kind is None:
+    raise UnsupportedLayer(f"{type(module).__name__} is not a supported linear layer")
+  return kind.view(module, args, kwargs, tuple(jnp.shape(args[0])), tuple(kernel_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCall:
+  """One intercepted call of a linear layer, at the base layer's ``__call__``.
+
+  Attributes:
+    path: the module path (tuple of keys).
+    module: the module.
+    kind: e.g. ``"nn.Dense"`` or ``"nnx.Conv"``.
+    inputs: the array the kernel multiplies.
+    view: the :class:`LinearView`, or None if unsupported.
+    reason: why there is no view, else None.
+  """
+  path: tuple
+  module: Any
+  kind: str
+  inputs: Any
+  view: Optional[LinearView]
+  reason: Optional[str]
+
+
+def _linear_call(path, module, kind, args, kwargs, kernel_shape):
+  try:
+    view = kind.view(module, args, kwargs, tuple(jnp.shape(args[0])), tuple(kernel_shape))
+    reason = None
+  except UnsupportedLayer as error:
+    view, reason = None, str(error)
+  return LinearCall(path=tuple(path), module=module, kind=kind.name, inputs=args[0],
+                    view=view, reason=reason)
+
+
+def intercept_linear_calls(on_call: Callable[[LinearCall], Any]):
+  """A linen ``nn.intercept_methods`` interceptor for linear-layer calls.
+
+  ``on_call(call)`` runs at every call of a supported kind's base ``__call__``
+  (so a subclass's own pre-processing has already happened), before the layer
+  computes. If it returns a value other than None, that value replaces the
+  layer's output (packed inference uses this).
+
+  Usage: ``with nn.intercept_methods(intercept_linear_calls(f)): model.apply(...)``.
+  """
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    kind = kind_of(module)
+    if (kind is not None and context.method_name == "__call__"
+        and getattr(context.orig_method, "func", None) is kind.base_call
+        and module.has_variable("params", "kernel")):
+      kernel = module.get_variable("params", "kernel")
+      out = on_call(_linear_call(module.path, module, kind, args, kwargs,
+                                 kernel.shape))
+      if out is not None:
+        return out
+    return next_fun(*args, **kwargs)
+
+  return interceptor
+
+
+class intercept_nnx_linear_calls:  # noqa: N801 (a context manager, used like a function)
+  """Context manager: ``on_call`` runs at every NNX linear-layer call in ``model``.
+
+  NNX has no method interception, so for the duration of the block the base
+  ``__call__`` of each supported NNX kind is wrapped (and restored on exit);
+  the user's classes and modules are not changed. Calls of modules outside
+  ``model`` pass through untouched. See :func:`intercept_linear_calls` for
+  ``on_call``.
+
+  Args:
+    model: the NNX module whose layers to intercept (paths are relative to it).
+    on_call: ``(LinearCall) -> None or output``.
+  """
+
+  def __init__(self, model: nnx.Module, on_call: Callable[[LinearCall], Any]):
+    self._model = model
+    self._on_call = on_call
+    self._saved = {}
+
+  def __enter__(self):
+    paths = {id(module): path for path, module in nnx.iter_modules(self._model)}
+    for kind in KINDS:
+      if not issubclass(kind.cls, nnx.Module) or kind.cls in self._saved:
+        continue
+      self._saved[kind.cls] = kind.cls.__call__
+      self._wrap(kind, paths)
+    return self
+
+  def _wrap(self, kind, paths):
+    original, on_call = kind.cls.__call__, self._on_call
+
+    def call(module, *args, **kwargs):
+      path = paths.get(id(module))
+      if path is not None and kind_of(module) is kind:
+        out = on_call(_linear_call(path, module, kind, args, kwargs,
+                                   jnp.shape(module.kernel[...])))
+        if out is not None:
+          return out
+      return original(module, *args, **kwargs)
+
+    kind.cls.__call__ = call
+
+  def __exit__(self, *exc):
+    for cls, original in self._saved.items():
+      cls.__call__ = original
+    self._saved.clear()
+    return False
 
 
 def apply_fn_of(model_or_apply: Any) -> Callable:
@@ -70,16 +538,16 @@ def apply_fn_of(model_or_apply: Any) -> Callable:
           else model_or_apply)
 
 
-def layer_paths(model_or_apply: Any, variables, batch,
-                **apply_kwargs) -> list:
-  """``/``-joined paths of the linear layers of a model, in first-call order.
+def layer_paths(model_or_apply: Any, variables, batch, **apply_kwargs) -> list:
+  """``/``-joined paths of the supported linear layers, in first-call order.
 
   Traces one forward pass on shapes only (``jax.eval_shape``).
 
   Args:
     model_or_apply: a linen ``Module`` or an ``apply_fn(variables, batch,
-      **apply_kwargs)``.
-    variables: the model variables.
+      **apply_kwargs)``; or an ``nnx.Module`` (then ``variables`` is ignored
+      and the module is called as ``model(batch, **apply_kwargs)``).
+    variables: the model variables (linen).
     batch: one model input.
     **apply_kwargs: passed to the apply call (e.g. ``train=False``).
 
@@ -88,17 +556,24 @@ def layer_paths(model_or_apply: Any, variables, batch,
   """
   paths = []
 
-  def record(next_fun, args, kwargs, context):
-    if is_linear_call(context):
-      path = path_name(context.module.path)
-      if path not in paths:
-        paths.append(path)
-    return next_fun(*args, **kwargs)
+  def record(call):
+    name = path_name(call.path)
+    if name not in paths:
+      paths.append(name)
 
+  if isinstance(model_or_apply, nnx.Module):
+    graphdef, state = nnx.split(model_or_apply)
+
+    def forward(state, x):
+      model = nnx.merge(graphdef, state)
+      with intercept_nnx_linear_calls(model, record):
+        return model(x, **apply_kwargs)
+
+    jax.eval_shape(forward, state, batch)
+    return paths
   apply_fn = apply_fn_of(model_or_apply)
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda v, x: apply_fn(v, x, **apply_kwargs), variables,
-                   batch)
+  with nn.intercept_methods(intercept_linear_calls(record)):
+    jax.eval_shape(lambda v, x: apply_fn(v, x, **apply_kwargs), variables, batch)
   return paths
 
 
@@ -106,43 +581,16 @@ def kernel_mask(params: PyTree, paths) -> PyTree:
   """Bool pytree over ``params``: True on the kernel of each module in ``paths``.
 
   Args:
-    params: the params collection of a model.
+    params: the params collection of a model (a nested dict; NNX: the pure
+      dict of its ``nnx.Param`` state).
     paths: ``/``-joined module paths (as in :func:`layer_paths`).
   """
   paths = set(paths)
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: (getattr(path[-1], "key", None) == "kernel"
-                       and path_name(k.key for k in path[:-1]) in paths),
+      lambda path, _: (_key(path[-1]) == "kernel"
+                       and path_name(_key(k) for k in path[:-1]) in paths),
       params)
 
 
-def feature_groups(module: nn.Module) -> int:
-  """Independent matrices of a layer: a Conv's feature groups, else 1."""
-  return module.feature_group_count if isinstance(module, nn.Conv) else 1
-
-
-def grouped_inputs(module: nn.Module, inputs: jax.Array) -> jax.Array:
-  """A layer's inputs as rows ``(rows, groups, d_in per group)``."""
-  if isinstance(module, nn.Conv):
-    patches = im2col.conv_patches(module, inputs)
-    groups = module.feature_group_count
-    return patches.reshape(-1, groups, patches.shape[-1] // groups)
-  return inputs.reshape(-1, 1, inputs.shape[-1])
-
-
-def grouped_kernel(module: nn.Module, kernel: jax.Array) -> jax.Array:
-  """A layer's kernel as ``(groups, d_in per group, d_out per group)``.
-
-  Row ``i`` of group ``g`` multiplies feature ``i`` of :func:`grouped_inputs`.
-  """
-  if isinstance(module, nn.Conv):
-    return im2col.conv_kernel_matrix(kernel, module.feature_group_count)
-  return kernel[None]
-
-
-def kernel_from_grouped(module: nn.Module, matrices: jax.Array,
-                        kernel_shape) -> jax.Array:
-  """Inverse of :func:`grouped_kernel` for a kernel of ``kernel_shape``."""
-  if isinstance(module, nn.Conv):
-    return im2col.kernel_from_matrix(matrices, kernel_shape)
-  return matrices[0]
+def _key(entry):
+  return getattr(entry, "key", getattr(entry, "idx", entry))

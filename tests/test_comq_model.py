@@ -103,7 +103,7 @@ def test_fp_report_matches_quantize_layer():
                                    skip=lambda p, k: p == "Dense_1")
   new = result.variables
   assert [r.path for r in result.layers] == ["Dense_0"]
-  assert result.skipped == ["Dense_1"]
+  assert result.skipped == [comq_jax.SkippedLayer("Dense_1", "nn.Dense", "skip predicate")]
   x = jnp.concatenate(batches)
   direct = comq_jax.quantize_layer(variables["params"]["Dense_0"]["kernel"], x,
                                    bits=4)
@@ -158,7 +158,7 @@ def test_layers_are_logged(caplog):
     comq_jax.quantize_model(model, variables, batches, bits=4,
                             skip=lambda p, k: p == "Dense_0")
   text = caplog.text
-  assert "Dense_0 left in float" in text
+  assert "Dense_0 (nn.Dense) left in float: skip predicate" in text
   assert "Dense_1" in text and "error" in text
 
 
@@ -202,7 +202,7 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="method"):
     comq_jax.quantize_model(model, variables, batches, bits=4, method="obq")
   no_linear = _NoLinear()
-  with pytest.raises(ValueError, match="no nn.Dense or nn.Conv"):
+  with pytest.raises(ValueError, match="no linear layer to quantize"):
     comq_jax.quantize_model(no_linear,
                             no_linear.init(jax.random.key(0), batches[0]),
                             batches, bits=4)

@@ -7,17 +7,29 @@ import sys
 import pytest
 
 import configs
+from configs import base
+from configs import fp_vit
 from experiments import input_pipeline
 from experiments import methods
+from experiments import report
 from experiments import train
 import inq_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("dataset", ["digits", "imagenet"])
+def config_datasets(name):
+  """The datasets a config supports: its module's DATASETS, else every dataset."""
+  return getattr(configs.load_module(name), "DATASETS", base.DATASETS)
+
+
+@pytest.mark.parametrize("dataset", base.DATASETS)
 @pytest.mark.parametrize("name", configs.available())
 def test_every_config_loads(name, dataset):
+  if dataset not in config_datasets(name):
+    with pytest.raises(ValueError, match=dataset):  # a clear error, not another model
+      configs.get_config(name, dataset)
+    return
   config = configs.get_config(name, dataset)
   assert config.name == name
   assert config.dataset == dataset
@@ -27,7 +39,8 @@ def test_every_config_loads(name, dataset):
 
 def test_expected_configs_exist():
   assert {"fp", "inq_5bit", "inq_4bit", "inq_3bit", "inq_2bit", "comq_4bit", "comq_3bit",
-          "comq_2bit", "rtn_4bit", "rtn_3bit", "rtn_2bit"} <= set(configs.available())
+          "comq_2bit", "rtn_4bit", "rtn_3bit", "rtn_2bit", "fp_vit", "comq_4bit_vit",
+          "comq_3bit_vit", "rtn_4bit_vit", "inq_5bit_vit"} <= set(configs.available())
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
@@ -38,7 +51,7 @@ def test_comq_configs_follow_the_official_recipe(bits):
                                                                               False)
   assert (config.comq.grid, config.comq.granularity, config.comq.inputs) == (
       "asymmetric", "channel", "fp")
-  assert not config.comq.skip_first_last
+  assert config.comq.skip_first_last is None  # the model's official recipe
   # README 2-bit recipe: --scalar 0.65; 1.0 otherwise.
   assert config.comq.scalar == (0.65 if bits == 2 else 1.0)
   assert config.calibration.num_examples == 1024
@@ -46,6 +59,36 @@ def test_comq_configs_follow_the_official_recipe(bits):
   rtn = configs.get_config(f"rtn_{bits}bit", "imagenet")
   assert (rtn.method, rtn.rtn.bits, rtn.rtn.grid, rtn.rtn.granularity) == (
       "rtn", bits, "asymmetric", "channel")
+
+
+def changed_fields(config, reference):
+  """{dotted path: value} of the fields where `config` differs from `reference`."""
+  config, reference = report.flatten(config.to_dict()), report.flatten(reference.to_dict())
+  assert config.keys() == reference.keys()
+  return {key: config[key] for key in config if config[key] != reference[key]}
+
+
+# name -> (the config it derives from, the fields it changes besides fp_vit.VIT and name).
+VIT_CONFIGS = {"fp_vit": ("fp", {}), "comq_4bit_vit": ("comq_4bit", {}),
+               "comq_3bit_vit": ("comq_4bit", {"comq.bits": 3}),
+               "rtn_4bit_vit": ("rtn_4bit", {}), "inq_5bit_vit": ("inq_5bit", {})}
+
+
+@pytest.mark.parametrize("name", VIT_CONFIGS)
+def test_vit_configs_are_their_cnn_config_with_the_vit_recipe(name):
+  parent, extra = VIT_CONFIGS[name]
+  config = configs.get_config(name, "digits")
+  assert changed_fields(config, configs.get_config(parent, "digits")) == {
+      "name": name, **fp_vit.VIT, **extra}
+  assert config.model.name == "ViTDigits"
+  assert config_datasets(name) == ("digits",)
+
+
+def test_vit_recipe_changes_only_training_fields():
+  # The quantizers' settings (bits, grids, INQ schedule and retraining) stay the CNN's.
+  assert set(fp_vit.VIT) == {"model.name", "batch_size", "fp.num_epochs",
+                             "fp.learning_rate", "fp.weight_decay", "fp.lr_decay_epoch"}
+  assert fp_vit.VIT["fp.lr_decay_epoch"] < fp_vit.VIT["fp.num_epochs"]
 
 
 def test_comq_on_unprepared_imagenet_fails_fast(tmp_path):

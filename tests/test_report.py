@@ -171,3 +171,47 @@ def test_post_training_methods_side_by_side(tmp_path):
   assert "| 3 | g64 | 95.00 ± 0.00 (1.5) |  |  |" in section
   with open(report.write_report(str(tmp_path))["report.md"]) as f:
     assert section in f.read()
+
+
+def test_models_side_by_side(tmp_path):
+  # (model, method, bits, group size) -> final accuracy per seed; FP 0.99 (CNN), 0.97 (ViT).
+  fp = {"SmallCNN": 0.99, "ViTDigits": 0.97}
+  cases = {("SmallCNN", "fp", 32, None): [0.99, 0.99],
+           ("SmallCNN", "inq", 5, None): [0.98, 0.96],
+           ("SmallCNN", "comq", 4, None): [0.97, 0.97],
+           ("SmallCNN", "rtn", 4, None): [0.90, 0.80],
+           ("ViTDigits", "fp", 32, None): [0.97, 0.97],
+           ("ViTDigits", "comq", 4, None): [0.95, 0.93],
+           ("ViTDigits", "comq", 4, 32): [0.96, 0.96],
+           ("ViTDigits", "rtn", 4, 32): [0.70, 0.70]}
+  for (model, method, bits, group_size), finals in cases.items():
+    for seed, final in enumerate(finals):
+      block = {"bits": bits, "granularity": "group" if group_size else "channel",
+               "group_size": group_size, "grid": "asymmetric"}
+      write_run(os.path.join(str(tmp_path), f"{model},{method},{bits},{group_size},{seed}"),
+                {"name": "models", "seed": seed, "method": method, "stop_after_steps": 0,
+                 "model": {"name": model}, "comq": block, "rtn": block},
+                {"config_name": "models", "model": model, "method": method, "bits": bits,
+                 "seed": seed, "fp_accuracy": fp[model], "final_accuracy": final,
+                 "portion_accuracies": [], "layers": [{"error": 1.0}]})
+  runs = report.load_runs(str(tmp_path))
+  (section,) = report.model_tables(runs)
+  assert ("| bits | grid | SmallCNN FP | SmallCNN INQ | SmallCNN COMQ | SmallCNN RTN | "
+          "ViTDigits FP | ViTDigits COMQ | ViTDigits RTN |") in section
+  assert "| 32 | float | 99.00 ± 0.00 |  |  |  | 97.00 ± 0.00 |  |  |" in section
+  assert "| 5 | pow2 |  | 97.00 ± 1.41 |  |  |  |  |  |" in section
+  assert "| 4 | channel |  |  | 97.00 ± 0.00 | 85.00 ± 7.07 |  | 94.00 ± 1.41 |  |" \
+      in section
+  assert "| 4 | g32 |  |  |  |  |  | 96.00 ± 0.00 | 70.00 ± 0.00 |" in section
+  # The post-training table keeps the models apart too.
+  (side_by_side,) = report.side_by_side_tables(runs)
+  assert ("| bits | grid | SmallCNN COMQ | SmallCNN RTN | ViTDigits COMQ | ViTDigits RTN |"
+          in side_by_side)
+  # One model only: no models table.
+  assert report.model_tables([run for run in runs if run.results["model"] == "SmallCNN"]) \
+      == []
+  paths = report.write_report(str(tmp_path))
+  with open(paths["report.md"]) as f:
+    assert section in f.read()
+  with open(paths["accuracy_vs_bits.png"], "rb") as f:
+    assert f.read().startswith(PNG_MAGIC)

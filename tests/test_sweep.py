@@ -270,6 +270,26 @@ def test_comq_and_rtn_sweeps_cover_the_requested_grid():
   assert ("gptq", "float", 3, "channel", None) in solvers
 
 
+def test_vit_sweep_puts_both_models_side_by_side():
+  points = sweep.sweep_configs("ablation_vit", "digits", reduced=False)
+  assert len(points) == 2 * (2 + 2 * 3 * 2) * 3
+  settings = {(c.model.name, c.method, c[c.method].bits if c.method != "fp" else 32,
+               c[c.method].group_size if c.method in ("comq", "rtn") else None)
+              for _, c in points}
+  for model in ("SmallCNN", "ViTDigits"):
+    assert {(model, "fp", 32, None), (model, "inq", 5, None)} <= settings
+    assert {(model, method, bits, group_size) for method in ("comq", "rtn")
+            for bits in (4, 3, 2) for group_size in (None, 32)} <= settings
+  cnn, vit = configs.get_config("comq_4bit", "digits"), configs.get_config("fp_vit", "digits")
+  for _, config in points:
+    recipe = vit if config.model.name == "ViTDigits" else cnn
+    assert (config.batch_size, config.fp) == (recipe.batch_size, recipe.fp)
+    assert config.comq.scalar == 1.0 and config.comq.grid == config.rtn.grid == "asymmetric"
+    assert tuple(config.inq.schedule) == (0.5, 0.75, 0.875, 1.0)
+  with pytest.raises(ValueError, match="imagenet"):
+    sweep.sweep_configs("ablation_vit", "imagenet", reduced=False)
+
+
 def shortened_run(config, workdir):
   """The real job at CI cost: 3 FP epochs and one epoch per INQ step."""
   fields = {"fp.num_epochs": 3, "fp.lr_decay_epoch": 2, "inq.epochs_per_step": 1,

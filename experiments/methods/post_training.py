@@ -4,11 +4,14 @@ The layers are quantized by `comq_jax.quantize_model` on calibration images from
 training split; each method names its layer solver and options.
 """
 
+import functools
 import itertools
+import operator
 
 import jax
 import jax.numpy as jnp
 
+from experiments import models
 from experiments.methods import base
 import comq_jax
 import inq_jax
@@ -27,6 +30,35 @@ def calibration_images(config, dataset, shuffle_seed):
                      f"{dataset.num_train_examples} training examples.")
   batches = itertools.islice(dataset.train_epoch(batch_size, shuffle_seed), num // batch_size)
   return [jnp.asarray(batch["image"]) for batch in batches]
+
+
+def first_and_last_layers(model, variables, image, num_classes):
+  """The layers that `skip_first_last` keeps in float: the input layer and the classifier(s).
+
+  The input layer is the first linear layer called (a CNN's stem conv; a ViT's or Swin's
+  patch-embedding conv `patch_embed/proj`). The classifiers are the layers called last
+  whose kernels output the `num_classes` logits: `fc` of a ResNet, `head` of a ViT,
+  `head/fc` of Swin, and both `head` and `head_dist` of a distilled DeiT, whose logits are
+  the mean of its two heads (the official COMQ code quantizes every nn.Linear but the
+  classifier and never the patch-embedding conv, comq.md §2).
+
+  Args:
+    model: the linen model.
+    variables: its variables.
+    image: one calibration batch (shapes only are used).
+    num_classes: outputs of the classifier(s).
+  Returns:
+    The set of `/`-joined layer paths.
+  """
+  paths = inq_jax.layer_paths(model, variables, image, train=False)
+  params = variables["params"]
+  ends = {paths[0], paths[-1]}
+  for path in reversed(paths):
+    kernel = functools.reduce(operator.getitem, path.split("/"), params)["kernel"]
+    if kernel.shape[-1] != num_classes:
+      break
+    ends.add(path)
+  return ends
 
 
 class PostTrainingMethod(base.Method):
@@ -58,28 +90,37 @@ class PostTrainingMethod(base.Method):
     config = context.config
     images = calibration_images(config, context.dataset,
                                 (config.seed, context.phase_index, 0))
-    # On the default device: the model runs eagerly under a method interceptor.
+    # On one device: calibration and the layer solves run unsharded.
     variables = jax.device_put(jax.device_get(state["variables"]))
     skip = None
-    if config[self.name].skip_first_last:
-      paths = inq_jax.layer_paths(context.model, variables, images[0], train=False)
-      ends = {paths[0], paths[-1]}
+    skip_first_last = config[self.name].skip_first_last
+    if skip_first_last is None:
+      # The official COMQ code leaves the timm transformers' patch embedding and head
+      # in float; the CNN recipes quantize every layer.
+      skip_first_last = models.canonical_name(config.model.name) in models.TIMM_NAMES.values()
+    if skip_first_last:
+      ends = first_and_last_layers(context.model, variables, images[0],
+                                   config.model.num_classes)
       skip = lambda path, kernel: path in ends
     result = comq_jax.quantize_model(context.model, variables, images, method=self.name,
                                      skip=skip, train=False, **self.solver_options(config))
     # JSON types, so that a run resumed from its checkpoint reports the same.
-    record = {"layers": [dict(report._asdict(), shape=list(report.shape))
+    record = {"layers": [dict(report._asdict(), shape=list(report.shape),
+                              matrices=list(report.matrices))
                          for report in result.layers],
-              "skipped": result.skipped, "settings": result.settings}
+              "skipped": [entry._asdict() for entry in result.skipped],
+              "settings": result.settings}
     return dict(state, variables=result.variables), record
 
   def results(self, config, state, progress, phases):
     record = progress["records"][phases[-1].name]
-    layers = [comq_jax.LayerReport(**dict(layer, shape=tuple(layer["shape"])))
+    layers = [comq_jax.LayerReport(**dict(layer, shape=tuple(layer["shape"]),
+                                          matrices=tuple(layer["matrices"])))
               for layer in record["layers"]]
     result = comq_jax.ModelQuantization(
         variables=jax.device_get(state["variables"]), layers=layers,
-        skipped=record["skipped"], settings=record["settings"])
+        skipped=[comq_jax.SkippedLayer(**entry) for entry in record["skipped"]],
+        settings=record["settings"])
     return {**base.size_entries(result.size_report()), "portion_accuracies": [],
             "codebook_fraction": None, "layers": record["layers"],
             "skipped_layers": record["skipped"]}

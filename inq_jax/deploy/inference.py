@@ -104,22 +104,22 @@ def _patches_in_kernel_order(module: nn.Conv, x: jax.Array) -> jax.Array:
 def _interceptor(kernel_options):
   """Routes packed Dense/Conv calls through the kernel."""
 
-  def intercept(next_fun, args, kwargs, context):
-    module = context.module
-    if (not layers.is_linear_call(context) or
-        not module.has_variable("params", "kernel")):
-      return next_fun(*args, **kwargs)
+  def on_call(call):
+    module = call.module
     packed = module.get_variable("params", "kernel")
     if not isinstance(packed, packing.PackedPow2):
-      return next_fun(*args, **kwargs)
-    (x,) = args
+      return None
+    if not isinstance(module, (nn.Dense, nn.Conv)):
+      raise ValueError(f"{layers.path_name(call.path)}: packed inference runs nn.Dense "
+                       f"and nn.Conv kernels, not {call.kind}.")
+    x = call.inputs
     dtype = _output_dtype(module, x)
     if isinstance(module, nn.Conv):
       x = _patches_in_kernel_order(module, x)
     y = _product(x, packed, dtype, kernel_options)
     return _add_bias(module, y, dtype)
 
-  return intercept
+  return layers.intercept_linear_calls(on_call)
 
 
 def packed_apply(model: nn.Module, packed_variables: PyTree, *args,

@@ -1,4 +1,4 @@
-"""Flax models: torchvision-compatible ResNet-18/50 and a small CNN for 8x8 digits.
+"""CNNs: torchvision-compatible ResNet-18/50 and a small CNN for 8x8 digits.
 
 Parameter names follow torchvision one to one, with "." before a block or module index
 replaced by "_": torchvision `layer2.0.downsample.1.running_mean` is
@@ -113,12 +113,3 @@ class SmallCNN(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="fc")(x)
 
-
-MODELS = {"ResNet18": ResNet18, "ResNet50": ResNet50, "SmallCNN": SmallCNN}
-
-
-def create_model(name, num_classes):
-  """Builds the model called `name` (a key of MODELS)."""
-  if name not in MODELS:
-    raise ValueError(f"Unknown model {name!r}; expected one of {sorted(MODELS)}.")
-  return MODELS[name](num_classes=num_classes)
