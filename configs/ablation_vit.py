@@ -13,11 +13,12 @@ attention query/key/value/out, fc1 and the head have 64 inputs (2 groups), fc2 1
 on the CNN they split conv2 (144 inputs, 5 groups) and conv3 (288, 9), fc has 2 and
 conv1 (9 inputs) one.
 
-Digits only. Full sweep (about 70 min on 2 busy CPU cores: a ViT run trains its FP model
-for about a minute):
+Digits only. Full sweep (51 min measured on 2 busy CPU cores; a ViT run takes 42-106 s
+since each trains its FP model, a CNN run 8-36 s):
   python -m experiments.sweep --config=ablation_vit --workdir=workdirs/sweeps/ablation_vit
+  python -m experiments.report --workdir=workdirs/sweeps/ablation_vit
 Reduced (--reduced; seed 0 and 4 bits only: FP, INQ 5-bit, COMQ and RTN per channel and
-g32 per model, 12 runs, about 10 min).
+g32 per model, 12 runs, about 8 min). Results: docs/results/vit/ and the README.
 """
 
 from configs import comq_4bit

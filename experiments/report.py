@@ -420,55 +420,83 @@ def in_model(group, model):
   return model is None or model_name(group.runs[0]) == model
 
 
+def fp_reference(groups):
+  """FP accuracy (%) of `groups`: mean ± std over seeds of each seed's mean FP accuracy
+  (every run of a seed carries the same FP model's accuracy; counted once per seed)."""
+  by_seed = collections.defaultdict(list)
+  for group in groups:
+    for run in group.runs:
+      by_seed[run.results["seed"]].append(100 * run.results["fp_accuracy"])
+  return mean_std([np.mean(values) for values in by_seed.values()])
+
+
+def without_model_recipe(groups, fields):
+  """`fields` less those that follow the model (one value per `model.name` among
+  `groups`, e.g. each model's FP recipe), when the model is one of them."""
+  if "model.name" not in fields:
+    return fields
+  def follows_model(field):
+    values = collections.defaultdict(set)
+    for group in groups:
+      setting = dict(group.setting)
+      values[setting["model.name"]].add(setting[field])
+    return all(len(model_values) == 1 for model_values in values.values())
+  return [field for field in fields if field == "model.name" or not follows_model(field)]
+
+
+def plot_label(group, fields):
+  """Method label and the fields that tell its lines apart, without `method` and the
+  other quantizers' config blocks (a COMQ line shows comq.* only, not rtn.*)."""
+  others = set(methods.REGISTRY) - {"fp", group.method}  # "fp" is also the FP training
+  shown = [field for field in fields
+           if field != "method" and field.split(".")[0] not in others]
+  return " ".join(filter(None, [method_label(group.method), setting_label(group, shown)]))
+
+
 def plot_accuracy_vs_bits(groups, path):
   """Final accuracy (mean ± std over seeds) vs bits; one panel per grid family.
 
-  With runs of several models, one panel per model and grid family, each with the FP
-  reference of its model. Returns False (and writes nothing) when there are no
-  quantized runs.
+  With runs of several models, one row of panels per model, each with the FP reference
+  of its model. Returns False (and writes nothing) when there are no quantized runs.
   """
   quantized = [group for group in groups if group.method != "fp"]
   if not quantized:
     return False
   model_names = list(dict.fromkeys(model_name(group.runs[0]) for group in groups))
-  several = len(model_names) > 1
-  panels = [(model, family) for model in (model_names if several else [None])
-            for family in sorted({grid_family(group) for group in quantized
-                                  if in_model(group, model)})]
-  figure = mpl_figure.Figure(figsize=(6.5 * len(panels), 4.8))
-  axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)
-  for axis, (model, family) in zip(axes[0], panels, strict=True):
-    fp_mean, fp_std = mean_std([100 * run.results["fp_accuracy"] for group in groups
-                                if in_model(group, model) for run in group.runs])
-    lines = collections.defaultdict(list)
-    for config_name in dict.fromkeys(group.config_name for group in quantized):
-      config_groups = [group for group in quantized
-                       if group.config_name == config_name and in_model(group, model)]
-      if not config_groups:
-        continue
-      fields = line_fields(config_groups)
-      for group in config_groups:
-        if grid_family(group) == family:
-          label = " ".join(filter(None, [method_label(group.method),
-                                         setting_label(group, fields)]))
-          lines[label].append(group)
-    for index, (label, line) in enumerate(sorted(lines.items())):
-      line.sort(key=lambda group: group.bits)
-      offset = 0.05 * (index - (len(lines) - 1) / 2)
-      stats = [group_stats(group)["final"] for group in line]
-      axis.errorbar([group.bits + offset for group in line], [s[0] for s in stats],
-                    yerr=[s[1] for s in stats], marker="o", markersize=4, capsize=3,
-                    label=label)
-    axis.axhline(fp_mean, color="black", linestyle="--",
-                 label=f"FP {fp_mean:.2f} ± {fp_std:.2f}")
-    axis.set_title(f"{model}: test accuracy vs bits ({family})" if model
-                   else f"Test accuracy vs bits ({family})")
-    axis.set_xlabel("weight bits")
-    axis.set_xticks(sorted({group.bits for group in quantized
-                            if in_model(group, model)}))
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-  axes[0][0].set_ylabel("final test accuracy (%), mean ± std over seeds")
+  rows = model_names if len(model_names) > 1 else [None]
+  families = sorted({grid_family(group) for group in quantized})
+  figure = mpl_figure.Figure(figsize=(6.5 * len(families), 4.8 * len(rows)))
+  axes = figure.subplots(len(rows), len(families), squeeze=False, sharey="row")
+  for row_axes, model in zip(axes, rows, strict=True):
+    fp_mean, fp_std = fp_reference([group for group in groups if in_model(group, model)])
+    for axis, family in zip(row_axes, families, strict=True):
+      lines = collections.defaultdict(list)
+      for config_name in dict.fromkeys(group.config_name for group in quantized):
+        config_groups = [group for group in quantized
+                         if group.config_name == config_name and in_model(group, model)]
+        if not config_groups:
+          continue
+        fields = line_fields(config_groups)
+        for group in config_groups:
+          if grid_family(group) == family:
+            lines[plot_label(group, fields)].append(group)
+      for index, (label, line) in enumerate(sorted(lines.items())):
+        line.sort(key=lambda group: group.bits)
+        offset = 0.05 * (index - (len(lines) - 1) / 2)
+        stats = [group_stats(group)["final"] for group in line]
+        axis.errorbar([group.bits + offset for group in line], [s[0] for s in stats],
+                      yerr=[s[1] for s in stats], marker="o", markersize=4, capsize=3,
+                      label=label)
+      axis.axhline(fp_mean, color="black", linestyle="--",
+                   label=f"FP {fp_mean:.2f} ± {fp_std:.2f}")
+      axis.set_title(f"{model}: test accuracy vs bits ({family})" if model
+                     else f"Test accuracy vs bits ({family})")
+      axis.set_xlabel("weight bits")
+      axis.set_xticks(sorted({group.bits for group in quantized
+                              if in_model(group, model)}))
+      axis.grid(alpha=0.3)
+      axis.legend(fontsize=7)
+    row_axes[0].set_ylabel("final test accuracy (%), mean ± std over seeds")
   save_figure(figure, path)
   return True
 
@@ -486,7 +514,7 @@ def plot_inq_portions(groups, path):
   axes = figure.subplots(1, len(config_names), squeeze=False)
   for axis, config_name in zip(axes[0], config_names, strict=True):
     config_groups = [group for group in inq_groups if group.config_name == config_name]
-    fields = line_fields(config_groups)
+    fields = without_model_recipe(config_groups, line_fields(config_groups))
     for group in config_groups:
       portions = [0.0] + [entry["portion"]
                           for entry in group.runs[0].results["portion_accuracies"]]
@@ -496,7 +524,10 @@ def plot_inq_portions(groups, path):
                              for run in group.runs]) * 100
       std = (accuracies.std(axis=0, ddof=1) if len(group.runs) > 1
              else np.zeros(accuracies.shape[1]))
-      label = " ".join(filter(None, [f"{group.bits}-bit", setting_label(group, fields)]))
+      setting = dict(group.setting)
+      label = " ".join(filter(None, [
+          setting.get("model.name"), f"{group.bits}-bit",
+          setting_label(group, [field for field in fields if field != "model.name"])]))
       axis.errorbar(portions, accuracies.mean(axis=0), yerr=std, marker="o",
                     markersize=4, capsize=3, label=label)
     axis.set_title(f"INQ accuracy after each portion ({config_name})")

@@ -190,7 +190,8 @@ def test_models_side_by_side(tmp_path):
                "group_size": group_size, "grid": "asymmetric"}
       write_run(os.path.join(str(tmp_path), f"{model},{method},{bits},{group_size},{seed}"),
                 {"name": "models", "seed": seed, "method": method, "stop_after_steps": 0,
-                 "model": {"name": model}, "comq": block, "rtn": block},
+                 "model": {"name": model}, "comq": block, "rtn": block,
+                 "batch_size": 16 if model == "ViTDigits" else 32},
                 {"config_name": "models", "model": model, "method": method, "bits": bits,
                  "seed": seed, "fp_accuracy": fp[model], "final_accuracy": final,
                  "portion_accuracies": [], "layers": [{"error": 1.0}]})
@@ -207,6 +208,11 @@ def test_models_side_by_side(tmp_path):
   (side_by_side,) = report.side_by_side_tables(runs)
   assert ("| bits | grid | SmallCNN COMQ | SmallCNN RTN | ViTDigits COMQ | ViTDigits RTN |"
           in side_by_side)
+  # Plot labels name the model, not the fields that follow it (its FP recipe).
+  groups = report.group_runs(runs)
+  fields = [field for field, _ in groups[0].setting]
+  assert "batch_size" in fields and "model.name" in fields
+  assert set(fields) - set(report.without_model_recipe(groups, fields)) == {"batch_size"}
   # One model only: no models table.
   assert report.model_tables([run for run in runs if run.results["model"] == "SmallCNN"]) \
       == []
@@ -215,3 +221,24 @@ def test_models_side_by_side(tmp_path):
     assert section in f.read()
   with open(paths["accuracy_vs_bits.png"], "rb") as f:
     assert f.read().startswith(PNG_MAGIC)
+
+
+def test_plot_labels_and_fp_reference(tmp_path):
+  make_workdir(str(tmp_path))
+  groups = report.group_runs(report.load_runs(str(tmp_path)))
+  inq = next(g for g in groups if g.method == "inq")
+  rtn = next(g for g in groups if g.method == "rtn")
+  # A line shows its own method's fields only, never `method` or another method's block.
+  fields = ["inq.strategy", "method", "rtn.grid"]
+  assert report.plot_label(inq, fields) == "INQ strategy=magnitude"
+  assert report.plot_label(rtn, fields).startswith("RTN grid=")
+
+  # The FP reference counts each seed once, however many runs share its FP model.
+  for seed, fp, num_runs in ((0, 0.90, 3), (1, 1.00, 1)):
+    for bits in range(num_runs):
+      write_run(str(tmp_path / "fp" / f"{seed},{bits}"),
+                {"name": "fp", "seed": seed, "rtn": {"bits": bits + 2}},
+                {"config_name": "fp", "method": "rtn", "bits": bits + 2, "seed": seed,
+                 "fp_accuracy": fp, "final_accuracy": 0.5, "portion_accuracies": []})
+  fp_groups = report.group_runs(report.load_runs(str(tmp_path / "fp")))
+  assert report.fp_reference(fp_groups) == (pytest.approx(95.0), pytest.approx(7.0711, abs=1e-4))
