@@ -256,6 +256,13 @@ class _NNXModel:
     return {"params": params}, self._merge(params)
 
 
+def _target(model_or_apply, variables, apply_kwargs):
+  """The model to quantize, linen or NNX."""
+  if isinstance(model_or_apply, nnx.Module):
+    return _NNXModel(model_or_apply, apply_kwargs)
+  return _LinenModel(model_or_apply, variables, apply_kwargs)
+
+
 class _Layer(NamedTuple):
   """A linear layer seen during calibration (static, from tracing)."""
   path: tuple
@@ -575,10 +582,7 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
   baselines.check_gptq_options(granularity=granularity, block_size=block_size,
                                damp=damp, act_order=act_order,
                                static_groups=static_groups)
-  if isinstance(model_or_apply, nnx.Module):
-    target = _NNXModel(model_or_apply, apply_kwargs)
-  else:
-    target = _LinenModel(model_or_apply, variables, apply_kwargs)
+  target = _target(model_or_apply, variables, apply_kwargs)
   batches = list(calibration_batches)
   if not batches:
     raise ValueError("calibration_batches is empty.")
@@ -705,9 +709,7 @@ def layer_grams(model_or_apply: Any, variables, calibration_batches: Sequence[An
     ``count`` the number of unmasked rows. Layers without a 2-D view are
     left out.
   """
-  target = (_NNXModel(model_or_apply, apply_kwargs)
-            if isinstance(model_or_apply, nnx.Module)
-            else _LinenModel(model_or_apply, variables, apply_kwargs))
+  target = _target(model_or_apply, variables, apply_kwargs)
   batches = list(calibration_batches)
   if not batches:
     raise ValueError("calibration_batches is empty.")
