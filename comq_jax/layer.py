@@ -294,8 +294,9 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
     qt, codes, g, errors = one_round(qt, g, False)
     return qt, codes, g, history.at[k].set(errors)
 
-  qt, codes, g, history = jax.lax.fori_loop(1, iters, later_round,
-                                            (qt, codes, g, history))
+  if iters > 1:  # Tracing an empty loop would cost a second sweep's tracing.
+    qt, codes, g, history = jax.lax.fori_loop(1, iters, later_round,
+                                              (qt, codes, g, history))
   history = history.reshape(-1)
   return qt, codes, g, history[-1], history
 

@@ -413,18 +413,25 @@ def _solve_fn(method, options):
     q, _, _ = baselines.rtn_solve(w.T, **grid_options)
     return q, objective.reconstruction_error(w, q.T, h)
 
+  def over_groups(fn, mats, gram):
+    # A single matrix skips vmap: tracing its batching rules costs as much as
+    # tracing the solve.
+    if mats.shape[0] == 1:
+      return jax.tree.map(lambda a: a[None], fn(mats[0], gram[0]))
+    return jax.vmap(fn)(mats, gram)
+
   def solve(mats, gram):
-    qt, rtn_err = jax.vmap(rtn)(mats, gram)
+    qt, rtn_err = over_groups(rtn, mats, gram)
     err, positive_definite = rtn_err, jnp.asarray(True)
     if method == "comq":
       comq_options = {k: options[k] for k in ("iters", "order", "scale_update", "init")}
       comq = lambda w, h: layer_lib.solve(w.T, h, **grid_options, **comq_options)
-      qt, _, _, err, _ = jax.vmap(comq)(mats, gram)
+      qt, _, _, err, _ = over_groups(comq, mats, gram)
     elif method == "gptq":
       gptq_options = {k: options[k] for k in ("block_size", "damp", "act_order",
                                              "static_groups")}
       gptq = lambda w, h: baselines.gptq_solve(w.T, h, **grid_options, **gptq_options)
-      qt, _, _, err, positive = jax.vmap(gptq)(mats, gram)
+      qt, _, _, err, positive = over_groups(gptq, mats, gram)
       positive_definite = jnp.all(positive)
     return jnp.transpose(qt, (0, 2, 1)), err, rtn_err, positive_definite
 
@@ -611,6 +618,10 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
     solve_fn = _solve_fn(method, options)
     solve_key = lambda args: ("solve", method, tuple(sorted(options.items()))
                               ) + _signature(*args)
+    if inputs == "fp":
+      # The capture runs first: its compilation goes ahead of the solves'.
+      _submit_captures(target, params, [layer.path for layer in todo], batches, masks,
+                       programs)
     for layer in todo:
       shapes = _solve_shapes(layer.view, _get(params, layer.path)["kernel"].dtype)
       programs.submit(solve_key(shapes), solve_fn, *shapes)
@@ -674,21 +685,30 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
                            timings=timings, model=new_model)
 
 
+def _submit_captures(target, params, paths, batches, masks, programs):
+  """Starts compiling the capture of ``paths`` for every batch signature; returns
+  ``(program key, fn)`` per batch."""
+  fn, _ = _capture_fn(target, set(paths))
+  keyed = []
+  for batch, mask in zip(batches, masks, strict=True):
+    key = ("capture", tuple(paths)) + _signature(batch, mask)
+    programs.submit(key, fn, params, batch, mask)
+    keyed.append((key, fn))
+  return keyed
+
+
 def _accumulate(target, params, paths, batches, masks, programs):
   """``({path: (gram, count)}, seconds)``: the Grams of ``paths`` over all batches,
   one compiled capture per batch signature (compilation not in ``seconds``)."""
-  fn, _ = _capture_fn(target, set(paths))
+  keyed = _submit_captures(target, params, paths, batches, masks, programs)
   totals, seconds = None, 0.0
-  for batch, mask in zip(batches, masks, strict=True):
-    program = programs.get(("capture", tuple(paths)) + _signature(batch, mask),
-                           fn, params, batch, mask)
+  for (key, fn), batch, mask in zip(keyed, batches, masks, strict=True):
+    program = programs.get(key, fn, params, batch, mask)
+    add = (None if totals is None
+           else programs.get(("add",) + _signature(totals), _add, totals, totals))
     start = time.perf_counter()
     grams = program(params, batch, mask)
-    if totals is None:
-      totals = grams
-    else:
-      totals = programs.get(("add",) + _signature(totals), _add, totals, grams)(
-          totals, grams)
+    totals = grams if add is None else add(totals, grams)
     jax.block_until_ready(totals)
     seconds += time.perf_counter() - start
   return totals, seconds

@@ -197,32 +197,12 @@ class Convolution:
 
   def gram(self, inputs: jax.Array, row_weight=None) -> jax.Array:
     """``(groups, d_in, d_in)`` float32 Gram of each group's patch rows, each
-    row times its weight.
-
-    With one input channel per group (depthwise) and a small window (at most
-    ``_MAX_TAP_PAIRS_TAPS`` taps, e.g. 3x3), entry ``(c, s, t)`` is the sum
-    over positions of taps ``s`` and ``t`` of channel ``c``: computed from the
-    shifted inputs, without the ``prod(kernel_size)`` times larger patches
-    (one fused reduction per pair of taps, so larger windows use patches).
-    """
-    taps_count = math.prod(self.kernel_size)
-    if self.kernel_shape[-2] != 1 or taps_count > _MAX_TAP_PAIRS_TAPS:
-      return _rows_gram(self.rows(inputs), row_weight)
+    row times its weight (:func:`inq_jax.im2col.patch_gram`, which avoids
+    forming the patches where it can)."""
     x = self._batched(inputs)
     rank = len(self.kernel_size)
-    taps = [t.astype(jnp.float32) for t in im2col.conv_taps(
-        self, x.reshape((-1,) + x.shape[-(rank + 1):]))]
-    weighted = taps if row_weight is None else [
-        t * row_weight.reshape(t.shape[:-1] + (1,)) for t in taps]
-    axes = tuple(range(taps[0].ndim - 1))
-    pairs = {}
-    for s_index, a in enumerate(weighted):
-      for t_index in range(s_index, len(taps)):
-        pairs[s_index, t_index] = jnp.sum(a * taps[t_index], axis=axes)
-    n = len(taps)
-    gram = jnp.stack([jnp.stack([pairs[min(s_index, t_index), max(s_index, t_index)]
-                                 for t_index in range(n)]) for s_index in range(n)])
-    return jnp.transpose(gram, (2, 0, 1))
+    return im2col.patch_gram(self, x.reshape((-1,) + x.shape[-(rank + 1):]),
+                             self.groups, row_weight)
 
   def matrices(self, kernel: jax.Array) -> jax.Array:
     """The kernel as ``(groups, d_in, d_out)`` in patch-feature order."""
@@ -234,10 +214,6 @@ class Convolution:
 
 
 LinearView = Contraction | Convolution
-
-# Depthwise Grams from pairs of taps up to this window size (3x3: 45 reductions).
-_MAX_TAP_PAIRS_TAPS = 9
-
 
 def _rows_gram(rows, row_weight):
   rows = rows.astype(jnp.float32)
