@@ -12,47 +12,24 @@ kernel runs in the Pallas interpreter: those numbers say nothing about GPU or
 TPU performance and are labelled so.
 """
 
-import json
 import os
-import statistics
-import time
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 
+from benchmarks.kernel_timing import PEAK_BANDWIDTH
+from benchmarks.kernel_timing import bandwidth_share
+from benchmarks.kernel_timing import median_seconds
+from benchmarks.kernel_timing import write_result
 from inq_jax.deploy import kernels
 from inq_jax.deploy import packing
 
-# Peak HBM bandwidth in bytes/s by jax device_kind (vendor data sheets).
-PEAK_BANDWIDTH = {
-    "NVIDIA H100 80GB HBM3": 3.35e12,
-    "NVIDIA H100 SXM": 3.35e12,
-    "NVIDIA H100 PCIe": 2.0e12,
-    "NVIDIA H200": 4.8e12,
-    "NVIDIA A100-SXM4-80GB": 2.039e12,
-    "NVIDIA A100-SXM4-40GB": 1.555e12,
-    "TPU v4": 1.2e12,
-    "TPU v5 lite": 8.19e11,
-    "TPU v5e": 8.19e11,
-    "TPU v5p": 2.765e12,
-    "TPU v6 lite": 1.64e12,
-}
 FULL_M = (1, 8, 16, 64, 256, 1024, 4096)
 FULL_KN = (4096, 8192)
 QUICK_M = (1, 8)
 QUICK_KN = (128,)
-
-
-def _median_seconds(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _random_packed(bits: int, k: int, n: int) -> packing.PackedPow2:
@@ -77,14 +54,14 @@ def run(ms, kns, repeats: int):
     packs = {bits: _random_packed(bits, kn, kn) for bits in (4, 8)}
     for m in ms:
       x = jax.random.normal(jax.random.key(1), (m, kn), jnp.bfloat16)
-      dense = _median_seconds(
+      dense = median_seconds(
           jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32
                                        ).astype(jnp.bfloat16)),
           x, dense_w, repeats=repeats)
       row = {"m": m, "k": kn, "n": kn, "dense_bf16_s": dense,
              "dense_weight_bw": dense_w.nbytes / dense}
       for bits, packed in packs.items():
-        seconds = _median_seconds(jax.jit(kernels.shift_matmul), x, packed,
+        seconds = median_seconds(jax.jit(kernels.shift_matmul), x, packed,
                                   repeats=repeats)
         row[f"kernel_{bits}bit_s"] = seconds
         row[f"kernel_{bits}bit_speedup"] = dense / seconds
@@ -93,10 +70,6 @@ def run(ms, kns, repeats: int):
   return {"device": str(device), "device_kind": kind,
           "platform": device.platform, "peak_bandwidth": peak,
           "interpret": device.platform == "cpu", "rows": rows}
-
-
-def _share(bandwidth, peak) -> str:
-  return f"{100 * bandwidth / peak:5.1f}%" if peak else "  n/a"
 
 
 def print_table(result) -> None:
@@ -112,10 +85,10 @@ def print_table(result) -> None:
   for r in result["rows"]:
     print(f"{r['m']:5d} {r['k']:5d} {1e3 * r['dense_bf16_s']:11.3f} "
           f"{1e3 * r['kernel_4bit_s']:9.3f} {r['kernel_4bit_speedup']:5.2f} "
-          f"{_share(r['kernel_4bit_weight_bw'], peak):>6} "
+          f"{bandwidth_share(r['kernel_4bit_weight_bw'], peak):>6} "
           f"{1e3 * r['kernel_8bit_s']:9.3f} {r['kernel_8bit_speedup']:5.2f} "
-          f"{_share(r['kernel_8bit_weight_bw'], peak):>6} "
-          f"{_share(r['dense_weight_bw'], peak):>7}")
+          f"{bandwidth_share(r['kernel_8bit_weight_bw'], peak):>6} "
+          f"{bandwidth_share(r['dense_weight_bw'], peak):>7}")
 
 
 _QUICK = flags.DEFINE_bool(
@@ -136,14 +109,7 @@ def main(argv):
   repeats = _REPEATS.value or (3 if _QUICK.value else 20)
   result = run(ms, kns, repeats)
   print_table(result)
-  os.makedirs(_OUT.value, exist_ok=True)
-  name = result["device_kind"].replace(" ", "_").replace("/", "_")
-  suffix = "_quick" if _QUICK.value else ""
-  path = os.path.join(_OUT.value, f"shift_matmul_{name}{suffix}.json")
-  # Written whole, then renamed: an interrupted run leaves no partial JSON.
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(path + ".tmp", path)
+  path = write_result(result, "shift_matmul", _OUT.value, _QUICK.value)
   print(f"wrote {path}")
 
 

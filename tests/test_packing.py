@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import comq_jax
 import inq_jax
 from inq_jax import inq
 from inq_jax import pow2_encode
@@ -161,10 +162,179 @@ def test_size_report_entropy_of_a_constant_layer_is_zero():
   assert report.entropy_bytes == pytest.approx(4)  # only n1
 
 
+def _uniform_case(bits, symmetric, group_size, shape=(3, 5, 7), seed=0):
+  """Random codes and parameters of a uniform grid, matrix view (15, 7)."""
+  rng = np.random.default_rng(seed)
+  k, n = math.prod(shape[:-1]), shape[-1]
+  param_shape = (n,) if group_size is None else (-(-k // group_size), n)
+  top = 2**bits - 1 if symmetric else 2**bits
+  codes = rng.integers(0, top, shape)
+  scale = rng.uniform(0.01, 0.1, param_shape).astype(np.float32)
+  zero_point = None if symmetric else rng.integers(0, 2**bits, param_shape)
+  return codes, scale, zero_point
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_uniform_round_trip_is_exact(bits):
+  for symmetric in (False, True):
+    for group_size, k_tile in ((None, 6), (4, 8)):
+      codes, scale, zero_point = _uniform_case(bits, symmetric, group_size,
+                                               seed=bits)
+      packed = packing.pack_uniform(codes, scale, zero_point, bits=bits,
+                                    group_size=group_size, k_tile=k_tile)
+      assert packed.symmetric == symmetric
+      assert packed.data.shape == (packing.round_up(15, k_tile) //
+                                   packing.codes_per_byte(bits), 7)
+      np.testing.assert_array_equal(packing.unpack_codes(packed)[:15],
+                                    codes.reshape(15, 7))
+      values = packing.unpack(packed)
+      assert values.shape == (3, 5, 7)
+      again = packing.pack_uniform_from_values(
+          values, scale, zero_point, bits=bits, group_size=group_size,
+          k_tile=k_tile)
+      np.testing.assert_array_equal(again.data, packed.data)
+      np.testing.assert_array_equal(packing.unpack(again), values)
+      half = packing.unpack(packed, jnp.bfloat16)
+      np.testing.assert_array_equal(
+          packing.unpack(packing.pack_uniform_from_values(
+              half, scale, zero_point, bits=bits, group_size=group_size,
+              k_tile=k_tile), jnp.bfloat16), half)
+
+
+def test_uniform_values_are_scale_times_code_minus_zero():
+  codes = np.array([[0, 15], [7, 3], [9, 12]])
+  scale, zero_point = np.float32([0.5, 0.25]), np.array([7, 3])
+  packed = packing.pack_uniform(codes, scale, zero_point, bits=4, k_tile=4)
+  np.testing.assert_array_equal(packing.unpack(packed),
+                                [[-3.5, 3.0], [0.0, 0.0], [1.0, 2.25]])
+  symmetric = packing.pack_uniform(codes[:, :1], scale[:1], None, bits=4,
+                                   k_tile=4)
+  # Fixed zero point 2^3 - 1 = 7.
+  np.testing.assert_array_equal(packing.unpack(symmetric),
+                                [[-3.5], [0.0], [1.0]])
+
+
+def test_pack_uniform_from_values_counts_and_locates_off_grid_values():
+  codes, scale, zero_point = _uniform_case(4, False, 4)
+  values = packing.unpack(packing.pack_uniform(codes, scale, zero_point,
+                                               bits=4, group_size=4))
+  bad = values.at[0, 1, 2].add(1e-3).at[2, 4, 6].add(1e-3)
+  bad = bad.at[1, 0, 0].set(20.0)  # beyond the largest code
+  with pytest.raises(ValueError,
+                     match=r"3 of 105 values are not in the 4-bit grid.*"
+                     r"\(1, 2\), \(5, 0\), \(14, 6\)\."):
+    packing.pack_uniform_from_values(bad, scale, zero_point, bits=4,
+                                     group_size=4)
+
+
+def test_pack_uniform_rejects_codes_out_of_range():
+  codes, scale, zero_point = _uniform_case(3, False, None)
+  codes[0, 0, 3] = 8
+  with pytest.raises(ValueError, match=r"1 of 105 values are not in the "
+                     r"3-bit asymmetric code range \[0, 7\].*\(0, 3\)\."):
+    packing.pack_uniform(codes, scale, zero_point, bits=3)
+  codes = np.minimum(codes, 6)
+  codes[2, 1, 0] = 7
+  with pytest.raises(ValueError, match=r"1 of 105 values are not in the "
+                     r"3-bit symmetric code range \[0, 6\].*\(11, 0\)\."):
+    packing.pack_uniform(codes, scale, None, bits=3)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(scale=np.ones((6,), np.float32)), r"scale must have shape \(7,\)"),
+    (dict(scale=np.full((7,), -1.0, np.float32)), "finite and > 0; 7 of 7"),
+    (dict(scale=np.ones((7,), np.int32)), "floating"),
+    (dict(zero_point=np.full((7,), 257)), r"zero_point must lie in \[-241, 256\]"),
+    (dict(zero_point=np.full((7,), 0.0)), "integer"),
+    (dict(codes=np.zeros((3, 5, 7), np.float32)), "codes must be an integer"),
+    (dict(group_size=0), "group_size must be None"),
+    (dict(group_size=4, scale=np.ones((4, 7), np.float32),
+          zero_point=np.zeros((4, 7), np.int32), k_tile=6),
+     "multiple of group_size=4"),
+    (dict(group_size=2, scale=np.ones((8, 7), np.float32),
+          zero_point=np.zeros((8, 7), np.int32), k_tile=6),
+     "k_tile / group_size must be 1 or even"),
+    (dict(k_tile=5), "even int"),
+])
+def test_pack_uniform_rejects_bad_arguments(change, message):
+  codes, scale, zero_point = _uniform_case(4, False, None)
+  args = dict(codes=codes, scale=scale, zero_point=zero_point, bits=4)
+  args.update(change)
+  with pytest.raises(ValueError, match=message):
+    packing.pack_uniform(**args)
+
+
+@pytest.mark.parametrize("bits", [3, 6])
+def test_pow2_round_trip_per_channel_and_per_group(bits):
+  w = jax.random.normal(jax.random.key(bits), (15, 7), jnp.float32)
+  per_channel, _ = pow2_exponents(jnp.max(jnp.abs(w), axis=0), bits)
+  q = pow2_quantize(w, bits, n1=per_channel[None, :])
+  packed = packing.pack(q, bits, per_channel, k_tile=6)
+  assert packed.n1.shape == (7,) and packed.n2.shape == (7,)
+  np.testing.assert_array_equal(packing.unpack(packed), q)
+  # Per group of 4 rows: exponents (4, 7), ragged last group of 3.
+  groups = jnp.pad(w, ((0, 1), (0, 0))).reshape(4, 4, 7)
+  per_group, _ = pow2_exponents(jnp.max(jnp.abs(groups), axis=1), bits)
+  n1_rows = jnp.repeat(per_group, 4, axis=0)[:15]
+  q = pow2_quantize(w, bits, n1=n1_rows)
+  packed = packing.pack(q, bits, per_group, group_size=4, k_tile=8)
+  np.testing.assert_array_equal(packing.unpack(packed), q)
+  with pytest.raises(ValueError, match=r"n1 must have shape \(4, 7\)"):
+    packing.pack(q, bits, per_channel, group_size=4, k_tile=8)
+  with pytest.raises(ValueError, match=r"for their n1.*\) and \d+ more\."):
+    packing.pack(q, bits, per_group - 1, group_size=4, k_tile=8)
+
+
+@pytest.mark.parametrize("grid", packing.LAYER_GRIDS)
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_pack_layer_quantization_keeps_the_comq_weights(grid, group_size):
+  w = jax.random.normal(jax.random.key(0), (20, 6), jnp.float32)
+  result = comq_jax.round_to_nearest(
+      w, bits=4, grid=grid, group_size=group_size,
+      granularity="channel" if group_size is None else "group")
+  packed = packing.pack_layer_quantization(result, grid=grid, bits=4)
+  assert packed.group_size == group_size
+  np.testing.assert_array_equal(packing.unpack(packed), result.weights)
+  with pytest.raises(ValueError, match="grid must be one of"):
+    packing.pack_layer_quantization(result, grid="nf4", bits=4)
+
+
+def test_size_report_counts_uniform_bytes():
+  codes, scale, zero_point = _uniform_case(4, False, 8, shape=(20, 6))
+  grouped = packing.pack_uniform(codes, scale, zero_point, bits=4,
+                                 group_size=8, k_tile=16)
+  codes, scale, _ = _uniform_case(8, True, None, shape=(10, 3))
+  symmetric = packing.pack_uniform(codes, scale, None, bits=8, k_tile=4)
+  report = packing.size_report({"a": grouped, "b": symmetric,
+                                "bias": jnp.zeros(3, jnp.bfloat16)})
+  assert report.fp32_bytes == 4 * (120 + 30 + 3)
+  # a: K = 20 pads to 32 -> 16 byte rows x 6; 3 groups x 6 float32 scales
+  # and int32 zero points. b: 12 rows x 3 codes; 3 float32 scales. bias: 2
+  # bytes a value.
+  a_params, b_params = 3 * 6 * 4 * 2, 3 * 4
+  assert report.packed_bytes == 16 * 6 + a_params + 12 * 3 + b_params + 6
+  codebook = (120 * 4 / 8 + a_params + 30 * math.log2(255) / 8 + b_params
+              + 6)
+  assert report.codebook_bytes == pytest.approx(codebook)
+  assert a_params + b_params + 6 <= report.entropy_bytes <= codebook
+  assert report.quantized_fraction == pytest.approx(150 / 153)
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_packed_4_bit_size_is_near_the_information_theoretic_size(group_size):
+  codes, scale, zero_point = _uniform_case(4, False, group_size,
+                                           shape=(512, 512))
+  report = packing.size_report(packing.pack_uniform(
+      codes, scale, zero_point, bits=4, group_size=group_size))
+  assert report.packed_bytes <= 1.15 * report.codebook_bytes
+  assert report.packed_bytes < report.fp32_bytes / 7
+
+
 def test_deploy_exports_resolve_lazily_to_their_modules():
   assert inq_jax.deploy.pack is packing.pack
   assert inq_jax.deploy.pack_params is packing.pack_params
   assert inq_jax.deploy.PackedPow2 is packing.PackedPow2
+  assert inq_jax.deploy.PackedUniform is packing.PackedUniform
   for name in inq_jax.deploy.__all__:
     getattr(inq_jax.deploy, name)
   with pytest.raises(AttributeError, match="no_such_name"):

@@ -1,4 +1,4 @@
-"""Deployment of power-of-two weights: packed codes, the Pallas kernel, packed inference.
+"""Deployment of quantized weights: packed codes, the Pallas kernels, packed inference.
 
 Loaded only when used: ``import inq_jax`` and ``import comq_jax`` do not import
 Pallas. The names below are imported from their modules on first access.
@@ -8,13 +8,19 @@ import importlib
 
 _EXPORTS = {
     "PackedPow2": "packing",
+    "PackedUniform": "packing",
     "SizeReport": "packing",
     "pack": "packing",
+    "pack_layer_quantization": "packing",
     "pack_params": "packing",
+    "pack_uniform": "packing",
+    "pack_uniform_from_values": "packing",
     "size_report": "packing",
     "unpack": "packing",
     "unpack_params": "packing",
     "IntResult": "kernels",
+    "quantized_matmul": "kernels",
+    "quantized_matmul_reference": "kernels",
     "shift_matmul": "kernels",
     "shift_matmul_reference": "kernels",
     "to_float": "kernels",
