@@ -62,7 +62,9 @@ def main(argv):
         f"{jax.local_devices()[0].device_kind}")
   other = total - t.capture_seconds - t.compile_wait_seconds - t.solve_seconds
   print(f"  wall {total:.1f} s = capture {t.capture_seconds:.1f} s + waiting for "
-        f"compilation {t.compile_wait_seconds:.1f} s + solve {t.solve_seconds:.1f} s + "
+        f"the capture's compilation {t.compile_wait_seconds:.1f} s + solves "
+        f"{t.solve_seconds:.1f} s (two layers at a time, waits for their compilation "
+        f"included) + "
         f"other {other:.1f} s; compilation {t.compile_seconds:.1f} s in background "
         f"threads, overlapping the rest")
   print(f"  compilations {t.compilations}; peak RSS {peak_mib:.0f} MiB")

@@ -13,6 +13,7 @@ layers use the standard im2col reduction (each group of a grouped conv is an
 independent linear layer).
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -77,8 +78,11 @@ class Timings(NamedTuple):
       excluded).
     compile_seconds: compiling the capture and the solves, summed over the
       background threads that compile them (it overlaps the other phases).
-    compile_wait_seconds: wall time spent waiting for a compilation.
-    solve_seconds: running the layer solves.
+    compile_wait_seconds: wall time spent waiting for the capture's
+      compilation.
+    solve_seconds: wall time of the solve phase, waits for the solves'
+      compilation included (with ``inputs="fp"``, ``_SOLVES_IN_FLIGHT``
+      layers solve at a time; with ``"sequential"`` it includes the captures).
     compilations: XLA compilations during the call (``jax.monitoring``):
       one capture per batch signature (per layer with
       ``inputs="sequential"``), one solve per distinct layer signature, and
@@ -438,6 +442,10 @@ def _solve_fn(method, options):
   return solve
 
 
+# Layers solved at a time when they are independent (inputs="fp"): one solve
+# keeps one core busy.
+_SOLVES_IN_FLIGHT = 2
+
 # Feature groups solved per call: grouped and depthwise convs of any width share
 # one compiled solve per matrix shape.
 _GROUP_CHUNK = 32
@@ -634,36 +642,28 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
 
     grams = capture([layer.path for layer in todo]) if inputs == "fp" else {}
     reports = []
-    solve_seconds = 0.0
-    for index, layer in enumerate(todo):
-      name = layers.path_name(layer.path)
-      if inputs == "sequential":
-        grams = capture([layer.path])
-      gram, count = grams.pop(layer.path)
-      if float(count) == 0:
-        if row_masks is not None:
-          raise ValueError(f"{name}: the row masks cover zero of its calibration rows; "
-                           f"every quantized layer needs at least one unmasked row.")
-        skipped.append(SkippedLayer(name, layer.kind, "no calibration rows"))
-        _LOG.warning("%s (%s) left in float: no calibration rows", name, layer.kind)
-        continue
-      leaf = _get(params, layer.path)
-      kernel = leaf["kernel"]
-      # Reshapes on the host: eager device ops would compile once per shape.
-      mats = layer.view.matrices(np.asarray(kernel)).astype(
-          objective.compute_dtype(kernel.dtype))
-      chunks = _group_chunks(mats, np.asarray(gram))
-      solve = programs.get(solve_key(chunks[0]), solve_fn, *chunks[0])
+    compile_wait_seconds = programs.wait_seconds
+    solve_start = time.perf_counter()
+
+    def run_solve(key, chunks):
+      """``(outputs per chunk, seconds)``, compilation wait excluded."""
+      solve = programs.get(key, solve_fn, *chunks[0])
       start = time.perf_counter()
       outs = jax.device_get([solve(*chunk) for chunk in chunks])
-      seconds = time.perf_counter() - start
-      solve_seconds += seconds
+      return outs, time.perf_counter() - start
+
+    def finish(index, layer, mats, solved):
+      name = layers.path_name(layer.path)
+      outs, seconds = solved.result()
       q, err, rtn_err = (np.concatenate([out[i] for out in outs])[:len(mats)]
                          for i in range(3))
       if not all(out[3] for out in outs):
         raise ValueError(f"{name}: H is not positive definite after damping with "
                          f"damp={damp}; raise damp.")
-      leaf["kernel"] = jnp.asarray(layer.view.kernel(q).astype(kernel.dtype))
+      leaf = _get(params, layer.path)
+      kernel = leaf["kernel"]
+      # device_put: jnp.asarray would compile a staging program per shape.
+      leaf["kernel"] = jax.device_put(layer.view.kernel(q).astype(kernel.dtype))
       total = lambda e: float(np.sqrt(np.sum(np.square(e, dtype=np.float64))))
       reports.append(LayerReport(
           path=name, shape=tuple(kernel.shape), bits=bits, error=total(err),
@@ -672,13 +672,45 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
       _LOG.info("%s %d/%d %s %s: error %.4g (RTN %.4g), %.2fs", method.upper(),
                 index + 1, len(todo), name, tuple(kernel.shape), reports[-1].error,
                 reports[-1].rtn_error, seconds)
+
+    # A solve runs on one core: with inputs from the FP model, layers are
+    # independent and _SOLVES_IN_FLIGHT of them run at a time; results are
+    # written back in layer order.
+    in_flight = _SOLVES_IN_FLIGHT if inputs == "fp" else 1
+    pending = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as solver:
+      for index, layer in enumerate(todo):
+        name = layers.path_name(layer.path)
+        if inputs == "sequential":
+          grams = capture([layer.path])
+        gram, count = grams.pop(layer.path)
+        if float(count) == 0:
+          if row_masks is not None:
+            raise ValueError(f"{name}: the row masks cover zero of its calibration "
+                             f"rows; every quantized layer needs at least one unmasked "
+                             f"row.")
+          skipped.append(SkippedLayer(name, layer.kind, "no calibration rows"))
+          _LOG.warning("%s (%s) left in float: no calibration rows", name, layer.kind)
+          continue
+        kernel = _get(params, layer.path)["kernel"]
+        # Reshapes on the host: eager device ops would compile once per shape.
+        mats = layer.view.matrices(np.asarray(kernel)).astype(
+            objective.compute_dtype(kernel.dtype))
+        chunks = _group_chunks(mats, np.asarray(gram))
+        pending.append((index, layer, mats, solver.submit(
+            run_solve, solve_key(chunks[0]), chunks)))
+        if len(pending) >= in_flight:
+          finish(*pending.popleft())
+      while pending:
+        finish(*pending.popleft())
+    solve_seconds = time.perf_counter() - solve_start
     if not reports:
       raise ValueError("No layer was quantized: every linear layer was skipped ("
                        + "; ".join(f"{s.path}: {s.reason}" for s in skipped) + ").")
   new_variables, new_model = target.result(params)
   timings = Timings(capture_seconds=capture_seconds,
                     compile_seconds=programs.compile_seconds,
-                    compile_wait_seconds=programs.wait_seconds,
+                    compile_wait_seconds=compile_wait_seconds,
                     solve_seconds=solve_seconds, compilations=compilations[0])
   return ModelQuantization(variables=new_variables, layers=reports, skipped=skipped,
                            settings=dict(options, method=method, inputs=inputs),
