@@ -22,6 +22,9 @@ second study in the same DIR reuses them.
 Default study (about 10 min on 2 CPU cores, mostly compiling the digits models' layer
 solves; docs/results/group_sizes/ holds its output):
   python -m experiments.group_sizes --workdir=workdirs/group_sizes
+The digits ViT, with its own FP recipe (18 min; docs/results/group_sizes/vit/):
+  python -m experiments.group_sizes --models=ViTDigits --config=fp_vit \
+      --workdir=workdirs/group_sizes_vit
 """
 
 import math
