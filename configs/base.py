@@ -111,10 +111,11 @@ def get_config(dataset):
   # Stop cleanly (after a checkpoint) once this many training steps ran in this process;
   # 0 = run to the end. Used to test resumption and to time-box runs.
   config.stop_after_steps = 0
-  # INQ only: also evaluate the final model through the packed power-of-two weights and
-  # the Pallas shift-matmul kernel (inq_jax.pack_variables + packed_apply; interpret mode
-  # on CPU, slow), recorded as packed_accuracy. Off by default: on CPU it costs minutes
-  # for ResNet-18 and adds nothing to the accuracy when the kernel is correct.
+  # Quantized methods (inq, comq, gptq, rtn): also evaluate the final model through its
+  # packed codes and the Pallas quantized_matmul kernel (inq_jax.deploy packing +
+  # packed_apply; interpret mode on CPU, slow), recorded as packed_accuracy. Off by
+  # default: on CPU it costs minutes for ResNet-18 and adds nothing to the accuracy when
+  # the kernel is correct. The packed model file is written either way.
   config.eval_packed = False
 
   config.data = ml_collections.ConfigDict()

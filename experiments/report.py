@@ -61,7 +61,7 @@ def format_results(results):
         f"{results['final_accuracy']:.4f} "
         f"({100 * (results['final_accuracy'] - results['fp_accuracy']):+.2f} points)")
   if results["packed_accuracy"] is not None:
-    rows["  through the packed shift kernel"] = f"{results['packed_accuracy']:.4f}"
+    rows["  packed codes through quantized_matmul"] = f"{results['packed_accuracy']:.4f}"
   if results["codebook_fraction"] is not None:
     rows["Weights in the power-of-two codebook"] = (
         f"{100 * results['codebook_fraction']:.2f}%")
@@ -74,6 +74,11 @@ def format_results(results):
         f"{results['codebook_bytes']:,.0f} bytes")
     if results["entropy_bytes"] is not None:
       rows["  empirical code entropy"] = f"{results['entropy_bytes']:,.0f} bytes"
+    if results.get("packed_file_bytes") is not None:
+      rows["Packed model file (packed_model.safetensors)"] = (
+          f"{results['packed_file_bytes']:,} bytes (FP32 file "
+          f"{results['fp32_file_bytes']:,} bytes, "
+          f"{results['fp32_file_bytes'] / results['packed_file_bytes']:.2f}x smaller)")
   title = f"{results['config_name']} on {results['dataset']} ({results['model']})"
   lines = [title, "-" * len(title), pd.Series(rows).to_string()]
   if results["layers"]:

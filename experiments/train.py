@@ -363,23 +363,41 @@ def train_and_evaluate(config, workdir):
   return write_results(trainer, workdir, state, progress, mesh.devices.flat[0])
 
 
+# The packed model of every quantized run (inq_jax.deploy.files schema).
+PACKED_MODEL_FILE = "packed_model.safetensors"
+
+
 def write_results(trainer, workdir, state, progress, device):
-  """Evaluates the packed model if asked, and writes results.json atomically.
+  """Writes the packed model file, evaluates it if asked, and writes results.json.
 
   Keys common to every method: config_name, dataset, model, method, bits, seed,
-  fp_accuracy, final_accuracy, packed_accuracy (with eval_packed, else None); the
+  fp_accuracy, final_accuracy, packed_accuracy (with eval_packed, else None),
+  packed_file_bytes (the size of workdir/packed_model.safetensors), fp32_file_bytes
+  (a safetensors file of the same variables in float32) and packed_memory_bytes (the
+  packed variables in memory, padding included); the last three are None for FP. The
   method adds its sizes (fp32_bytes, packed_bytes, codebook_bytes, entropy_bytes) and
   its own keys (portion_accuracies, codebook_fraction, layers, ...).
   """
   config, method = trainer.config, trainer.method
+  example = jnp.zeros((1,) + trainer.dataset.image_shape, jnp.float32)
+  packed = method.packed_variables(trainer.model, state, progress, trainer.phases, example)
+  sizes = dict(packed_file_bytes=None, fp32_file_bytes=None, packed_memory_bytes=None)
   packed_accuracy = None
+  if packed is not None:
+    sizes = dict(
+        packed_file_bytes=inq_jax.deploy.save_packed(
+            os.path.join(workdir, PACKED_MODEL_FILE), packed),
+        fp32_file_bytes=inq_jax.deploy.fp32_file_bytes(state["variables"]),
+        packed_memory_bytes=inq_jax.deploy.size_report(packed).packed_bytes)
   if config.eval_packed:
     # One device: the Pallas kernel is not partitioned over the batch mesh.
-    apply_fn, packed = method.packed_model(trainer.model, state)
+    apply_fn = lambda v, images: inq_jax.deploy.packed_apply(trainer.model, v, images,
+                                                             train=False)
     packed_accuracy = evaluate(make_eval_step(apply_fn), jax.device_put(packed, device),
                                trainer.dataset, config.eval_batch_size,
                                jax.sharding.SingleDeviceSharding(device))
-    logging.info("packed kernels: test accuracy %.4f", packed_accuracy)
+    logging.info("packed model through quantized_matmul: test accuracy %.4f",
+                 packed_accuracy)
   accuracies = progress["accuracies"]
   results = {
       "config_name": config.name,
@@ -391,6 +409,7 @@ def write_results(trainer, workdir, state, progress, device):
       "fp_accuracy": accuracies["fp"],
       "final_accuracy": accuracies[trainer.phases[-1].name],
       "packed_accuracy": packed_accuracy,
+      **sizes,
       **method.results(config, state, progress, trainer.phases),
   }
   files.write_json_atomically(os.path.join(workdir, "results.json"), results)

@@ -60,7 +60,11 @@ def comq_run(tmp_path_factory):
 
 
 def test_comq_results_keys_and_accuracy(comq_run):
-  results, _ = comq_run
+  results, workdir = comq_run
+  # Every quantized run writes its packed model file, well under the FP32 file.
+  path = os.path.join(workdir, train.PACKED_MODEL_FILE)
+  assert os.path.getsize(path) == results["packed_file_bytes"]
+  assert results["packed_file_bytes"] < results["fp32_file_bytes"] / 3
   for key in ("fp_accuracy", "final_accuracy", "bits", "method", "config_name", "seed",
               "packed_bytes", "fp32_bytes", "codebook_bytes", "layers", "packed_accuracy",
               "codebook_fraction", "portion_accuracies"):
@@ -150,9 +154,10 @@ def test_rtn_pow2_weights_are_in_the_inq_codebook(tmp_path):
   assert all(name in table for name in KERNELS)
 
 
-def test_eval_packed_needs_inq(tmp_path):
-  with pytest.raises(ValueError, match=r"eval_packed needs a method with packed weights \(inq\)"):
-    train.train_and_evaluate(tiny_config("comq_4bit", eval_packed=True), str(tmp_path))
+def test_eval_packed_needs_a_quantization_method(tmp_path):
+  with pytest.raises(ValueError, match=r"eval_packed needs a quantization method "
+                     r"\(inq, comq, gptq, rtn\), got 'fp'"):
+    train.train_and_evaluate(tiny_config("fp", eval_packed=True), str(tmp_path))
   assert not os.listdir(tmp_path)
 
 

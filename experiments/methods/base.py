@@ -63,17 +63,18 @@ class Method:
   The job calls, in order: `check(config)`; `init_state(config, params)` once (the
   method's checkpointed state, or None); `phases(config, steps_per_epoch)` for the
   phases after the FP one; `enter(phase, state, context)` on entering each of them;
-  `frozen(state)` for the training steps of every phase; `packed_model` with
-  eval_packed; and `results(config, state, progress, phases)` at the end.
+  `frozen(state)` for the training steps of every phase; at the end,
+  `packed_variables` (written as the packed model file, and run with eval_packed) and
+  `results(config, state, progress, phases)`.
   """
   name = "fp"
   label = "FP"
 
   def check(self, config) -> None:
     """Raises ValueError for config fields this method cannot honour."""
-    if config.eval_packed:
-      raise ValueError(f"eval_packed needs a method with packed weights (inq), got "
-                       f"{self.name!r}.")
+    if config.eval_packed and type(self).packed_variables is Method.packed_variables:
+      raise ValueError(f"eval_packed needs a quantization method (inq, comq, gptq, rtn), "
+                       f"got {self.name!r}.")
 
   def bits(self, config) -> int:
     """Bit width of the quantized kernels (32: full precision)."""
@@ -108,9 +109,13 @@ class Method:
     """
     return jax.tree.map(lambda p: jnp.zeros(p.shape, bool), state["variables"]["params"])
 
-  def packed_model(self, model, state):
-    """(apply_fn, variables) running the model from packed weights (eval_packed)."""
-    raise NotImplementedError(f"{self.name} has no packed weights.")
+  def packed_variables(self, model, state, progress, phases, example):
+    """The final variables with packed kernels (`inq_jax.deploy`), or None (FP).
+
+    example: one model input (shapes only), to find each layer's 2-D view.
+    """
+    del model, state, progress, phases, example
+    return None
 
   def results(self, config, state, progress, phases) -> dict:
     """The method's entries of results.json (sizes and method-specific keys)."""

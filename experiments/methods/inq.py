@@ -7,6 +7,10 @@ kernel is left to train (paper Alg. 1). Each layer's n1 comes from the trained F
 weights, at the first INQ phase.
 """
 
+import functools
+import operator
+import types
+
 import jax
 
 from experiments.methods import base
@@ -51,11 +55,20 @@ class INQMethod(base.Method):
   def frozen(self, state):
     return state["method"].frozen
 
-  def packed_model(self, model, state):
+  def packed_variables(self, model, state, progress, phases, example):
+    """Each quantized kernel packed as its layer's view matrices (so DenseGeneral and
+    grouped convs run too), n1 per layer recovered from the power-of-two values."""
+    del progress, phases
     variables = jax.device_get(state["variables"])
-    packed = inq_jax.deploy.pack_variables(variables, state["method"])
-    return (lambda v, images: inq_jax.deploy.packed_apply(model, v, images, train=False),
-            packed)
+    mask = state["method"].quantizable_mask(variables["params"])
+    paths = [path for path in inq_jax.layer_paths(model, variables, example, train=False)
+             if functools.reduce(operator.getitem, path.split("/"), mask)["kernel"]]
+    result = types.SimpleNamespace(
+        variables=variables,
+        layers=[types.SimpleNamespace(path=path, matrices=None) for path in paths],
+        settings=dict(bits=state["method"].bits, grid="pow2", granularity="layer",
+                      group_size=None))
+    return inq_jax.deploy.pack_quantization(result, model, example, train=False)
 
   def results(self, config, state, progress, phases):
     params, inq_state = state["variables"]["params"], state["method"]
@@ -64,8 +77,7 @@ class INQMethod(base.Method):
       raise RuntimeError(f"Only {fraction:.6f} of the quantizable weights are in the "
                          f"{inq_state.bits}-bit power-of-two codebook after the final "
                          "INQ step.")
-    variables = jax.device_get(state["variables"])
-    packed = inq_jax.deploy.pack_variables(variables, inq_state)
+    packed = inq_jax.deploy.pack_variables(jax.device_get(state["variables"]), inq_state)
     return {**base.size_entries(inq_jax.deploy.size_report(packed)),
             "codebook_fraction": fraction, "layers": None,
             "portion_accuracies": [

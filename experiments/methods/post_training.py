@@ -112,15 +112,25 @@ class PostTrainingMethod(base.Method):
               "settings": result.settings}
     return dict(state, variables=result.variables), record
 
-  def results(self, config, state, progress, phases):
+  def quantization(self, state, progress, phases):
+    """The run's `comq_jax.ModelQuantization`, rebuilt from its record (a resumed run
+    has only the record)."""
     record = progress["records"][phases[-1].name]
     layers = [comq_jax.LayerReport(**dict(layer, shape=tuple(layer["shape"]),
                                           matrices=tuple(layer["matrices"])))
               for layer in record["layers"]]
-    result = comq_jax.ModelQuantization(
+    return comq_jax.ModelQuantization(
         variables=jax.device_get(state["variables"]), layers=layers,
         skipped=[comq_jax.SkippedLayer(**entry) for entry in record["skipped"]],
         settings=record["settings"])
+
+  def packed_variables(self, model, state, progress, phases, example):
+    return inq_jax.deploy.pack_quantization(self.quantization(state, progress, phases),
+                                            model, example, train=False)
+
+  def results(self, config, state, progress, phases):
+    record = progress["records"][phases[-1].name]
+    result = self.quantization(state, progress, phases)
     return {**base.size_entries(result.size_report()), "portion_accuracies": [],
             "codebook_fraction": None, "layers": record["layers"],
             "skipped_layers": record["skipped"]}

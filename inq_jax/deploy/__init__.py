@@ -7,11 +7,14 @@ Pallas. The names below are imported from their modules on first access.
 import importlib
 
 _EXPORTS = {
+    "PackedLayer": "packing",
     "PackedPow2": "packing",
     "PackedUniform": "packing",
     "SizeReport": "packing",
     "pack": "packing",
     "pack_layer_quantization": "packing",
+    "pack_layer_values": "packing",
+    "pack_matrix_values": "packing",
     "pack_params": "packing",
     "pack_uniform": "packing",
     "pack_uniform_from_values": "packing",
@@ -25,8 +28,13 @@ _EXPORTS = {
     "shift_matmul_reference": "kernels",
     "to_float": "kernels",
     "evaluate_packed": "inference",
+    "jit_packed_apply": "inference",
+    "pack_quantization": "inference",
     "pack_variables": "inference",
     "packed_apply": "inference",
+    "fp32_file_bytes": "files",
+    "load_packed": "files",
+    "save_packed": "files",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,36 +1,52 @@
-"""Inference of an INQ-quantized Flax model through the shift-matmul kernel.
+"""Packed inference of a quantized Flax (linen) model through ``quantized_matmul``.
 
-:func:`pack_variables` replaces each quantized kernel in ``variables["params"]``
-with a :class:`inq_jax.deploy.PackedPow2`. :func:`packed_apply` runs
-``model.apply`` under a Flax method interceptor: every ``nn.Dense`` and
-``nn.Conv`` whose ``kernel`` is packed computes its product with
-:func:`inq_jax.deploy.shift_matmul`; all other modules run unchanged.
+Packing (eager, once):
 
-* Dense: ``x @ W + b`` over the last axis of ``x``.
-* Conv: :func:`inq_jax.im2col.conv_patches` (same padding, strides and
-  dilations as ``nn.Conv``) gives features ordered ``(cin, kh, kw)``; they are
-  reordered to ``(kh, kw, cin)``, the row-major order of the packed matrix
-  view of the ``(kh, kw, cin, cout)`` kernel, then multiplied. Feature groups,
-  masks and circular/causal padding are not supported (ValueError).
-* Integer activations: an int8 input to a packed layer takes the exact
-  integer path; its output is :func:`inq_jax.deploy.to_float` of the
-  exact sum in ``float32`` (one rounding for bits <= 4), plus the bias.
-* Float activations: products accumulate in f32 on the matrix units; the
-  output has the dtype ``nn.Dense``/``nn.Conv`` would give (``module.dtype``,
-  else ``x`` promoted with the parameters).
+* :func:`pack_quantization` packs the result of ``comq_jax.quantize_model``
+  (COMQ, RTN or GPTQ): the settings it carries (bits, grid, granularity,
+  group size, which layers) are read from it, and each layer's codes and grid
+  parameters are recovered exactly from its de-quantized kernel
+  (:func:`inq_jax.deploy.packing.pack_layer_values`). Each kernel becomes a
+  :class:`~inq_jax.deploy.packing.PackedLayer`: the packed matrices of its
+  2-D view (:mod:`inq_jax.layers`), one per conv feature group.
+* :func:`pack_variables` packs an INQ model from its ``INQState``: each
+  kernel becomes one :class:`~inq_jax.deploy.packing.PackedPow2` of the
+  kernel as it is (leading axes flattened into rows).
+
+Running (:func:`packed_apply`, or :func:`jit_packed_apply` for a cached
+jitted version): ``model.apply`` under :func:`inq_jax.layers.intercept_linear_calls`.
+Every supported layer (Dense, DenseGeneral, Einsum, Conv with any feature
+groups) whose kernel is packed computes its output from its view's rows
+(``view.rows(x)``: the input's contracted features, or a conv's im2col
+patches) times the packed matrices, then adds its bias; all other modules run
+unchanged. So the row order of each layer's 2-D product has one definition,
+the view's. A kernel packed whole (:func:`pack_variables`) has its rows in
+the kernel's row-major order; the view's rows are permuted to it, the
+permutation read off ``view.matrices`` (single-matrix layers only).
+
+* Integer activations: an int8 input takes the kernel's exact integer path;
+  the product is float32, cast to the layer's output dtype, plus the bias.
+* Float activations: products accumulate in f32; the output has the dtype
+  the layer would give (``module.dtype``, else the input promoted with the
+  parameters).
+
+NNX models are not supported yet (their kernels cannot hold packed values).
 
 Reference: A. Zhou et al., "Incremental Network Quantization: Towards
 Lossless CNNs with Low-Precision Weights", ICLR 2017.
 """
 
 import functools
-from typing import Any, Optional
+import math
+import string
+from typing import Any, Callable, Optional
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from inq_jax import im2col
 from inq_jax import layers
 from inq_jax.deploy import kernels
 from inq_jax.deploy import packing
@@ -41,7 +57,7 @@ PyTree = Any
 
 def pack_variables(variables: PyTree, state: INQState, *,
                    k_tile: Optional[int] = None) -> PyTree:
-  """Packs the quantized kernels of ``variables["params"]``.
+  """Packs the quantized kernels of ``variables["params"]`` (INQ).
 
   Args:
     variables: Flax variables (``{"params": ..., "batch_stats": ...}``) after
@@ -58,7 +74,81 @@ def pack_variables(variables: PyTree, state: INQState, *,
   return out
 
 
-def _output_dtype(module: nn.Module, x: jax.Array):
+def _layer_views(model: nn.Module, variables: PyTree, batch,
+                 apply_kwargs) -> dict:
+  """``{path: LinearView}`` of the layers called on ``batch`` (shapes only)."""
+  views = {}
+
+  def record(call):
+    views.setdefault(layers.path_name(call.path), call.view)
+
+  with nn.intercept_methods(layers.intercept_linear_calls(record)):
+    jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables,
+                   batch)
+  return views
+
+
+def _node(tree: dict, path: str) -> dict:
+  """The sub-dict of ``tree`` at the ``/``-joined module ``path``."""
+  for key in path.split("/") if path else ():  # "" is the model itself
+    tree = tree[key]
+  return tree
+
+
+def pack_quantization(result, model: nn.Module, batch, *,
+                      k_tile: Optional[int] = None, **apply_kwargs) -> PyTree:
+  """Packs a post-training quantized model from what the quantizer returned.
+
+  Args:
+    result: a ``comq_jax.ModelQuantization`` (COMQ, RTN or GPTQ) or any
+      object with its ``variables``, ``layers`` (each with ``path`` and
+      ``matrices``, checked against the view unless None) and ``settings``
+      (``bits``, ``grid``, ``granularity``, ``group_size``).
+    model: the linen module it quantized.
+    batch: one model input; only its shape is used, to find each layer's 2-D
+      view.
+    k_tile: optional ``K`` step for every layer (default per layer).
+    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+
+  Returns:
+    ``result.variables`` with each quantized kernel replaced by a
+    :class:`~inq_jax.deploy.packing.PackedLayer`; other leaves are kept.
+
+  Raises:
+    ValueError: for an NNX model, a quantized layer the batch does not reach
+      or whose view differs from the report, or values on no grid of the
+      stated kind (the message names the layer).
+  """
+  if isinstance(model, nnx.Module):
+    raise ValueError("pack_quantization packs linen models; NNX models are "
+                     "not supported yet.")
+  settings = result.settings
+  variables = jax.device_get(result.variables)
+  views = _layer_views(model, variables, batch, apply_kwargs)
+  params = jax.tree.map(lambda leaf: leaf, variables["params"])  # new dicts
+  for report in result.layers:
+    view = views.get(report.path)
+    if view is None:
+      raise ValueError(f"{report.path}: quantized, but not called as a "
+                       "supported layer on the given batch.")
+    node = _node(params, report.path)
+    kernel = np.asarray(node["kernel"])
+    matrices = view.matrices(kernel)
+    if report.matrices is not None and tuple(matrices.shape) != tuple(report.matrices):
+      raise ValueError(f"{report.path}: the layer's view has matrices "
+                       f"{tuple(matrices.shape)}, the report says "
+                       f"{tuple(report.matrices)}.")
+    try:
+      node["kernel"] = packing.pack_layer_values(
+          matrices, kernel.shape, bits=settings["bits"], grid=settings["grid"],
+          granularity=settings["granularity"],
+          group_size=settings["group_size"], k_tile=k_tile)
+    except ValueError as error:
+      raise ValueError(f"{report.path}: {error}") from error
+  return dict(variables, params=params)
+
+
+def _output_dtype(module, x: jax.Array):
   if module.dtype is not None:
     return module.dtype
   if x.dtype == jnp.int8:
@@ -66,58 +156,106 @@ def _output_dtype(module: nn.Module, x: jax.Array):
   return jnp.promote_types(x.dtype, module.param_dtype)
 
 
-def _product(x: jax.Array, packed: packing.PackedPow2, dtype,
-             kernel_options) -> jax.Array:
-  """``x @ W`` through the kernel, in ``dtype``."""
-  if x.dtype == jnp.int8:
-    return kernels.to_float(
-        kernels.shift_matmul(x, packed, **kernel_options), dtype)
-  if x.dtype not in kernels.FLOAT_DTYPES:
+def _product(x: jax.Array, packed, dtype, kernel_options) -> jax.Array:
+  """``x @ W`` (``x``: ``(rows, K)``) through the kernel, in ``dtype``."""
+  if x.dtype != jnp.int8 and x.dtype not in kernels.FLOAT_DTYPES:
     x = x.astype(dtype)
-  return kernels.shift_matmul(x, packed, **kernel_options).astype(
-      dtype)
+  return kernels.quantized_matmul(x, packed, **kernel_options).astype(dtype)
 
 
-def _add_bias(module: nn.Module, y: jax.Array, dtype) -> jax.Array:
+def _kernel_row_order(name: str, view) -> np.ndarray:
+  """For a kernel packed whole: the view's row feeding each row of the
+  kernel's ``(prod(shape[:-1]), shape[-1])`` matrix.
+
+  Read off ``view.matrices`` applied to the kernel's flat indices: the view
+  must be one matrix whose columns are the kernel's last axis.
+  """
+  shape = view.kernel_shape
+  n = shape[-1]
+  index = view.matrices(np.arange(math.prod(shape)).reshape(shape))
+  if view.groups != 1 or index.shape[-1] != n or np.any(
+      index[0] % n != np.arange(n)):
+    raise ValueError(
+        f"{name}: a kernel packed whole (pack_variables) runs only layers whose "
+        f"view is one matrix over the kernel's last axis, got {view.groups} "
+        "feature groups (feature_group_count) or other output axes; pack the "
+        "layer's view matrices instead (pack_quantization).")
+  return np.argsort(index[0, :, 0] // n)
+
+
+def _view_product(name: str, view, rows: jax.Array, kernel, dtype,
+                  kernel_options) -> jax.Array:
+  """``(R, groups, d_out)``: each group's rows times its packed matrix."""
+  if not isinstance(kernel, packing.PackedLayer):
+    order = _kernel_row_order(name, view)
+    return _product(rows[:, 0][:, order], kernel, dtype, kernel_options)[:, None]
+  expected = (view.kernel_shape, view.groups, (view.d_in, view.d_out))
+  found = (kernel.kernel_shape, kernel.groups, kernel.matrices.shape)
+  if found != expected:
+    raise ValueError(f"{name}: packed for kernel shape, groups and matrix "
+                     f"{found}, but the layer has {expected}.")
+  if kernel.groups == 1:
+    return _product(rows[:, 0], kernel.group(0), dtype, kernel_options)[:, None]
+  return jax.vmap(lambda x, packed: _product(x, packed, dtype, kernel_options),
+                  in_axes=(1, 0), out_axes=1)(rows, kernel.matrices)
+
+
+def _einsum_layout(module, x: jax.Array):
+  """``(permutation, bias shape)`` taking an einsum's ``(kept input axes,
+  kernel features)`` product to its output axes, and its bias to them."""
+  equation = module.einsum_str.replace(" ", "")
+  operands, out = equation.split("->")
+  lhs, rhs = operands.split(",")
+  if "..." in lhs:
+    spare = [c for c in string.ascii_letters if c not in equation]
+    fill = "".join(spare[:x.ndim - (len(lhs) - 3)])
+    lhs, out = lhs.replace("...", fill), out.replace("...", fill)
+  produced = [c for c in lhs if c not in rhs] + [c for c in rhs if c not in lhs]
+  kernel_axes = {c: i for i, c in enumerate(rhs)}
+  bias_shape = tuple(module.shape[kernel_axes[c]] if c in kernel_axes else 1
+                     for c in out)
+  return tuple(produced.index(c) for c in out), bias_shape
+
+
+def _layer_output(call, y: jax.Array, dtype) -> jax.Array:
+  """The layer's output from its ``(R, groups, d_out)`` product, bias added."""
+  module, view, x = call.module, call.view, call.inputs
+  row_shape = view.row_shape(x.shape)
+  bias_shape = None
+  if isinstance(view, layers.Convolution):
+    if x.ndim == len(view.kernel_size) + 1:  # an unbatched input
+      row_shape = row_shape[1:]
+    y = y.reshape(row_shape + (view.kernel_shape[-1],))
+  else:
+    features = tuple(view.kernel_shape[a]
+                     for a in view.kernel_perm[view.num_contracted:])
+    y = y.reshape(row_shape + features)
+    if isinstance(module, nn.Einsum):
+      order, bias_shape = _einsum_layout(module, x)
+      y = jnp.transpose(y, order)
   if not module.use_bias:
     return y
   bias = module.get_variable("params", "bias").astype(dtype)
-  return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
-
-
-def _patches_in_kernel_order(module: nn.Conv, x: jax.Array) -> jax.Array:
-  """Patches of ``x`` with features ``(*kernel_size, cin)``, row-major.
-
-  That is the row order of the packed ``(prod(kernel_size) * cin, cout)``
-  view of the kernel, so the kernel never needs a transposed copy.
-  """
-  if module.feature_group_count != 1:
-    raise ValueError("packed Conv supports feature_group_count=1 only, got "
-                     f"{module.feature_group_count}.")
-  patches = im2col.conv_patches(module, x)
-  cin, taps = x.shape[-1], patches.shape[-1] // x.shape[-1]
-  kernel_order = jnp.swapaxes(
-      patches.reshape(patches.shape[:-1] + (cin, taps)), -1, -2)
-  return kernel_order.reshape(patches.shape)
+  if bias_shape is None:
+    bias_shape = (1,) * (y.ndim - bias.ndim) + bias.shape
+  return y + bias.reshape(bias_shape)
 
 
 def _interceptor(kernel_options):
-  """Routes packed Dense/Conv calls through the kernel."""
+  """Routes calls of layers with packed kernels through the kernel."""
 
   def on_call(call):
-    module = call.module
-    packed = module.get_variable("params", "kernel")
-    if not isinstance(packed, packing.PackedPow2):
+    kernel = call.module.get_variable("params", "kernel")
+    if not packing.is_packed_kernel(kernel):
       return None
-    if not isinstance(module, (nn.Dense, nn.Conv)):
-      raise ValueError(f"{layers.path_name(call.path)}: packed inference runs nn.Dense "
-                       f"and nn.Conv kernels, not {call.kind}.")
-    x = call.inputs
-    dtype = _output_dtype(module, x)
-    if isinstance(module, nn.Conv):
-      x = _patches_in_kernel_order(module, x)
-    y = _product(x, packed, dtype, kernel_options)
-    return _add_bias(module, y, dtype)
+    name = layers.path_name(call.path)
+    if call.view is None:
+      raise ValueError(f"{name} ({call.kind}) has a packed kernel but no 2-D "
+                       f"view: {call.reason}.")
+    dtype = _output_dtype(call.module, call.inputs)
+    y = _view_product(name, call.view, call.view.rows(call.inputs), kernel,
+                      dtype, kernel_options)
+    return _layer_output(call, y, dtype)
 
   return layers.intercept_linear_calls(on_call)
 
@@ -125,40 +263,71 @@ def _interceptor(kernel_options):
 def packed_apply(model: nn.Module, packed_variables: PyTree, *args,
                  block_m: Optional[int] = None, block_n: Optional[int] = None,
                  interpret: Optional[bool] = None, **kwargs):
-  """``model.apply`` with packed Dense/Conv kernels run by the shift kernel.
+  """``model.apply`` with every packed kernel run by ``quantized_matmul``.
 
   Args:
     model: a Flax linen module.
-    packed_variables: from :func:`pack_variables`.
+    packed_variables: from :func:`pack_quantization`, :func:`pack_variables`
+      or :func:`inq_jax.deploy.files.load_packed`.
     *args: inputs to ``model.apply`` (e.g. images; int8 inputs to a packed
       first layer take the exact integer path).
     block_m: optional kernel block override, see
-      :func:`inq_jax.deploy.shift_matmul`.
+      :func:`inq_jax.deploy.quantized_matmul`.
     block_n: optional kernel block override.
     interpret: optional interpret-mode override.
     **kwargs: passed to ``model.apply`` (e.g. ``train=False``).
 
   Returns:
     What ``model.apply`` returns.
+
+  Raises:
+    ValueError: for a packed layer without a 2-D view, or whose packed shape
+      does not match the layer (the message names the layer).
   """
   options = dict(block_m=block_m, block_n=block_n, interpret=interpret)
   with nn.intercept_methods(_interceptor(options)):
     return model.apply(packed_variables, *args, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="apply_kwargs")
-def _jitted_packed_apply(model, packed_variables, args, apply_kwargs):
-  return packed_apply(model, packed_variables, *args, **dict(apply_kwargs))
+@functools.lru_cache(maxsize=None)
+def _jitted(model: nn.Module, options: tuple, apply_kwargs: tuple) -> Callable:
+  return jax.jit(lambda packed_variables, *args: packed_apply(
+      model, packed_variables, *args, **dict(options), **dict(apply_kwargs)))
+
+
+def jit_packed_apply(model: nn.Module, *, block_m: Optional[int] = None,
+                     block_n: Optional[int] = None,
+                     interpret: Optional[bool] = None,
+                     **apply_kwargs) -> Callable:
+  """The jitted :func:`packed_apply` of ``model``, cached.
+
+  One jitted function per (model, options) is kept, so calls with the same
+  input shapes (and the same packed layouts) compile once, even across calls
+  of this function with an equal model.
+
+  Args:
+    model: a hashable Flax linen module (linen modules are).
+    block_m: as :func:`packed_apply`.
+    block_n: as :func:`packed_apply`.
+    interpret: as :func:`packed_apply`.
+    **apply_kwargs: static keyword arguments of ``model.apply`` (hashable,
+      e.g. ``train=False``).
+
+  Returns:
+    ``fn(packed_variables, *args)`` returning what ``model.apply`` returns.
+  """
+  options = dict(block_m=block_m, block_n=block_n, interpret=interpret)
+  return _jitted(model, tuple(sorted(options.items())),
+                 tuple(sorted(apply_kwargs.items())))
 
 
 def evaluate_packed(model: nn.Module, variables: PyTree, state: INQState,
                     *args, **kwargs):
   """Packs an INQ-quantized model and runs it through the kernel (jitted).
 
-  The jitted apply is cached on the model and the keyword arguments, so
-  repeated calls with the same input shapes compile once. To pack only once
-  as well, call :func:`pack_variables` once and :func:`packed_apply` under
-  your own ``jax.jit``.
+  The jitted apply is :func:`jit_packed_apply`'s, so repeated calls with the
+  same input shapes compile once. To pack only once as well, call
+  :func:`pack_variables` once and the function of :func:`jit_packed_apply`.
 
   Args:
     model: the Flax module (hashable, as linen modules are).
@@ -171,6 +340,5 @@ def evaluate_packed(model: nn.Module, variables: PyTree, state: INQState,
   Returns:
     The model outputs.
   """
-  packed = pack_variables(variables, state)
-  return _jitted_packed_apply(model, packed, args,
-                              tuple(sorted(kwargs.items())))
+  return jit_packed_apply(model, **kwargs)(pack_variables(variables, state),
+                                           *args)

@@ -1,0 +1,146 @@
+"""Packed inference of whole models: codes recovered from de-quantized kernels, every
+layer kind through quantized_matmul, and one compilation per input shape."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import comq_jax
+from inq_jax import deploy
+from inq_jax import inq
+from inq_jax.deploy import packing
+from tests import helpers
+
+
+class _Net(nn.Module):
+  """Conv, grouped conv, depthwise conv, DenseGeneral, Einsum, Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), padding="SAME")(x))
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2, feature_group_count=2)(x))
+    x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=8, use_bias=False)(x))
+    x = x.reshape(x.shape[0], -1, 8)
+    x = nn.DenseGeneral((2, 3), axis=-1)(x)
+    x = nn.Einsum((2, 3, 5), "btij,ijk->bkt")(x)
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+MODEL = _Net()
+X = jax.random.normal(jax.random.key(0), (2, 9, 9, 3), jnp.float32)
+VARIABLES = MODEL.init(jax.random.key(1), X)
+
+
+@pytest.mark.parametrize("grid, granularity, group_size", [
+    ("pow2", "channel", None),
+    ("asymmetric", "group", 32),
+])
+def test_packed_model_matches_dequantized_model(grid, granularity, group_size):
+  result = comq_jax.quantize_model(MODEL, VARIABLES, [X], bits=4, method="rtn",
+                                   grid=grid, granularity=granularity,
+                                   group_size=group_size)
+  packed = deploy.pack_quantization(result, MODEL, X)
+  for path, report in zip(["Conv_1", "Conv_2", "DenseGeneral_0", "Einsum_0"],
+                          result.layers[1:5], strict=True):
+    layer = packed["params"][path]["kernel"]
+    assert isinstance(layer, packing.PackedLayer) and report.path == path
+    assert (layer.groups, *layer.matrices.shape) == report.matrices
+  expected = MODEL.apply(result.variables, X)
+  got = deploy.jit_packed_apply(MODEL)(packed, X)
+  assert got.dtype == expected.dtype
+  # The same products summed in another order (f32): a few ulps of the outputs.
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# A depthwise conv then a Dense: the other grids and granularities, on a smaller model.
+class _Small(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), feature_group_count=4, name="depthwise")(x))
+    return nn.Dense(3)(nn.relu(nn.Dense(40)(x)))
+
+
+_SMALL = _Small()
+_SMALL_X = jax.random.normal(jax.random.key(7), (2, 5, 5, 4), jnp.float32)
+
+
+@pytest.mark.parametrize("grid, granularity, group_size", [
+    ("pow2", "layer", None),
+    ("asymmetric", "channel", None),
+    ("symmetric", "channel", None),
+    ("symmetric", "group", 32),
+])
+def test_small_packed_model_matches_dequantized_model(grid, granularity, group_size):
+  variables = _SMALL.init(jax.random.key(8), _SMALL_X)
+  result = comq_jax.quantize_model(_SMALL, variables, [_SMALL_X], bits=4, method="rtn",
+                                   grid=grid, granularity=granularity,
+                                   group_size=group_size)
+  packed = deploy.pack_quantization(result, _SMALL, _SMALL_X)
+  assert packed["params"]["depthwise"]["kernel"].groups == 4
+  np.testing.assert_allclose(deploy.jit_packed_apply(_SMALL)(packed, _SMALL_X),
+                             _SMALL.apply(result.variables, _SMALL_X), rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", ["asymmetric", "symmetric"])
+def test_codes_are_recovered_exactly_after_a_scale_update(grid):
+  # COMQ's scale update moves the step off the min-max rule: the grid is recovered
+  # from the values, and unpacking gives every weight back bit for bit.
+  w = jax.random.normal(jax.random.key(2), (70, 37), jnp.float32)
+  x = jax.random.normal(jax.random.key(3), (128, 70), jnp.float32)
+  result = comq_jax.quantize_layer(w, x, bits=4, grid=grid, scale_update=True)
+  packed = packing.pack_matrix_values(result.weights, bits=4, grid=grid,
+                                      granularity="channel")
+  np.testing.assert_array_equal(packing.unpack(packed), result.weights)
+
+
+def test_values_off_every_grid_raise_naming_the_layer():
+  model = nn.Dense(4)
+  x = jax.random.normal(jax.random.key(9), (8, 6), jnp.float32)
+  result = comq_jax.quantize_model(model, model.init(jax.random.key(10), x), [x],
+                                   bits=3, method="rtn")
+  params = dict(result.variables["params"])
+  params["kernel"] = params["kernel"] * 1.001 + 1e-4
+  broken = result._replace(variables={"params": params})
+  with pytest.raises(ValueError, match=r"\d+ of 4 grid cells hold values on no 3-bit "
+                     r"asymmetric grid .*channel 0"):
+    deploy.pack_quantization(broken, model, x)
+
+
+def test_inq_kernels_packed_whole_run_through_the_views():
+  # pack_variables packs each kernel as it is (rows in the kernel's row-major order);
+  # the apply permutes the conv's patch rows to it, read off the view.
+  model = nn.Sequential([nn.Conv(6, (3, 3), strides=(2, 1)), nn.relu, nn.Dense(5)])
+  x = jax.random.normal(jax.random.key(4), (2, 7, 6, 3), jnp.float32)
+  variables = model.init(jax.random.key(5), x)
+  quantizer = inq(5)
+  params, state = quantizer.step(variables["params"],
+                                 quantizer.init(variables["params"]), 1.0)
+  packed = deploy.pack_variables({"params": params}, state)
+  assert isinstance(packed["params"]["layers_0"]["kernel"], packing.PackedPow2)
+  np.testing.assert_allclose(deploy.packed_apply(model, packed, x),
+                             model.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+
+
+def test_jitted_packed_apply_compiles_once_per_input_shape():
+  model = nn.Dense(5)
+  xs = [jax.random.normal(jax.random.key(i), (3, 13), jnp.float32) for i in range(3)]
+  variables = model.init(jax.random.key(6), xs[0])
+  result = comq_jax.quantize_model(model, variables, xs[:1], bits=4, method="rtn")
+  packed = deploy.pack_quantization(result, model, xs[0])
+  with helpers.count_compilations() as compilations:
+    for x in xs:
+      # An equal, freshly built module gets the same cached jitted function.
+      got = deploy.jit_packed_apply(nn.Dense(5))(packed, x)
+      np.testing.assert_allclose(got, model.apply(result.variables, x), rtol=1e-5,
+                                 atol=1e-6)
+  assert compilations[0] == 1
+
+
+def test_pack_quantization_refuses_nnx_models():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="NNX models are not supported yet"):
+    deploy.pack_quantization(None, nnx.Linear(2, 2, rngs=nnx.Rngs(0)), X)
