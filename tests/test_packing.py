@@ -90,6 +90,11 @@ def test_default_k_tile_per_backend():
   assert packing.default_k_tile(4096, "gpu") == 128
   assert packing.default_k_tile(27, "tpu") == 256
   assert packing.default_k_tile(4096, "tpu") == 512
+  # The power of two that pads least: 288 rows in steps of 32 (the preferred
+  # 128 would pad to 384), 576 in steps of 64, 768 on TPU in steps of 256.
+  assert packing.default_k_tile(288, "gpu") == 32
+  assert packing.default_k_tile(576, "cpu") == 64
+  assert packing.default_k_tile(768, "tpu") == 256
 
 
 def _inq_params(bits, quantizable=None):
