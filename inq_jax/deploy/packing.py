@@ -233,9 +233,10 @@ def default_k_tile(k: int, platform: Optional[str] = None,
   Among the powers of two from the backend's granule to its preferred step
   (Triton blocks are powers of two), the one that pads ``K`` least, the
   largest on a tie: a 288-row conv kernel takes steps of 32 on GPU and CPU,
-  with no padding, where the preferred 128 would pad it to 384. With groups it is rounded up to ``group_size`` (when that
-  is even and at least the step) or to a multiple of ``2 · group_size``,
-  which meets the nibble rule of the module docstring.
+  with no padding, where the preferred 128 would pad it to 384. With groups
+  it is rounded up to ``group_size`` (when that is even and at least the
+  step) or to a multiple of ``2 · group_size``, which meets the nibble rule
+  of the module docstring.
 
   Args:
     k: rows of the matrix view.
