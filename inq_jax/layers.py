@@ -494,7 +494,7 @@ class intercept_nnx_linear_calls:  # noqa: N801 (a context manager, used like a 
       path = paths.get(id(module))
       if path is not None and kind_of(module) is kind:
         out = on_call(_linear_call(path, module, kind, args, kwargs,
-                                   jnp.shape(module.kernel[...])))
+                                   tuple(module.kernel.get_value().shape)))
         if out is not None:
           return out
       return original(module, *args, **kwargs)

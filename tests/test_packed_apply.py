@@ -1,6 +1,7 @@
 """Packed inference of whole models: codes recovered from de-quantized kernels, every
 layer kind through quantized_matmul, and one compilation per input shape."""
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -140,7 +141,46 @@ def test_jitted_packed_apply_compiles_once_per_input_shape():
   assert compilations[0] == 1
 
 
-def test_pack_quantization_refuses_nnx_models():
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match="NNX models are not supported yet"):
-    deploy.pack_quantization(None, nnx.Linear(2, 2, rngs=nnx.Rngs(0)), X)
+class _NNXNet(nnx.Module):
+  """The NNX kinds: conv, grouped conv, LinearGeneral, Einsum, Linear."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.grouped = nnx.Conv(8, 8, (3, 3), feature_group_count=2, strides=2, rngs=rngs)
+    self.general = nnx.LinearGeneral(8, (2, 3), rngs=rngs)
+    self.einsum = nnx.Einsum("btij,ijk->bkt", (2, 3, 5), (5,), rngs=rngs)
+    self.head = nnx.Linear(125, 4, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.grouped(nnx.relu(self.conv(x))))
+    x = self.einsum(self.general(x.reshape(x.shape[0], -1, 8)))
+    return self.head(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("grid, granularity, group_size", [
+    ("pow2", "channel", None),
+    ("asymmetric", "group", 8),
+])
+def test_nnx_packed_model_matches_dequantized_model(grid, granularity, group_size, tmp_path):
+  model = _NNXNet(nnx.Rngs(0))
+  result = comq_jax.quantize_model(model, None, [X], bits=4, method="rtn", grid=grid,
+                                   granularity=granularity, group_size=group_size)
+  assert [r.path for r in result.layers] == ["conv", "grouped", "general", "einsum",
+                                             "head"]
+  packed = deploy.pack_quantization(result, result.model, X)
+  assert all(isinstance(packed["params"][r.path]["kernel"], packing.PackedLayer)
+             for r in result.layers)
+  kernel_before = np.asarray(result.model.head.kernel[...])
+  expected = result.model(X)
+  with helpers.count_compilations() as compilations:
+    for _ in range(2):
+      got = deploy.jit_packed_apply(result.model)(packed, X)
+  assert compilations[0] == 1
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  # The user's module keeps its float kernels.
+  np.testing.assert_array_equal(result.model.head.kernel[...], kernel_before)
+  # Through the packed model file too.
+  deploy.save_packed(str(tmp_path / "model.safetensors"), packed)
+  loaded = deploy.load_packed(str(tmp_path / "model.safetensors"), like=result.variables)
+  np.testing.assert_array_equal(deploy.packed_apply(result.model, loaded, X),
+                                deploy.packed_apply(result.model, packed, X))

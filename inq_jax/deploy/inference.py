@@ -74,17 +74,21 @@ def pack_variables(variables: PyTree, state: INQState, *,
   return out
 
 
-def _layer_views(model: nn.Module, variables: PyTree, batch,
-                 apply_kwargs) -> dict:
-  """``{path: LinearView}`` of the layers called on ``batch`` (shapes only)."""
+def _layer_views(model, variables: PyTree, batch, apply_kwargs) -> dict:
+  """``{path: LinearView}`` of the layers called on ``batch`` (shapes only);
+  ``model`` is a linen module (with ``variables``) or an NNX module."""
   views = {}
 
   def record(call):
     views.setdefault(layers.path_name(call.path), call.view)
 
-  with nn.intercept_methods(layers.intercept_linear_calls(record)):
-    jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables,
-                   batch)
+  if isinstance(model, nnx.Module):
+    with layers.intercept_nnx_linear_calls(model, record):
+      jax.eval_shape(lambda x: model(x, **apply_kwargs), batch)
+  else:
+    with nn.intercept_methods(layers.intercept_linear_calls(record)):
+      jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables,
+                     batch)
   return views
 
 
@@ -95,7 +99,7 @@ def _node(tree: dict, path: str) -> dict:
   return tree
 
 
-def pack_quantization(result, model: nn.Module, batch, *,
+def pack_quantization(result, model, batch, *,
                       k_tile: Optional[int] = None, **apply_kwargs) -> PyTree:
   """Packs a post-training quantized model from what the quantizer returned.
 
@@ -104,24 +108,25 @@ def pack_quantization(result, model: nn.Module, batch, *,
       object with its ``variables``, ``layers`` (each with ``path`` and
       ``matrices``, checked against the view unless None) and ``settings``
       (``bits``, ``grid``, ``granularity``, ``group_size``).
-    model: the linen module it quantized.
+    model: the linen module it quantized, or the NNX module (e.g.
+      ``result.model``; called as ``model(batch, **apply_kwargs)``).
     batch: one model input; only its shape is used, to find each layer's 2-D
       view.
     k_tile: optional ``K`` step for every layer (default per layer).
-    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``) or to
+      the NNX module's call.
 
   Returns:
     ``result.variables`` with each quantized kernel replaced by a
     :class:`~inq_jax.deploy.packing.PackedLayer`; other leaves are kept.
+    For an NNX model that is ``{"params": ...}``, the pure dict of its
+    ``nnx.Param`` state.
 
   Raises:
-    ValueError: for an NNX model, a quantized layer the batch does not reach
-      or whose view differs from the report, or values on no grid of the
-      stated kind (the message names the layer).
+    ValueError: for a quantized layer the batch does not reach or whose view
+      differs from the report, or values on no grid of the stated kind (the
+      message names the layer).
   """
-  if isinstance(model, nnx.Module):
-    raise ValueError("pack_quantization packs linen models; NNX models are "
-                     "not supported yet.")
   settings = result.settings
   variables = jax.device_get(result.variables)
   views = _layer_views(model, variables, batch, apply_kwargs)
@@ -146,6 +151,14 @@ def pack_quantization(result, model: nn.Module, batch, *,
     except ValueError as error:
       raise ValueError(f"{report.path}: {error}") from error
   return dict(variables, params=params)
+
+
+def _param(module, name: str):
+  """A layer's parameter ``name`` (linen or NNX), or None if it has none."""
+  if isinstance(module, nnx.Module):
+    variable = getattr(module, name, None)
+    return variable.get_value() if isinstance(variable, nnx.Variable) else None
+  return module.get_variable("params", name)
 
 
 def _output_dtype(module, x: jax.Array):
@@ -200,10 +213,10 @@ def _view_product(name: str, view, rows: jax.Array, kernel, dtype,
                   in_axes=(1, 0), out_axes=1)(rows, kernel.matrices)
 
 
-def _einsum_layout(module, x: jax.Array):
+def _einsum_layout(equation: str, kernel_shape, x: jax.Array):
   """``(permutation, bias shape)`` taking an einsum's ``(kept input axes,
   kernel features)`` product to its output axes, and its bias to them."""
-  equation = module.einsum_str.replace(" ", "")
+  equation = equation.replace(" ", "")
   operands, out = equation.split("->")
   lhs, rhs = operands.split(",")
   if "..." in lhs:
@@ -212,7 +225,7 @@ def _einsum_layout(module, x: jax.Array):
     lhs, out = lhs.replace("...", fill), out.replace("...", fill)
   produced = [c for c in lhs if c not in rhs] + [c for c in rhs if c not in lhs]
   kernel_axes = {c: i for i, c in enumerate(rhs)}
-  bias_shape = tuple(module.shape[kernel_axes[c]] if c in kernel_axes else 1
+  bias_shape = tuple(kernel_shape[kernel_axes[c]] if c in kernel_axes else 1
                      for c in out)
   return tuple(produced.index(c) for c in out), bias_shape
 
@@ -230,12 +243,13 @@ def _layer_output(call, y: jax.Array, dtype) -> jax.Array:
     features = tuple(view.kernel_shape[a]
                      for a in view.kernel_perm[view.num_contracted:])
     y = y.reshape(row_shape + features)
-    if isinstance(module, nn.Einsum):
-      order, bias_shape = _einsum_layout(module, x)
+    if isinstance(module, (nn.Einsum, nnx.Einsum)):
+      order, bias_shape = _einsum_layout(module.einsum_str, view.kernel_shape, x)
       y = jnp.transpose(y, order)
-  if not module.use_bias:
+  bias = _param(module, "bias")
+  if bias is None:
     return y
-  bias = module.get_variable("params", "bias").astype(dtype)
+  bias = bias.astype(dtype)
   if bias_shape is None:
     bias_shape = (1,) * (y.ndim - bias.ndim) + bias.shape
   return y + bias.reshape(bias_shape)
@@ -245,7 +259,7 @@ def _interceptor(kernel_options):
   """Routes calls of layers with packed kernels through the kernel."""
 
   def on_call(call):
-    kernel = call.module.get_variable("params", "kernel")
+    kernel = _param(call.module, "kernel")
     if not packing.is_packed_kernel(kernel):
       return None
     name = layers.path_name(call.path)
@@ -257,16 +271,19 @@ def _interceptor(kernel_options):
                       dtype, kernel_options)
     return _layer_output(call, y, dtype)
 
-  return layers.intercept_linear_calls(on_call)
+  return on_call
 
 
-def packed_apply(model: nn.Module, packed_variables: PyTree, *args,
+def packed_apply(model, packed_variables: PyTree, *args,
                  block_m: Optional[int] = None, block_n: Optional[int] = None,
                  interpret: Optional[bool] = None, **kwargs):
   """``model.apply`` with every packed kernel run by ``quantized_matmul``.
 
   Args:
-    model: a Flax linen module.
+    model: a Flax linen module, or an NNX module: a copy of it with
+      ``packed_variables["params"]`` as its ``nnx.Param`` state (its other
+      state, e.g. batch statistics, its own) is called; ``model`` is not
+      changed.
     packed_variables: from :func:`pack_quantization`, :func:`pack_variables`
       or :func:`inq_jax.deploy.files.load_packed`.
     *args: inputs to ``model.apply`` (e.g. images; int8 inputs to a packed
@@ -278,24 +295,31 @@ def packed_apply(model: nn.Module, packed_variables: PyTree, *args,
     **kwargs: passed to ``model.apply`` (e.g. ``train=False``).
 
   Returns:
-    What ``model.apply`` returns.
+    What ``model.apply`` (or the NNX module's call) returns.
 
   Raises:
     ValueError: for a packed layer without a 2-D view, or whose packed shape
       does not match the layer (the message names the layer).
   """
-  options = dict(block_m=block_m, block_n=block_n, interpret=interpret)
-  with nn.intercept_methods(_interceptor(options)):
+  on_call = _interceptor(dict(block_m=block_m, block_n=block_n, interpret=interpret))
+  if isinstance(model, nnx.Module):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda leaf: leaf, params)  # the user's module keeps its own
+    nnx.replace_by_pure_dict(params, packed_variables["params"])
+    packed_model = nnx.merge(graphdef, params, rest)
+    with layers.intercept_nnx_linear_calls(packed_model, on_call):
+      return packed_model(*args, **kwargs)
+  with nn.intercept_methods(layers.intercept_linear_calls(on_call)):
     return model.apply(packed_variables, *args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(model: nn.Module, options: tuple, apply_kwargs: tuple) -> Callable:
+def _jitted(model, options: tuple, apply_kwargs: tuple) -> Callable:
   return jax.jit(lambda packed_variables, *args: packed_apply(
       model, packed_variables, *args, **dict(options), **dict(apply_kwargs)))
 
 
-def jit_packed_apply(model: nn.Module, *, block_m: Optional[int] = None,
+def jit_packed_apply(model, *, block_m: Optional[int] = None,
                      block_n: Optional[int] = None,
                      interpret: Optional[bool] = None,
                      **apply_kwargs) -> Callable:
@@ -306,7 +330,9 @@ def jit_packed_apply(model: nn.Module, *, block_m: Optional[int] = None,
   of this function with an equal model.
 
   Args:
-    model: a hashable Flax linen module (linen modules are).
+    model: a hashable Flax linen module (linen modules are), or an NNX
+      module (kept by identity; its state other than ``nnx.Param``, e.g.
+      batch statistics, is read when a shape is first traced).
     block_m: as :func:`packed_apply`.
     block_n: as :func:`packed_apply`.
     interpret: as :func:`packed_apply`.
