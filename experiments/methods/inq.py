@@ -9,7 +9,6 @@ weights, at the first INQ phase.
 
 import functools
 import operator
-import types
 
 import jax
 
@@ -63,12 +62,9 @@ class INQMethod(base.Method):
     mask = state["method"].quantizable_mask(variables["params"])
     paths = [path for path in inq_jax.layer_paths(model, variables, example, train=False)
              if functools.reduce(operator.getitem, path.split("/"), mask)["kernel"]]
-    result = types.SimpleNamespace(
-        variables=variables,
-        layers=[types.SimpleNamespace(path=path, matrices=None) for path in paths],
-        settings=dict(bits=state["method"].bits, grid="pow2", granularity="layer",
-                      group_size=None))
-    return inq_jax.deploy.pack_quantization(result, model, example, train=False)
+    return inq_jax.deploy.pack_layers(variables, model, example, paths,
+                                      bits=state["method"].bits, grid="pow2",
+                                      granularity="layer", train=False)
 
   def results(self, config, state, progress, phases):
     params, inq_state = state["variables"]["params"], state["method"]

@@ -29,6 +29,7 @@ _EXPORTS = {
     "to_float": "kernels",
     "evaluate_packed": "inference",
     "jit_packed_apply": "inference",
+    "pack_layers": "inference",
     "pack_quantization": "inference",
     "pack_variables": "inference",
     "packed_apply": "inference",

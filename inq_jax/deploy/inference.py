@@ -104,10 +104,10 @@ def pack_quantization(result, model, batch, *,
   """Packs a post-training quantized model from what the quantizer returned.
 
   Args:
-    result: a ``comq_jax.ModelQuantization`` (COMQ, RTN or GPTQ) or any
-      object with its ``variables``, ``layers`` (each with ``path`` and
-      ``matrices``, checked against the view unless None) and ``settings``
-      (``bits``, ``grid``, ``granularity``, ``group_size``).
+    result: a ``comq_jax.ModelQuantization`` (COMQ, RTN or GPTQ): its
+      ``variables``, its ``layers`` (paths, and view matrices checked against
+      the layers') and its ``settings`` (``bits``, ``grid``,
+      ``granularity``, ``group_size``) are used.
     model: the linen module it quantized, or the NNX module (e.g.
       ``result.model``; called as ``model(batch, **apply_kwargs)``).
     batch: one model input; only its shape is used, to find each layer's 2-D
@@ -128,28 +128,58 @@ def pack_quantization(result, model, batch, *,
       message names the layer).
   """
   settings = result.settings
-  variables = jax.device_get(result.variables)
+  return pack_layers(
+      result.variables, model, batch,
+      {report.path: report.matrices for report in result.layers},
+      bits=settings["bits"], grid=settings["grid"],
+      granularity=settings["granularity"], group_size=settings["group_size"],
+      k_tile=k_tile, **apply_kwargs)
+
+
+def pack_layers(variables: PyTree, model, batch, layer_paths, *, bits: int,
+                grid: str, granularity: str, group_size: Optional[int] = None,
+                k_tile: Optional[int] = None, **apply_kwargs) -> PyTree:
+  """Packs the kernels of ``layer_paths``, each as its layer's view matrices.
+
+  Each matrix's grid (scales and zero points, or exponents) is recovered
+  exactly from its quantized values (:func:`~inq_jax.deploy.packing.pack_layer_values`).
+
+  Args:
+    variables: the quantized model's variables (``{"params": ...}``).
+    model: a linen module or an NNX module, as in :func:`pack_quantization`.
+    batch: one model input (shapes only).
+    layer_paths: the ``/``-joined paths of the quantized layers; a mapping
+      from path to its expected ``(groups, d_in, d_out)`` matrices (or None)
+      also checks the views.
+    bits, grid, granularity, group_size: the grid the kernels are on.
+    k_tile: optional ``K`` step for every layer.
+    **apply_kwargs: as in :func:`pack_quantization`.
+
+  Returns:
+    ``variables`` with those kernels replaced by
+    :class:`~inq_jax.deploy.packing.PackedLayer`.
+  """
+  expected = layer_paths if isinstance(layer_paths, dict) else dict.fromkeys(layer_paths)
+  variables = jax.device_get(variables)
   views = _layer_views(model, variables, batch, apply_kwargs)
   params = jax.tree.map(lambda leaf: leaf, variables["params"])  # new dicts
-  for report in result.layers:
-    view = views.get(report.path)
+  for path, reported in expected.items():
+    view = views.get(path)
     if view is None:
-      raise ValueError(f"{report.path}: quantized, but not called as a "
-                       "supported layer on the given batch.")
-    node = _node(params, report.path)
+      raise ValueError(f"{path}: quantized, but not called as a supported layer on "
+                       "the given batch.")
+    node = _node(params, path)
     kernel = np.asarray(node["kernel"])
     matrices = view.matrices(kernel)
-    if report.matrices is not None and tuple(matrices.shape) != tuple(report.matrices):
-      raise ValueError(f"{report.path}: the layer's view has matrices "
-                       f"{tuple(matrices.shape)}, the report says "
-                       f"{tuple(report.matrices)}.")
+    if reported is not None and tuple(matrices.shape) != tuple(reported):
+      raise ValueError(f"{path}: the layer's view has matrices "
+                       f"{tuple(matrices.shape)}, the report says {tuple(reported)}.")
     try:
       node["kernel"] = packing.pack_layer_values(
-          matrices, kernel.shape, bits=settings["bits"], grid=settings["grid"],
-          granularity=settings["granularity"],
-          group_size=settings["group_size"], k_tile=k_tile)
+          matrices, kernel.shape, bits=bits, grid=grid, granularity=granularity,
+          group_size=group_size, k_tile=k_tile)
     except ValueError as error:
-      raise ValueError(f"{report.path}: {error}") from error
+      raise ValueError(f"{path}: {error}") from error
   return dict(variables, params=params)
 
 
