@@ -12,14 +12,12 @@ layers quantized; and the peak resident memory of the process that quantized it
 Targets (64 images at 224 px, 2 CPU cores): MobileNetV2-style <= 60 s, ResNet-18
 <= 15 s.
 
-Run: ``python benchmarks/comq_model.py [--model=mobilenet|resnet18|all --images=64
+Run: ``python -m benchmarks.comq_model [--model=mobilenet|resnet18|all --images=64
 --batch=16 --size=224]``.
 """
 
-import resource
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -27,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from benchmarks import model_timing
 import comq_jax
 from experiments import models
 
@@ -90,29 +89,15 @@ def _run(name):
   batches = [jax.random.normal(k, shape, jnp.float32) for k in keys]
   kwargs = {} if name == "mobilenet" else {"train": False}
   variables = model.init(jax.random.key(1), batches[0][:1], **kwargs)
-  start, cpu_start = time.perf_counter(), time.process_time()
-  result = comq_jax.quantize_model(model, variables, batches, bits=_BITS.value, **kwargs)
-  jax.block_until_ready(result.variables)
-  total = time.perf_counter() - start
-  cpu = time.process_time() - cpu_start
-  t = result.timings
-  peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  with model_timing.timed() as clock:
+    result = comq_jax.quantize_model(model, variables, batches, bits=_BITS.value, **kwargs)
+    jax.block_until_ready(result.variables)
   target = TARGET_SECONDS[name]
   print(f"{name}: {len(result.layers)} layers quantized, {len(result.skipped)} left in "
         f"float; {len(batches) * _BATCH.value} images at {_SIZE.value} px, "
-        f"{_BITS.value}-bit, {jax.devices()[0].platform} x{jax.device_count()}, "
-        f"{jax.local_devices()[0].device_kind}")
-  other = total - t.capture_seconds - t.compile_wait_seconds - t.solve_seconds
-  print(f"  wall {total:.1f} s = capture {t.capture_seconds:.1f} s + waiting for "
-        f"the capture's compilation {t.compile_wait_seconds:.1f} s + solves "
-        f"{t.solve_seconds:.1f} s (two layers at a time, waits for their compilation "
-        f"included) + "
-        f"other {other:.1f} s; compilation {t.compile_seconds:.1f} s in background "
-        f"threads, overlapping the rest")
-  print(f"  CPU time {cpu:.1f} s over all threads (wall time on an idle machine is about "
-        f"this over the cores kept busy)")
-  print(f"  compilations {t.compilations}; peak RSS {peak_mib:.0f} MiB; target "
-        f"<= {target:.0f} s: {'met' if total <= target else 'MISSED'}")
+        f"{_BITS.value}-bit")
+  model_timing.print_timings(result, clock)
+  print(f"  target <= {target:.0f} s: {'met' if clock['wall'] <= target else 'MISSED'}")
 
 
 def main(argv):
@@ -123,7 +108,7 @@ def main(argv):
   for name in ("mobilenet", "resnet18"):
     flags_out = [f"--model={name}", f"--images={_IMAGES.value}", f"--batch={_BATCH.value}",
                  f"--size={_SIZE.value}", f"--bits={_BITS.value}"]
-    subprocess.run([sys.executable, __file__, *flags_out], check=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.comq_model", *flags_out], check=True)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,16 @@ DeiT-S has 72 quantized layers here: the official code's 48 nn.Linear (qkv, proj
 block) with qkv as separate query, key and value kernels, which per-channel grids quantize
 identically (each output channel is solved on its own, from the same inputs).
 
-Run: ``python benchmarks/comq_vit.py [--model=deit_small --images=64 --batch=16 --size=224
+Run: ``python -m benchmarks.comq_vit [--model=deit_small --images=64 --batch=16 --size=224
 --bits=4]``.
 """
-
-import resource
-import time
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 
+from benchmarks import model_timing
 import comq_jax
 from experiments import models
 from experiments.methods import post_training
@@ -48,27 +46,14 @@ def main(argv):
   variables = jax.jit(lambda key: model.init(key, batches[0][:1], train=False))(
       jax.random.key(1))
   ends = post_training.first_and_last_layers(model, variables, batches[0], num_classes)
-  start = time.perf_counter()
-  result = comq_jax.quantize_model(model, variables, batches, bits=_BITS.value,
-                                   skip=lambda path, kernel: path in ends, train=False)
-  jax.block_until_ready(result.variables)
-  total = time.perf_counter() - start
-  t = result.timings
-  peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  with model_timing.timed() as clock:
+    result = comq_jax.quantize_model(model, variables, batches, bits=_BITS.value,
+                                     skip=lambda path, kernel: path in ends, train=False)
+    jax.block_until_ready(result.variables)
   print(f"{_MODEL.value}: {len(result.layers)} layers quantized, {len(result.skipped)} left in "
         f"float ({', '.join(entry.path for entry in result.skipped)}); "
-        f"{len(batches) * _BATCH.value} images at {_SIZE.value} px, {_BITS.value}-bit, "
-        f"{jax.devices()[0].platform} x{jax.device_count()}, "
-        f"{jax.local_devices()[0].device_kind}")
-  other = total - t.capture_seconds - t.compile_wait_seconds - t.solve_seconds
-  print(f"  wall {total:.1f} s = capture {t.capture_seconds:.1f} s + waiting for "
-        f"the capture's compilation {t.compile_wait_seconds:.1f} s + solves "
-        f"{t.solve_seconds:.1f} s (two layers at a time, waits for their compilation "
-        f"included) + "
-        f"other {other:.1f} s; compilation {t.compile_seconds:.1f} s in background "
-        f"threads, overlapping the rest")
-  print(f"  compilations {t.compilations}; peak RSS {peak_mib:.0f} MiB")
-
+        f"{len(batches) * _BATCH.value} images at {_SIZE.value} px, {_BITS.value}-bit")
+  model_timing.print_timings(result, clock)
 
 if __name__ == "__main__":
   app.run(main)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.models.vit import Mlp
+from experiments.models.vit import check_image_size
 
 # timm's Swin uses torch nn.LayerNorm, whose eps is 1e-5 (ViT uses 1e-6).
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-5)
@@ -280,9 +281,7 @@ class SwinTransformer(nn.Module):
         same function; kept for the interface every model shares.
     """
     del train
-    if images.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"Expected {self.image_size}x{self.image_size} images, got shape "
-                       f"{images.shape}.")
+    check_image_size(images, self.image_size)
     x = PatchEmbed(self.patch_size, self.embed_dim, name="patch_embed")(images)
     for index, (depth, num_heads) in enumerate(zip(self.depths, self.num_heads, strict=True)):
       x = SwinStage(depth, num_heads, self.window_size, self.mlp_ratio, downsample=index > 0,

@@ -19,6 +19,13 @@ LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
 embedding_init = nn.initializers.normal(stddev=0.02)
 
 
+def check_image_size(images, image_size: int) -> None:
+  """Raises ValueError unless ``images`` are ``(batch, image_size, image_size, ...)``:
+  position embeddings and windows are laid out for one size."""
+  if images.shape[1:3] != (image_size, image_size):
+    raise ValueError(f"Expected {image_size}x{image_size} images, got shape {images.shape}.")
+
+
 class PatchEmbed(nn.Module):
   """Cuts images into non-overlapping patches and projects each one (timm `patch_embed`).
 
@@ -113,9 +120,7 @@ class VisionTransformer(nn.Module):
         same function; kept for the interface every model shares.
     """
     del train
-    if images.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"Expected {self.image_size}x{self.image_size} images, got shape "
-                       f"{images.shape}.")
+    check_image_size(images, self.image_size)
     tokens = PatchEmbed(self.patch_size, self.width, name="patch_embed")(images)
     batch = tokens.shape[0]
     prefix_names = ("cls_token", "dist_token") if self.distilled else ("cls_token",)
