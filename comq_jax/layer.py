@@ -49,6 +49,17 @@ def greedy_order(wt, gram_diag):
 # on CPU with benchmarks/comq_layer.py; the pairwise gathers grow with it).
 _BLOCK = 16
 
+# Channels per solver step. XLA:CPU may round a channel's results differently
+# when the number of channels in an operation changes (a matmul's blocking, a
+# reduction's vectorisation follow the shapes), so the solver runs on chunks of
+# this many channels, one after another: a solve sharded over devices then
+# runs the same programs on the same shapes as one on a single device.
+_CHANNEL_CHUNK = 64
+
+
+def _matmul(a, b):
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
 
 def _sweep(wt, qt, values, gram, perm, *, first, group_size=None):
   """One coordinate-descent pass; every channel visits its own order.
@@ -104,7 +115,7 @@ def _sweep(wt, qt, values, gram, perm, *, first, group_size=None):
   if first:
     e = jnp.zeros_like(wt)
   else:
-    e = jnp.matmul(wt - qt, gram, precision=jax.lax.Precision.HIGHEST)
+    e = _matmul(wt - qt, gram)
   diag = jnp.diagonal(gram)
   flat_gram = gram.reshape(-1)
   pair_s, pair_r = np.triu_indices(_BLOCK, 1)
@@ -141,8 +152,7 @@ def _sweep(wt, qt, values, gram, perm, *, first, group_size=None):
         0, _BLOCK, step, (eb, jnp.zeros_like(w), jnp.zeros(w.shape, jnp.int32)))
     delta = q_old - q_new
     if shared:
-      e = e + jnp.matmul(delta, gram[idx[0]],
-                         precision=jax.lax.Precision.HIGHEST)
+      e = e + _matmul(delta, gram[idx[0]])
     else:
       for s in range(_BLOCK):
         e = e + delta[:, s, None] * gram[idx[:, s]]
@@ -181,24 +191,12 @@ def _best_step(num, den, old_step, old_exponent, is_pow2):
   return best, exponent
 
 
-def _update_scale(wt, codes, g, gram, granularity, group_size, is_pow2):
-  """Least-squares step for fixed codes (the paper's scale update).
-
-  Per channel ``δ_j = (u_j^T H w_j) / (u_j^T H u_j)`` with ``u_j`` the level
-  units of the codes (per layer: sums over channels). pow2 steps stay powers
-  of two (:func:`_best_step`). With groups, see :func:`_update_group_scales`.
-  """
-  if granularity == "group":
-    return _update_group_scales(wt, codes, g, gram, group_size, is_pow2)
+def _scale_statistics(wt, codes, g, gram):
+  """Per channel ``(u_j^T H w_j, u_j^T H u_j)``, ``u_j`` the level units of the
+  codes: the numerator and denominator of the paper's least-squares scale."""
   u = jnp.take_along_axis(g.units, codes, axis=1)
-  uh = jnp.matmul(u, gram, precision=jax.lax.Precision.HIGHEST)
-  num = jnp.sum(uh * wt, axis=1)
-  den = jnp.sum(uh * u, axis=1)
-  if granularity == "layer":
-    num = jnp.broadcast_to(jnp.sum(num), num.shape)
-    den = jnp.broadcast_to(jnp.sum(den), den.shape)
-  step, exponent = _best_step(num, den, g.step, g.exponent, is_pow2)
-  return g._replace(step=step, exponent=exponent)
+  uh = _matmul(u, gram)
+  return jnp.sum(uh * wt, axis=1), jnp.sum(uh * u, axis=1)
 
 
 def _update_group_scales(wt, codes, g, gram, size, is_pow2):
@@ -218,14 +216,12 @@ def _update_group_scales(wt, codes, g, gram, size, is_pow2):
   steps = g.step.reshape(d_out, groups)
   exponents = g.exponent.reshape(d_out, groups)
   q = u * jnp.repeat(steps, size, axis=1)
-  residual = jnp.matmul(jnp.pad(wt, ((0, 0), (0, pad))) - q, gram,
-                        precision=jax.lax.Precision.HIGHEST)
+  residual = _matmul(jnp.pad(wt, ((0, 0), (0, pad))) - q, gram)
 
   def group_step(k, carry):
     steps, exponents, residual = carry
     u_k = jax.lax.dynamic_slice_in_dim(u, k * size, size, axis=1)
-    uh = jnp.matmul(u_k, jax.lax.dynamic_slice_in_dim(gram, k * size, size, axis=0),
-                    precision=jax.lax.Precision.HIGHEST)
+    uh = _matmul(u_k, jax.lax.dynamic_slice_in_dim(gram, k * size, size, axis=0))
     den = jnp.sum(jax.lax.dynamic_slice_in_dim(uh, k * size, size, axis=1) * u_k, axis=1)
     old = steps[:, k]
     num = jnp.sum(jax.lax.dynamic_slice_in_dim(residual, k * size, size, axis=1) * u_k,
@@ -239,53 +235,99 @@ def _update_group_scales(wt, codes, g, gram, size, is_pow2):
   return g._replace(step=steps.reshape(-1), exponent=exponents.reshape(-1))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "bits", "iters", "order", "scale_update", "scalar", "grid", "granularity",
-    "group_size", "init"))
-def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
-          granularity, group_size=None, init="float"):
-  """Jitted COMQ core in channel-major layout; see :func:`quantize_layer`.
+def _solve_channels(wt, gram, g, start, *, iters, order, scale_update, grid,
+                    granularity, group_size, first, chunk, channel_total):
+  """The sweeps and scale steps of :func:`solve` on a block of channels.
+
+  Every step runs on one chunk of ``chunk`` channels after another (the same
+  programs on the same shapes whatever the block), and a channel's results
+  depend only on its own row, except for the per-layer scale step and the
+  errors: they add per-channel sums over the layer with ``channel_total``.
+  So a block of channels on one device computes what the whole layer
+  computes for them.
+
+  The paper's scale step (``scale_update``): per channel ``δ_j = (u_j^T H
+  w_j) / (u_j^T H u_j)`` with ``u_j`` the level units of the codes (per
+  layer: both sums over channels); pow2 steps stay powers of two
+  (:func:`_best_step`); with groups, :func:`_update_group_scales`.
 
   Args:
-    wt: ``(d_out, d_in)`` float weights.
-    gram: ``(d_in, d_in)`` Gram matrix of the layer inputs.
-    bits, iters, order, scale_update, scalar, grid, granularity, group_size,
-      init: as in :func:`quantize_layer` (static).
+    wt, start: ``(rows, d_in)`` weights and the first sweep's start; ``rows``
+      a multiple of ``chunk``.
+    gram: ``(d_in, d_in)`` Gram matrix, in ``wt``'s dtype.
+    g: the channels' :class:`comq_jax.grid.Grid`, fields ``(rows, groups, ...)``.
+    first: ``start`` is ``wt`` (the first sweep needs no residual product).
+    channel_total: maps a ``(rows,)`` per-channel vector to its sum over the
+      layer's channels.
+    iters, order, scale_update, grid, granularity, group_size: as in
+      :func:`solve`.
 
   Returns:
-    ``(qt, codes_t, grid, error, history)`` with ``qt``/``codes_t`` of shape
-    ``(d_out, d_in)`` and ``grid`` a :class:`comq_jax.grid.Grid`.
+    ``(qt, codes_t, grid, error, history)`` of the block (grid fields
+    ``(rows, groups, ...)``); the error and history are the layer's.
   """
-  gram = gram.astype(wt.dtype)
-  g = grid_lib.make_grid(wt, bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar, group_size=group_size)
-  error = lambda qt: objective.reconstruction_error(wt.T, qt.T, gram)
+  rows = wt.shape[0]
+  is_pow2 = grid == "pow2"
+
+  def by_chunk(fn, *arrays):
+    """``fn`` on each chunk of channels of ``arrays`` (pytrees of row-major
+    arrays), results joined back into rows."""
+    parts = jax.tree.map(lambda a: a.reshape((rows // chunk, chunk) + a.shape[1:]),
+                         arrays)
+    out = jax.lax.map(lambda part: fn(*part), parts)
+    return jax.tree.map(lambda a: a.reshape((rows,) + a.shape[2:]), out)
+
+  flat = lambda g: jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), g)
+  per_channel = lambda g: jax.tree.map(lambda a: a.reshape((chunk, -1) + a.shape[1:]), g)
+
+  def error(qt):
+    def squared(w, q):
+      d = w - q
+      return jnp.sum(d * _matmul(d, gram), axis=1)
+    return jnp.sqrt(jnp.maximum(channel_total(by_chunk(squared, wt, qt)), 0.0))
+
   if order == "greedy":
-    perm = greedy_order(wt, jnp.diagonal(gram))
+    perm = by_chunk(lambda w: greedy_order(w, jnp.diagonal(gram)), wt)
   else:
     perm = jnp.arange(wt.shape[1], dtype=jnp.int32)[None, :]
+
+  def sweep(qt, g, first):
+    def chunk_sweep(w, q, g, *chunk_perm):
+      return _sweep(w, q, flat(g).values(), gram, chunk_perm[0] if chunk_perm else perm,
+                    first=first, group_size=group_size)
+    return by_chunk(chunk_sweep, wt, qt, g, *([perm] if order == "greedy" else []))
+
+  def update_scale(codes, g):
+    if granularity == "group":
+      return by_chunk(lambda w, c, g: per_channel(_update_group_scales(
+          w, c, flat(g), gram, group_size, is_pow2)), wt, codes, g)
+    num, den = by_chunk(lambda w, c, g: _scale_statistics(w, c, flat(g), gram),
+                        wt, codes, g)
+    if granularity == "layer":
+      # Behind a barrier XLA cannot see the divisor is one broadcast value and
+      # turn the division into a product by its reciprocal (in one program and
+      # not in another).
+      num, den = jax.lax.optimization_barrier(
+          (jnp.broadcast_to(channel_total(num), num.shape),
+           jnp.broadcast_to(channel_total(den), den.shape)))
+
+    def chunk_step(num, den, g):
+      step, exponent = _best_step(num, den, g.step[:, 0], g.exponent[:, 0], is_pow2)
+      return g._replace(step=step[:, None], exponent=exponent[:, None])
+    return by_chunk(chunk_step, num, den, g)
+
   def one_round(qt, g, first):
     """A sweep, then the optional scale step; returns their errors too."""
-    qt, codes = _sweep(wt, qt, g.values(), gram, perm, first=first,
-                       group_size=group_size)
+    qt, codes = sweep(qt, g, first)
     errors = [error(qt)]
     if scale_update:
-      g = _update_scale(wt, codes, g, gram, granularity, group_size, grid == "pow2")
-      qt = grid_lib.lookup(g.values(), codes, group_size)
+      g = update_scale(codes, g)
+      qt = by_chunk(lambda g, c: grid_lib.lookup(flat(g).values(), c, group_size),
+                    g, codes)
       errors.append(error(qt))
     return qt, codes, g, jnp.stack(errors)
 
-  if init == "gptq":
-    start, _, _, _, positive_definite = baselines.gptq_solve(
-        wt, gram, bits=bits, grid=grid, granularity=granularity,
-        group_size=group_size, scalar=scalar, static_groups=True,
-        **baselines.GPTQ_DEFAULTS)
-    # Without a usable Cholesky factor GPTQ has no solution: start from W.
-    start = jnp.where(positive_definite, start, wt)
-    qt, codes, g, errors = one_round(start, g, False)
-  else:
-    # The first sweep starts from the unrounded weights (official code).
-    qt, codes, g, errors = one_round(wt, g, True)
+  qt, codes, g, errors = one_round(start, g, first)
   history = jnp.zeros((iters,) + errors.shape, errors.dtype).at[0].set(errors)
 
   def later_round(k, carry):
@@ -301,6 +343,105 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
   return qt, codes, g, history[-1], history
 
 
+def solve_on_devices(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
+                     granularity, group_size=None, init="float", axes=None, devices=1):
+  """The COMQ solve on this device's share of the channels.
+
+  Without ``axes`` it solves the whole layer. With ``axes`` it must run inside
+  ``jax.shard_map`` over those mesh axes (``devices`` devices), every device
+  with the whole replicated ``wt`` and ``gram``: each solves its share of the
+  channels and gathers the others', so every device returns the whole
+  result. The grid (with its per-layer reduction, a max and a min, exact in
+  any order) and the GPTQ start come from the whole layer on every device.
+  Inside the split, every step runs over the same chunks of channels either
+  way, and sums over channels add a gathered ``(d_out,)`` vector: the
+  result is bitwise the same for any ``devices``.
+
+  Args:
+    wt, gram: as in :func:`solve`.
+    bits, iters, order, scale_update, scalar, grid, granularity, group_size,
+      init: as in :func:`quantize_layer`.
+    axes: mesh axis names the channels are split over, or None.
+    devices: number of devices over ``axes``.
+
+  Returns:
+    As :func:`solve`.
+  """
+  gram = gram.astype(wt.dtype)
+  d_out = wt.shape[0]
+  g = grid_lib.make_grid(wt, bits=bits, grid=grid, granularity=granularity,
+                         scalar=scalar, group_size=group_size)
+  start = wt
+  if init == "gptq":
+    gptq, _, _, _, positive_definite = baselines.gptq_solve(
+        wt, gram, bits=bits, grid=grid, granularity=granularity,
+        group_size=group_size, scalar=scalar, static_groups=True,
+        **baselines.GPTQ_DEFAULTS)
+    # Without a usable Cholesky factor GPTQ has no solution: start from W.
+    start = jnp.where(positive_definite, gptq, wt)
+  chunk = min(_CHANNEL_CHUNK, d_out)
+  rows = -(-d_out // (chunk * devices)) * chunk  # per device
+  # Padding channels copy the last one: a real problem, solved and dropped.
+  pad = lambda a, size: jnp.pad(a, ((0, size - d_out),) + ((0, 0),) * (a.ndim - 1),
+                                mode="edge")
+  own = lambda a: pad(a, rows)
+  gather = lambda a: a
+  if axes is not None:
+    own = lambda a: jax.lax.dynamic_slice_in_dim(
+        pad(a, rows * devices), jax.lax.axis_index(axes) * rows, rows)
+    gather = lambda a: jax.lax.all_gather(a, axes, tiled=True)
+
+  def channel_total(values):
+    # A materialised (d_out,) vector: one reduction program for any split.
+    return jnp.sum(jax.lax.optimization_barrier(gather(values)[:d_out]))
+
+  per_channel = jax.tree.map(lambda a: own(a.reshape((d_out, -1) + a.shape[1:])), g)
+  qt, codes, per_channel, error, history = _solve_channels(
+      own(wt), gram, per_channel, own(start), iters=iters, order=order,
+      scale_update=scale_update, grid=grid, granularity=granularity,
+      group_size=group_size, first=init == "float", chunk=chunk,
+      channel_total=channel_total)
+  qt, codes, per_channel = jax.tree.map(lambda a: gather(a)[:d_out],
+                                        (qt, codes, per_channel))
+  g = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), per_channel)
+  return qt, codes, g, error, history
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "bits", "iters", "order", "scale_update", "scalar", "grid", "granularity",
+    "group_size", "init", "mesh"))
+def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
+          granularity, group_size=None, init="float", mesh=None):
+  """Jitted COMQ core in channel-major layout; see :func:`quantize_layer`.
+
+  With a ``mesh`` the channels are split over all its devices
+  (:func:`solve_on_devices`); the results, replicated, are bitwise those
+  without a mesh.
+
+  Args:
+    wt: ``(d_out, d_in)`` float weights.
+    gram: ``(d_in, d_in)`` Gram matrix of the layer inputs.
+    bits, iters, order, scale_update, scalar, grid, granularity, group_size,
+      init, mesh: as in :func:`quantize_layer` (static).
+
+  Returns:
+    ``(qt, codes_t, grid, error, history)`` with ``qt``/``codes_t`` of shape
+    ``(d_out, d_in)`` and ``grid`` a :class:`comq_jax.grid.Grid`.
+  """
+  options = dict(bits=bits, iters=iters, order=order, scale_update=scale_update,
+                 scalar=scalar, grid=grid, granularity=granularity,
+                 group_size=group_size, init=init)
+  if mesh is None:
+    return solve_on_devices(wt, gram, **options)
+  replicated = jax.sharding.PartitionSpec()
+  return jax.shard_map(
+      functools.partial(solve_on_devices, axes=mesh.axis_names,
+                        devices=mesh.devices.size, **options),
+      mesh=mesh, in_specs=replicated, out_specs=replicated,
+      # Every device gathers the whole result.
+      check_vma=False)(wt, gram)
+
+
 INITS = ("float", "gptq")
 
 
@@ -308,7 +449,8 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
                    order: str = "greedy", scale_update: bool = False,
                    scalar: float = 1.0, grid: str = "asymmetric",
                    granularity: str = "channel", group_size=None,
-                   init: str = "float", gram=None) -> objective.LayerQuantization:
+                   init: str = "float", gram=None,
+                   mesh=None) -> objective.LayerQuantization:
   """Quantizes one linear layer with COMQ coordinate descent.
 
   Minimises the layer reconstruction error over the grid of
@@ -347,6 +489,18 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
   Guards: an input with ``H_ii = 0`` (dead feature) is rounded to nearest;
   a constant weight channel is represented exactly (see ``make_grid``).
 
+  With a ``mesh`` the output channels are split evenly over all its devices
+  (every axis; ``d_out`` is padded to a multiple of the device count, and of
+  a chunk of up to 64 channels, and the padding dropped). Each channel
+  computes exactly what it computes without a mesh: the grid (its per-layer
+  reduction included) comes from the whole layer before the split, matrix
+  products run over the same fixed chunks of channels either way, and the
+  per-layer scale step and the errors gather the per-channel sums and add
+  them in one order. So ``weights``, ``codes``, ``levels``, ``scale``,
+  ``zero_point``, ``exponent``, ``error`` and ``history`` are bitwise equal
+  to the call without a mesh on the same backend. ``init="gptq"`` computes
+  its starting point on the whole layer before the split (not sharded).
+
   Args:
     w: ``(d_in, d_out)`` weights (Flax layout).
     x: ``(N, d_in)`` calibration inputs; or give ``gram`` instead.
@@ -362,17 +516,20 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
       of fewer inputs takes the rest when it does not divide ``d_in``.
     init: ``"float"`` (start from ``W``, official) or ``"gptq"``.
     gram: ``(d_in, d_in)`` ``X^T X``, e.g. from :func:`accumulate_gram`.
+    mesh: optional ``jax.sharding.Mesh`` whose devices share the channels.
 
   Returns:
     A :class:`LayerQuantization`.
 
   Raises:
-    ValueError: bad options or shapes, neither or both of ``x``/``gram``, or
-      (for concrete inputs) NaN/inf values.
+    ValueError: bad options or shapes, neither or both of ``x``/``gram``, a
+      ``mesh`` that is not a ``jax.sharding.Mesh``, or (for concrete inputs)
+      NaN/inf values.
   """
   grid_lib.check_options(bits=bits, grid=grid, granularity=granularity,
                          scalar=scalar, group_size=group_size)
   check_options(iters=iters, order=order, init=init)
+  check_mesh(mesh)
   w = jnp.asarray(w)
   gram = objective.check_layer_inputs(w, x, gram)
   if gram is None:
@@ -381,7 +538,7 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
   qt, codes, g, error, history = solve(
       w.T.astype(dtype), gram, bits=bits, iters=iters, order=order,
       scale_update=bool(scale_update), scalar=float(scalar), grid=grid,
-      granularity=granularity, group_size=group_size, init=init)
+      granularity=granularity, group_size=group_size, init=init, mesh=mesh)
   return objective.layer_result(w, qt, codes, g, error, history, group_size)
 
 
@@ -395,3 +552,8 @@ def check_options(*, iters, order, init) -> None:
     raise ValueError(f"init must be one of {INITS}, got {init!r}.")
 
 
+def check_mesh(mesh) -> None:
+  """Raises ValueError unless ``mesh`` is None or a ``jax.sharding.Mesh``."""
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got "
+                     f"{type(mesh).__name__}.")

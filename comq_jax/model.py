@@ -1,11 +1,14 @@
 """Post-training quantization of a whole Flax model (linen or NNX), layer by layer.
 
 Layers are found with :mod:`inq_jax.layers` (interception, the model is not
-rewritten). One jitted forward pass per calibration batch accumulates the Gram
-``H = X^T X`` of every layer's input rows; then a layer solver runs on each
-Gram: COMQ (:func:`comq_jax.quantize_layer`), GPTQ or round-to-nearest on the
-same grid. Solves are compiled once per distinct layer signature (matrix
-shapes, dtype and options), so repeated blocks share one compilation.
+rewritten). One jitted forward pass per calibration batch (or microbatch)
+adds to the Gram ``H = X^T X`` of every layer's input rows; then a layer
+solver runs on each Gram: COMQ (:func:`comq_jax.quantize_layer`), GPTQ or
+round-to-nearest on the same grid. Solves are compiled once per distinct layer
+signature (matrix shapes, dtype and options), so repeated blocks share one
+compilation. Given a mesh, the forward passes are data-parallel over its
+``"batch"`` axis and COMQ solves split output channels over its devices, with
+results bitwise equal to one device (see :func:`quantize_model`).
 
 Reference: Zhang et al., arXiv 2403.07134 (2024). The official code quantizes
 ``nn.Linear`` layers one by one from inputs of the full-precision model; conv
@@ -14,9 +17,11 @@ independent linear layer).
 """
 
 import collections
+import collections.abc
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -84,7 +89,7 @@ class Timings(NamedTuple):
       compilation included (with ``inputs="fp"``, ``_SOLVES_IN_FLIGHT``
       layers solve at a time; with ``"sequential"`` it includes the captures).
     compilations: XLA compilations during the call (``jax.monitoring``):
-      one capture per batch signature (per layer with
+      one capture step per batch (or microbatch step) signature (per layer with
       ``inputs="sequential"``), one solve per distinct layer signature, and
       any small program not already cached by an earlier call.
   """
@@ -217,6 +222,9 @@ class _LinenModel:
   def result(self, params):
     return dict(self._variables, params=params), None
 
+
+# The mesh axis that calibration batches are split over.
+_DATA_AXIS = "batch"
 
 # The variable collection that carries the Grams out of a linen forward pass.
 _GRAMS = "comq_grams"
@@ -368,17 +376,19 @@ class _Programs:
       self.compile_seconds += time.perf_counter() - start
     return program
 
-  def submit(self, key, fn, *args):
-    """Traces ``fn`` for arguments shaped like ``args`` (here: tracing is not
-    thread-safe for every Flax transform) and starts compiling it."""
+  def submit(self, key, fn, *args, donate_argnums=()):
+    """Traces ``fn`` for arguments shaped (and, on a mesh, sharded) like
+    ``args`` (here: tracing is not thread-safe for every Flax transform) and
+    starts compiling it."""
     if key not in self._futures:
-      shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
-                            args)
-      self._futures[key] = self._pool.submit(self._compile, jax.jit(fn).lower(*shapes))
+      shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+          jnp.shape(a), jnp.result_type(a), sharding=_mesh_sharding(a)), args)
+      lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*shapes)
+      self._futures[key] = self._pool.submit(self._compile, lowered)
 
-  def get(self, key, fn, *args):
+  def get(self, key, fn, *args, donate_argnums=()):
     """The program of ``key`` (compiled from ``fn`` if never submitted)."""
-    self.submit(key, fn, *args)
+    self.submit(key, fn, *args, donate_argnums=donate_argnums)
     start = time.perf_counter()
     program = self._futures[key].result()
     self.wait_seconds += time.perf_counter() - start
@@ -390,6 +400,12 @@ class _Programs:
   def __exit__(self, *exc):
     self._pool.shutdown(wait=True, cancel_futures=True)
     return False
+
+
+def _mesh_sharding(a):
+  """``a``'s sharding if it is over a mesh, else None (the default device)."""
+  sharding = getattr(a, "sharding", None)
+  return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
 def _signature(*trees):
@@ -407,39 +423,54 @@ def _solve_shapes(view, kernel_dtype):
           jax.ShapeDtypeStruct((groups, view.d_in, view.d_in), jnp.float32))
 
 
-def _solve_fn(method, options):
+def _solve_fn(method, options, mesh=None):
   """``(mats, gram) -> (quantized mats, errors, RTN errors, positive definite)``,
-  for ``mats`` of shape ``(groups, d_in, d_out)`` and Grams ``(groups, d_in, d_in)``."""
+  for ``mats`` of shape ``(groups, d_in, d_out)`` and Grams ``(groups, d_in, d_in)``.
+
+  With a mesh the program runs on every device of it (``jax.shard_map``, inputs
+  and outputs replicated), so every device computes exactly what one device
+  computes without a mesh, except that COMQ solves of a single matrix split
+  its channels over the devices (:func:`comq_jax.layer.solve_on_devices`);
+  grouped convs, GPTQ and RTN are computed whole on every device."""
   grid_options = {k: options[k] for k in ("bits", "grid", "granularity", "scalar",
                                          "group_size")}
 
-  def rtn(w, h):
+  def rtn(w, h, split):
+    del split
     q, _, _ = baselines.rtn_solve(w.T, **grid_options)
     return q, objective.reconstruction_error(w, q.T, h)
 
-  def over_groups(fn, mats, gram):
+  def over_groups(fn, mats, gram, split=None):
     # A single matrix skips vmap: tracing its batching rules costs as much as
-    # tracing the solve.
+    # tracing the solve. Only it is split over the mesh.
     if mats.shape[0] == 1:
-      return jax.tree.map(lambda a: a[None], fn(mats[0], gram[0]))
-    return jax.vmap(fn)(mats, gram)
+      return jax.tree.map(lambda a: a[None], fn(mats[0], gram[0], split))
+    return jax.vmap(lambda w, h: fn(w, h, None))(mats, gram)
 
   def solve(mats, gram):
     qt, rtn_err = over_groups(rtn, mats, gram)
     err, positive_definite = rtn_err, jnp.asarray(True)
     if method == "comq":
       comq_options = {k: options[k] for k in ("iters", "order", "scale_update", "init")}
-      comq = lambda w, h: layer_lib.solve(w.T, h, **grid_options, **comq_options)
-      qt, _, _, err, _ = over_groups(comq, mats, gram)
+      comq = lambda w, h, split: layer_lib.solve_on_devices(
+          w.T, h, **grid_options, **comq_options,
+          **({} if split is None else dict(axes=split.axis_names,
+                                           devices=split.devices.size)))
+      qt, _, _, err, _ = over_groups(comq, mats, gram, mesh)
     elif method == "gptq":
       gptq_options = {k: options[k] for k in ("block_size", "damp", "act_order",
                                              "static_groups")}
-      gptq = lambda w, h: baselines.gptq_solve(w.T, h, **grid_options, **gptq_options)
+      gptq = lambda w, h, split: baselines.gptq_solve(w.T, h, **grid_options,
+                                                      **gptq_options)
       qt, _, _, err, positive = over_groups(gptq, mats, gram)
       positive_definite = jnp.all(positive)
     return jnp.transpose(qt, (0, 2, 1)), err, rtn_err, positive_definite
 
-  return solve
+  if mesh is None:
+    return solve
+  replicated = jax.sharding.PartitionSpec()
+  return jax.shard_map(solve, mesh=mesh, in_specs=replicated, out_specs=replicated,
+                       check_vma=False)
 
 
 # Layers solved at a time when they are independent (inputs="fp"): one solve
@@ -488,6 +519,32 @@ def _kernel_paths(params):
   return paths
 
 
+def _as_sequence(calibration_batches):
+  """The batches as a sequence: a ``Sequence`` as it is (a lazy one stays
+  lazy), any other iterable as a list. Raises ValueError when empty."""
+  batches = (calibration_batches if isinstance(calibration_batches, collections.abc.Sequence)
+             else list(calibration_batches))
+  if not batches:
+    raise ValueError("calibration_batches is empty.")
+  return batches
+
+
+def _check_data_options(mesh, microbatch) -> None:
+  """Raises ValueError on a mesh or microbatch that cannot split the batches."""
+  layer_lib.check_mesh(mesh)
+  if mesh is not None and _DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"mesh must have an axis named {_DATA_AXIS!r} to split the "
+                     f"calibration batches over; its axes are {tuple(mesh.axis_names)}.")
+  if microbatch is not None and (isinstance(microbatch, (bool, np.bool_)) or not isinstance(
+      microbatch, (int, np.integer)) or microbatch < 1):
+    raise ValueError(f"microbatch must be None or an integer >= 1, got {microbatch!r}.")
+  if mesh is not None and microbatch is None and mesh.shape[_DATA_AXIS] > 1:
+    raise ValueError(
+        f"With a mesh of {mesh.shape[_DATA_AXIS]} devices on {_DATA_AXIS!r}, pass "
+        "microbatch (examples per device and step): it fixes the order of the Gram sums, "
+        "so that the result equals a call without the mesh and the same microbatch.")
+
+
 def _check_masks(row_masks, batches):
   if row_masks is None:
     return [None] * len(batches)
@@ -516,7 +573,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
                    skip: Optional[Callable[[str, Any], bool]] = None,
                    row_masks: Optional[Sequence[Any]] = None,
                    on_unsupported: str = "error",
-                   inputs: str = "fp", **apply_kwargs) -> ModelQuantization:
+                   inputs: str = "fp", mesh: Optional[jax.sharding.Mesh] = None,
+                   microbatch: Optional[int] = None, **apply_kwargs) -> ModelQuantization:
   """Quantizes every linear layer of a Flax model (linen or NNX).
 
   The layer kinds and their 2-D views are those of :mod:`inq_jax.layers`:
@@ -541,6 +599,28 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
   * ``inputs="sequential"``: layer ``l`` sees inputs from the model whose
     layers before ``l`` are already quantized (one pass per layer); the target
     is then ``X_q W`` with those inputs.
+
+  Calibration streams: the batches are read one at a time (a lazy
+  ``Sequence`` is never copied; with ``"sequential"`` it is read once per
+  layer), and only the running Grams stay between batches, never the
+  activations.
+
+  **Microbatches and meshes.** Each batch is cut into microbatches of
+  ``microbatch`` examples (the whole batch when None), and the Grams are
+  the sum of every microbatch's Grams added one after another in calibration
+  order. With a ``mesh`` (an axis named ``"batch"``, of ``D`` devices, over
+  one or several processes), each step captures ``D`` microbatches at once,
+  one per device, and adds them to the running sum in that same order (the
+  sum travels device to device, see ``_fold_fn``); the COMQ solve of every
+  layer with one matrix splits its output channels over all the mesh's
+  devices (:func:`comq_jax.quantize_layer`). Each device runs the same
+  programs on the same shapes as a call without a mesh, so the result
+  (variables, errors) is bitwise equal to the call without ``mesh`` and with
+  the same ``microbatch`` on the same backend. ``microbatch`` (not the mesh)
+  decides the float summation order; it is needed with a mesh of more than
+  one device on ``"batch"``. Grouped convs, GPTQ and RTN solve unsplit. With
+  several processes every process passes the same batches; each reads only
+  its devices' rows.
 
   Args:
     model_or_apply: a linen ``Module`` (its ``apply`` is used), an
@@ -573,6 +653,10 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
       ``skipped``. Other linear-like modules (ConvTranspose, ConvLocal) and
       layers never called are always listed in ``skipped``.
     inputs: ``"fp"`` or ``"sequential"``.
+    mesh: optional ``jax.sharding.Mesh`` with an axis ``"batch"``.
+    microbatch: examples per microbatch, dividing every batch's size (all
+      arrays of a batch, and its row mask, have examples on axis 0); None for
+      whole batches (no mesh, or a mesh of one device on ``"batch"``).
     **apply_kwargs: passed to every apply call (e.g. ``train=False``).
 
   Returns:
@@ -580,7 +664,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
 
   Raises:
     ValueError: for bad options, empty calibration data, a row mask of the
-      wrong shape or one that leaves a layer without rows, an unsupported
+      wrong shape or one that leaves a layer without rows, a mesh without a
+      ``"batch"`` axis or a microbatch that does not fit it, an unsupported
       layer with ``on_unsupported="error"``, or a model with no layer left to
       quantize; messages name the layer path.
   """
@@ -597,10 +682,9 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
   baselines.check_gptq_options(granularity=granularity, block_size=block_size,
                                damp=damp, act_order=act_order,
                                static_groups=static_groups)
+  _check_data_options(mesh, microbatch)
   target = _target(model_or_apply, variables, apply_kwargs)
-  batches = list(calibration_batches)
-  if not batches:
-    raise ValueError("calibration_batches is empty.")
+  batches = _as_sequence(calibration_batches)
   masks = _check_masks(row_masks, batches)
   options = dict(bits=bits, iters=iters, order=order,
                  scale_update=bool(scale_update), scalar=float(scalar),
@@ -623,20 +707,21 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
     jax.eval_shape(discover, params, batches[0], masks[0])
     todo, skipped = _plan(seen, params, target.module_kinds, skipped_by_predicate)
     capture_seconds = 0.0
-    solve_fn = _solve_fn(method, options)
+    solve_fn = _solve_fn(method, options, mesh)
     solve_key = lambda args: ("solve", method, tuple(sorted(options.items()))
                               ) + _signature(*args)
-    if inputs == "fp":
+    if inputs == "fp" and mesh is None:
       # The capture runs first: its compilation goes ahead of the solves'.
       _submit_captures(target, params, [layer.path for layer in todo], batches, masks,
-                       programs)
+                       programs, microbatch)
     for layer in todo:
       shapes = _solve_shapes(layer.view, _get(params, layer.path)["kernel"].dtype)
       programs.submit(solve_key(shapes), solve_fn, *shapes)
 
     def capture(paths):
       nonlocal capture_seconds
-      grams, seconds = _accumulate(target, params, paths, batches, masks, programs)
+      grams, seconds = _accumulate(target, params, paths, batches, masks, programs,
+                                   mesh, microbatch)
       capture_seconds += seconds
       return grams
 
@@ -675,8 +760,9 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
 
     # A solve runs on one core: with inputs from the FP model, layers are
     # independent and _SOLVES_IN_FLIGHT of them run at a time; results are
-    # written back in layer order.
-    in_flight = _SOLVES_IN_FLIGHT if inputs == "fp" else 1
+    # written back in layer order. On a mesh one at a time: every device (and
+    # process) must launch the sharded solves in the same order.
+    in_flight = _SOLVES_IN_FLIGHT if inputs == "fp" and mesh is None else 1
     pending = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(in_flight) as solver:
       for index, layer in enumerate(todo):
@@ -717,43 +803,167 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
                            timings=timings, model=new_model)
 
 
-def _submit_captures(target, params, paths, batches, masks, programs):
-  """Starts compiling the capture of ``paths`` for every batch signature; returns
-  ``(program key, fn)`` per batch."""
-  fn, _ = _capture_fn(target, set(paths))
-  keyed = []
+def _submit_captures(target, params, paths, batches, masks, programs, microbatch):
+  """Starts compiling the Gram fold of ``paths`` for the first batch's steps
+  (without a mesh; other signatures compile when first met)."""
+  capture, _ = _capture_fn(target, set(paths))
+  step = next(_steps(batches[0], masks[0], microbatch, None))
+  acc = jax.eval_shape(capture, params, *step)
+  programs.submit(_fold_key(paths, None, acc, step), _fold_fn(capture, None), acc,
+                  params, *step, donate_argnums=(0,))
+
+
+def _fold_key(paths, mesh, acc, step):
+  return ("capture", tuple(paths), mesh) + _signature(acc, step)
+
+
+def _fold_fn(capture, mesh):
+  """The program of one step of the Gram sum: ``(acc, params, batch, mask) ->
+  acc + Grams of the batch`` (with a mesh also ``valid``, see below).
+
+  Every microbatch's Grams are added to the running sum in calibration order,
+  one after another, so the float sum has one order whatever the mesh. With a
+  mesh of ``D`` devices on the ``batch`` axis, device ``d`` captures the
+  step's ``d``-th microbatch; the running sum (one slot per device, ``acc`` of
+  shape ``(D, ...)``) then travels from device ``D - 1`` to 0, 1, ...,
+  ``D - 1``, each adding its microbatch's Grams where ``valid``: the sum ends
+  on device ``D - 1``.
+  """
+  if mesh is None:
+    def fold(acc, params, batch, mask):
+      return _add_each(acc, capture(params, batch, mask))
+    return fold
+  devices = mesh.shape[_DATA_AXIS]
+
+  def local(acc, params, batch, mask, valid):
+    grams = capture(params, batch, mask)
+    running = jax.tree.map(lambda a: a[0], acc)
+    index = jax.lax.axis_index(_DATA_AXIS)
+    for device in range(devices):
+      source = (device - 1) % devices
+      if source != device:
+        running = jax.lax.ppermute(running, _DATA_AXIS, [(source, device)])
+      running = jax.lax.cond((index == device) & valid[0],
+                             lambda r: _add_each(r, grams), lambda r: r, running)
+    return jax.tree.map(lambda a: a[None], running)
+
+  split, replicated = jax.sharding.PartitionSpec(_DATA_AXIS), jax.sharding.PartitionSpec()
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(split, replicated, split, split, split),
+                       out_specs=split, check_vma=False)
+
+
+def _add_each(acc, grams):
+  """``acc + grams`` leaf by leaf. A barrier keeps each add out of its Gram's
+  own fusion (so it rounds alike in every program), and lets each layer's Gram
+  be freed once added, before the next one is computed."""
+  return jax.tree.map(lambda a, g: a + jax.lax.optimization_barrier(g), acc, grams)
+
+
+def _steps(batch, mask, microbatch, mesh):
+  """The steps of one calibration batch: ``(batch, mask)``, or with a mesh
+  ``(batch, mask, valid)`` of ``D`` microbatches on the mesh's ``batch`` axis.
+
+  A batch of ``n`` examples is cut into microbatches of ``microbatch``
+  examples (all of it when None). With a mesh, a last step of fewer than ``D``
+  microbatches is filled with copies of its first one, marked not ``valid``.
+  Every process reads the rows of its own devices from the (same) host batch.
+  """
+  if microbatch is None and mesh is None:
+    yield batch, mask
+    return
+  leaves = jax.tree.leaves((batch, mask))
+  sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError("With microbatch, every array of a calibration batch (and its row "
+                     "mask) must have the examples on its first axis, all of one length; "
+                     f"got first axes {sorted(map(str, sizes))}.")
+  size = sizes.pop()
+  microbatch = size if microbatch is None else microbatch
+  if size % microbatch:
+    raise ValueError(f"A calibration batch of {size} examples does not split into "
+                     f"microbatches of {microbatch}; use batch sizes that are multiples of "
+                     f"microbatch.")
+  # Sliced on the host: eager device slices would compile once per offset.
+  host = jax.tree.map(np.asarray, (batch, mask))
+  if mesh is None:
+    for start in range(0, size, microbatch):
+      yield jax.tree.map(lambda a, s=start: a[s:s + microbatch], host)
+    return
+  devices = mesh.shape[_DATA_AXIS]
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_DATA_AXIS))
+  put = lambda a: jax.make_array_from_callback(a.shape, split, lambda index: a[index])
+  for start in range(0, size, microbatch * devices):
+    rows = start + np.arange(microbatch * devices)
+    valid = start + microbatch * np.arange(devices) < size
+    rows = np.where(rows < size, rows, start)
+    yield jax.tree.map(lambda a, rows=rows: put(a[rows]), host) + (put(valid),)
+
+
+def _accumulate(target, params, paths, batches, masks, programs, mesh=None,
+                microbatch=None):
+  """``({path: (gram, count)}, seconds)``: the Grams of ``paths`` over all batches
+  (see :func:`_fold_fn`), one compiled step per signature (compilation not in
+  ``seconds``). With a mesh the result is replicated over it."""
+  capture, _ = _capture_fn(target, set(paths))
+  fold = _fold_fn(capture, mesh)
+  if mesh is not None:
+    params = jax.device_put(params, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+  acc, seconds = None, 0.0
   for batch, mask in zip(batches, masks, strict=True):
-    key = ("capture", tuple(paths)) + _signature(batch, mask)
-    programs.submit(key, fn, params, batch, mask)
-    keyed.append((key, fn))
-  return keyed
+    for step in _steps(batch, mask, microbatch, mesh):
+      if acc is None:
+        acc = _zero_grams(jax.eval_shape(capture, params, *step[:2]), mesh)
+      program = programs.get(_fold_key(paths, mesh, acc, step), fold, acc, params, *step,
+                             donate_argnums=(0,))
+      start = time.perf_counter()
+      acc = jax.block_until_ready(program(acc, params, *step))
+      seconds += time.perf_counter() - start
+  if mesh is not None:
+    acc = _last_device_slot(acc, mesh)
+  return acc, seconds
 
 
-def _accumulate(target, params, paths, batches, masks, programs):
-  """``({path: (gram, count)}, seconds)``: the Grams of ``paths`` over all batches,
-  one compiled capture per batch signature (compilation not in ``seconds``)."""
-  keyed = _submit_captures(target, params, paths, batches, masks, programs)
-  totals, seconds = None, 0.0
-  for (key, fn), batch, mask in zip(keyed, batches, masks, strict=True):
-    program = programs.get(key, fn, params, batch, mask)
-    add = (None if totals is None
-           else programs.get(("add",) + _signature(totals), _add, totals, totals))
-    start = time.perf_counter()
-    grams = program(params, batch, mask)
-    totals = grams if add is None else add(totals, grams)
-    jax.block_until_ready(totals)
-    seconds += time.perf_counter() - start
-  return totals, seconds
+def _zero_grams(shapes, mesh):
+  """Zeros shaped like the Grams; with a mesh one slot per device of its
+  ``batch`` axis, ``(D, ...)`` split over it."""
+  leaves, treedef = jax.tree.flatten(shapes)
+  sharding = None
+  if mesh is not None:
+    leaves = [jax.ShapeDtypeStruct((mesh.shape[_DATA_AXIS],) + s.shape, s.dtype)
+              for s in leaves]
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_DATA_AXIS))
+  return _zeros(treedef, tuple((s.shape, jnp.dtype(s.dtype)) for s in leaves), sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zeros(treedef, shapes, sharding):
+  """One program (cached across calls) for all the zeros of a Gram tree."""
+  leaves = [jnp.zeros(shape, dtype) for shape, dtype in shapes]
+  if sharding is not None:
+    leaves = jax.lax.with_sharding_constraint(leaves, sharding)
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _last_device_slot(acc, mesh):
+  """The running sum's slot of the last device, replicated over the mesh."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(lambda acc: jax.tree.map(lambda a: a[-1], acc),
+                 out_shardings=replicated)(acc)
 
 
 def layer_grams(model_or_apply: Any, variables, calibration_batches: Sequence[Any], *,
-                row_masks: Optional[Sequence[Any]] = None, **apply_kwargs) -> dict:
+                row_masks: Optional[Sequence[Any]] = None,
+                mesh: Optional[jax.sharding.Mesh] = None,
+                microbatch: Optional[int] = None, **apply_kwargs) -> dict:
   """The Gram of every supported linear layer's input rows, as ``quantize_model``
   accumulates them.
 
   Args:
-    model_or_apply, variables, calibration_batches, row_masks, **apply_kwargs:
-      as in :func:`quantize_model`.
+    model_or_apply, variables, calibration_batches, row_masks, mesh,
+      microbatch, **apply_kwargs: as in :func:`quantize_model` (the Grams
+      are bitwise equal with and without a mesh, for one ``microbatch``).
 
   Returns:
     ``{path: GramAccumulator}`` in forward order, ``path`` ``/``-joined; the
@@ -761,20 +971,17 @@ def layer_grams(model_or_apply: Any, variables, calibration_batches: Sequence[An
     ``count`` the number of unmasked rows. Layers without a 2-D view are
     left out.
   """
+  _check_data_options(mesh, microbatch)
   target = _target(model_or_apply, variables, apply_kwargs)
-  batches = list(calibration_batches)
-  if not batches:
-    raise ValueError("calibration_batches is empty.")
+  batches = _as_sequence(calibration_batches)
   masks = _check_masks(row_masks, batches)
   discover, seen = _capture_fn(target, None)
   jax.eval_shape(discover, target.params, batches[0], masks[0])
   paths = [layer.path for layer in seen.values() if layer.view is not None]
-  grams, _ = _accumulate(target, target.params, paths, batches, masks, _Programs())
+  with _Programs() as programs:
+    grams, _ = _accumulate(target, target.params, paths, batches, masks, programs, mesh,
+                           microbatch)
   return {layers.path_name(path): objective.GramAccumulator(*grams[path]) for path in paths}
-
-
-def _add(a, b):
-  return jax.tree.map(jnp.add, a, b)
 
 
 def _plan(seen, params, module_kinds, skipped_by_predicate):
