@@ -9,6 +9,14 @@ Both expose the same interface to the trainer:
 The training order is a pure function of `shuffle_seed` (the trainer passes (seed, phase,
 epoch)), so a resumed run can skip to the batch it stopped at and see the same data.
 
+Multi-process runs: a dataset built for process `process_index` of `process_count` yields
+only that process's rows of each global batch, the process_index-th of process_count
+equal blocks (`process_rows`), which the trainer assembles into the global batch with
+`jax.make_array_from_process_local_data`; `batch_size` stays the global batch size, and
+every process yields the same number of batches. Digits slices each global batch, so any
+process count sees the same global batches; ImageNet reads only the process's share of
+each split (`tfds.split_for_jax_process`), so its global batches depend on the count.
+
 ImageNet uses `tfds` + tf.data rather than `tfds.data_source`: TFDS prepares imagenet2012
 as TFRecord by default, which only tf.data reads, and tf.data decodes JPEGs in parallel
 C++ threads; determinism comes from a fixed file order, a seeded shuffle and stateless
@@ -23,6 +31,7 @@ weights: `resolve_preprocessing` fills the config's None fields from configs.bas
 (torchvision's recipe for the ResNets, timm's pretrained configs for ViT, DeiT and Swin).
 """
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -86,6 +95,28 @@ def resolve_preprocessing(config):
   return preprocessing
 
 
+def local_batch_size(batch_size, process_count):
+  """Rows of a global batch of `batch_size` that each of `process_count` processes feeds."""
+  if batch_size % process_count:
+    raise ValueError(f"Batch size {batch_size} must be divisible by the {process_count} "
+                     "processes that feed it.")
+  return batch_size // process_count
+
+
+def process_rows(batch_size, process_index, process_count):
+  """The rows of a global batch that process `process_index` of `process_count` feeds."""
+  rows = local_batch_size(batch_size, process_count)
+  return slice(process_index * rows, (process_index + 1) * rows)
+
+
+def process_block(num_examples, process_index, process_count):
+  """(start, stop) of a process's examples in a split: tfds.even_splits' division (the
+  first num_examples % process_count processes get one example more)."""
+  size, remainder = divmod(num_examples, process_count)
+  start = process_index * size + min(process_index, remainder)
+  return start, start + size + (process_index < remainder)
+
+
 def pad_batch(batch, batch_size):
   """Pads every array of `batch` to `batch_size` rows and adds a float32 "mask"."""
   num_real = len(batch["label"])
@@ -101,10 +132,11 @@ class DigitsData:
 
   Split: `train_test_split(stratify=labels, random_state=split_seed, test_size=test_size)`;
   with the defaults (0.25, 0) that is 1347 training and 450 test images. Pixels (0..16)
-  are scaled to [0, 1].
+  are scaled to [0, 1]. Every process holds the whole set and yields its rows of each
+  global batch.
   """
 
-  def __init__(self, test_size, split_seed):
+  def __init__(self, test_size, split_seed, process_index=0, process_count=1):
     digits = sklearn_datasets.load_digits()
     images = (digits.images / 16.0).astype(np.float32)[..., None]
     labels = digits.target.astype(np.int32)
@@ -114,18 +146,22 @@ class DigitsData:
          stratify=labels)
     self.num_train_examples = len(self.train_labels)
     self.image_shape = self.train_images.shape[1:]
+    self.process_index, self.process_count = process_index, process_count
 
   def train_epoch(self, batch_size, shuffle_seed, skip_batches=0):
     order = np.random.default_rng(shuffle_seed).permutation(self.num_train_examples)
+    rows = process_rows(batch_size, self.process_index, self.process_count)
     for start in range(skip_batches * batch_size,
                        self.num_train_examples - batch_size + 1, batch_size):
-      indices = order[start:start + batch_size]
+      indices = order[start:start + batch_size][rows]
       yield {"image": self.train_images[indices], "label": self.train_labels[indices]}
 
   def eval_batches(self, batch_size):
+    rows = process_rows(batch_size, self.process_index, self.process_count)
     for start in range(0, len(self.test_labels), batch_size):
-      yield pad_batch({"image": self.test_images[start:start + batch_size],
-                       "label": self.test_labels[start:start + batch_size]}, batch_size)
+      batch = pad_batch({"image": self.test_images[start:start + batch_size],
+                         "label": self.test_labels[start:start + batch_size]}, batch_size)
+      yield {k: v[rows] for k, v in batch.items()}
 
 
 class ImageNetNotPreparedError(RuntimeError):
@@ -154,11 +190,12 @@ class ImageNetData:
   resize (shorter side `resize_size`), centre crop `image_size` for evaluation, both with
   `preprocessing.interpolation` (antialiased, like PIL's resampling in torchvision) and
   normalised with its mean/std. Resize and crop offsets round as torchvision's `Resize(int)`
-  and `CenterCrop` do.
+  and `CenterCrop` do. Each process reads its share of the examples used
+  (`tfds.split_for_jax_process`).
   """
 
   def __init__(self, name, data_dir, manual_dir, preprocessing, shuffle_buffer,
-               num_train_examples, num_eval_examples):
+               num_train_examples, num_eval_examples, process_index=0, process_count=1):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     # TF only decodes images; keep it off any GPU that JAX uses.
@@ -175,9 +212,21 @@ class ImageNetData:
     self.num_eval_examples = (
         num_eval_examples or self.builder.info.splits["validation"].num_examples)
     self.image_shape = (image_size, image_size, 3)
+    self.process_count = process_count
+    # Training examples keep their index in the whole split: it keys their augmentation.
+    self.first_train_index, _ = process_block(self.num_train_examples, process_index,
+                                              process_count)
+
+    def process_split(split, num_examples):
+      return tfds.split_for_jax_process(f"{split}[:{num_examples}]",
+                                        process_index=process_index,
+                                        process_count=process_count)
+
     # Opened once, here, before any checkpoint is written (see the module docstring).
-    self.train_split = self.builder.as_dataset(split="train", shuffle_files=False)
-    self.eval_split = self.builder.as_dataset(split="validation", shuffle_files=False)
+    self.train_split = self.builder.as_dataset(
+        split=process_split("train", self.num_train_examples), shuffle_files=False)
+    self.eval_split = self.builder.as_dataset(
+        split=process_split("validation", self.num_eval_examples), shuffle_files=False)
 
   def resize(self, image, size):
     """`image` resampled to `size` (height, width) with the configured interpolation.
@@ -226,30 +275,42 @@ class ImageNetData:
     tf = self.tf
     # One int32 seed from (seed, phase, epoch), the same on every run and host.
     seed = int(np.random.SeedSequence(shuffle_seed).generate_state(1)[0] >> 1)
-    ds = self.train_split.take(self.num_train_examples).enumerate()
+    ds = self.train_split.enumerate(start=self.first_train_index)
     ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.map(lambda i, ex: self.train_example(i, ex, tf.constant(seed, tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True).skip(skip_batches)
+    # As many batches in every process (shares differ by up to one example): each
+    # training step is a collective over all of them.
+    ds = ds.batch(local_batch_size(batch_size, self.process_count), drop_remainder=True)
+    ds = ds.take(self.num_train_examples // batch_size).skip(skip_batches)
     yield from ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
   def eval_batches(self, batch_size):
     tf = self.tf
-    ds = self.eval_split.take(self.num_eval_examples)
-    ds = ds.map(self.eval_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for batch in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-      yield pad_batch(batch, batch_size)
+    rows = local_batch_size(batch_size, self.process_count)
+    # Every process yields the batches of the largest share, padding once its own ends.
+    largest_share = math.ceil(self.num_eval_examples / self.process_count)
+    empty = {"image": np.zeros((0,) + self.image_shape, np.float32),
+             "label": np.zeros((0,), np.int32)}
+    ds = self.eval_split.map(self.eval_example, num_parallel_calls=tf.data.AUTOTUNE,
+                             deterministic=True)
+    batches = itertools.chain(ds.batch(rows).prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
+                              itertools.repeat(empty))
+    for batch in itertools.islice(batches, math.ceil(largest_share / rows)):
+      yield pad_batch(batch, rows)
 
 
-def create_dataset(config):
-  """Builds the dataset named by `config.data.name` from its config fields."""
+def create_dataset(config, process_index=0, process_count=1):
+  """Builds the dataset named by `config.data.name` from its config fields, yielding the
+  rows of process `process_index` of `process_count` (module docstring)."""
   if config.data.name == "digits":
-    return DigitsData(config.data.test_size, config.data.split_seed)
+    return DigitsData(config.data.test_size, config.data.split_seed, process_index,
+                      process_count)
   if config.data.name == "imagenet2012":
     preprocessing = resolve_preprocessing(config)
     logging.info("ImageNet preprocessing for %s: %s", config.model.name, preprocessing)
     return ImageNetData(
         config.data.name, config.data.data_dir, config.data.manual_dir, preprocessing,
         config.data.shuffle_buffer, config.data.num_train_examples,
-        config.data.num_eval_examples)
+        config.data.num_eval_examples, process_index, process_count)
   raise ValueError(f"Unknown dataset {config.data.name!r}; expected digits or imagenet2012.")

@@ -5,6 +5,14 @@
   --config.FIELD=VALUE    overrides a field; an unknown field is an error naming it
   --workdir=DIR           default ./workdirs/<dataset>_<config name>; rerunning with the
                           same workdir resumes the run
+
+Several processes (one per host, or per GPU) train one run together through
+`jax.distributed`: each process runs this same command. Under SLURM (`srun`) or Open MPI
+(`mpirun`) nothing more is needed; elsewhere each process adds
+  --coordinator_address=HOST:PORT   process 0's host and a free port, the same everywhere
+                                    (or JAX_COORDINATOR_ADDRESS=HOST:PORT)
+  --num_processes=N --process_id=I  I from 0 (on HOST) to N - 1
+See "Running on many devices and hosts" in README.md.
 """
 
 import os
@@ -21,6 +29,25 @@ from experiments import input_pipeline
 from experiments import logs
 from experiments import report
 from experiments import train
+
+# How the launchers that `jax.distributed.initialize()` recognises by itself
+# (jax/_src/clusters) announce a job step: every variable is set, the last one holding the
+# number of processes.
+LAUNCHER_VARIABLES = (
+    ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+    ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE"),
+)
+
+
+def launched_as_several_processes(coordinator_address, num_processes, process_id):
+  """Whether this process is one of several: set by the flags, JAX_COORDINATOR_ADDRESS or
+  a SLURM / Open MPI launch of more than one task."""
+  if (coordinator_address, num_processes, process_id) != (None, None, None):
+    return True
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    return True
+  return any(all(name in os.environ for name in names) and int(os.environ[names[-1]]) > 1
+             for names in LAUNCHER_VARIABLES)
 
 
 def parse_flags(argv, dataset):
@@ -58,14 +85,32 @@ def run(dataset):
   flags.DEFINE_string("workdir", None,
                       "Run directory (checkpoints, metrics, results); default "
                       f"./workdirs/{dataset}_<config name>.")
+  flags.DEFINE_string("coordinator_address", None,
+                      "Multi-process runs: HOST:PORT of process 0's coordinator, the same "
+                      "for every process (default: from SLURM, Open MPI or "
+                      "JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_integer("num_processes", None,
+                       "Multi-process runs: the number of processes (default: from the "
+                       "launcher's environment).")
+  flags.DEFINE_integer("process_id", None,
+                       "Multi-process runs: this process's index, 0 to num_processes - 1 "
+                       "(default: from the launcher's environment).")
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    distributed = dict(coordinator_address=flags.FLAGS.coordinator_address,
+                       num_processes=flags.FLAGS.num_processes,
+                       process_id=flags.FLAGS.process_id)
+    if launched_as_several_processes(**distributed):
+      # Before anything else touches JAX: the backends start with the distributed client.
+      jax.distributed.initialize(**distributed)
     logs.hide_orbax_logs()
+    logs.label_processes()
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or os.path.join("workdirs", f"{dataset}_{config.name}")
-    logging.info("JAX devices: %s; workdir %s", jax.local_devices(), workdir)
+    logging.info("JAX devices: %d of the run's %d, %s; workdir %s", jax.local_device_count(),
+                 jax.device_count(), jax.local_devices(), workdir)
     try:
       results = train.train_and_evaluate(config, workdir)
     except input_pipeline.ImageNetNotPreparedError as error:

@@ -17,11 +17,22 @@ import comq_jax
 import inq_jax
 
 
+def require_one_process(process_count):
+  """Raises NotImplementedError for a multi-process run: calibration images come from
+  one process (each process would calibrate on its own rows and quantize differently)."""
+  if process_count > 1:
+    raise NotImplementedError(
+        f"Calibration images (config.calibration) come from one process, and this run has "
+        f"{process_count}; multi-process runs support the methods that use none (fp, and "
+        "inq without compensation or sensitivity_power).")
+
+
 def calibration_images(config, dataset, shuffle_seed):
   """The first `calibration.num_examples` training images of the seeded order
   `shuffle_seed`, with the training preprocessing, as a list of
   `calibration.batch_size` batches."""
   num, batch_size = config.calibration.num_examples, config.calibration.batch_size
+  require_one_process(dataset.process_count)
   if batch_size <= 0 or num <= 0 or num % batch_size:
     raise ValueError(f"calibration.num_examples={num} must be a positive multiple of "
                      f"calibration.batch_size={batch_size}.")
@@ -74,6 +85,7 @@ class PostTrainingMethod(base.Method):
 
   def check(self, config):
     super().check(config)
+    require_one_process(jax.process_count())  # before any training
     block = config[self.name]
     comq_jax.grid.check_options(bits=block.bits, grid=block.grid,
                                 granularity=block.granularity, scalar=block.scalar,
