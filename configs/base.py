@@ -103,7 +103,9 @@ def get_config(dataset):
   # training: COMQ coordinate descent or GPTQ on calibration images, or round-to-nearest
   # on the same grid.
   config.method = "fp"
-  # 0 = all local devices; the batch is sharded over a 1-D mesh of this many devices.
+  # The batch is sharded over a 1-D mesh of this many devices; 0 = all devices of every
+  # process (jax.devices()). A multi-process run uses them all (0, or their number).
+  # batch_size and eval_batch_size are global: each device gets batch_size / devices.
   config.num_devices = 0
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
@@ -129,6 +131,30 @@ def get_config(dataset):
   config.inq.momentum = 0.9
   # The optimizer and its LR schedule restart at every INQ step (official code, Mxbonn);
   # the final portion (1.0) only quantizes: no kernel is left to train (paper Alg. 1).
+  # Options for less retraining, all off by default (the paper's recipe); the data-aware
+  # ones (compensation, sensitivity) read Grams of the calibration images
+  # (config.calibration) at every step (inq_jax.compensation):
+  # * compensation.choose: newly frozen values by coordinate descent on the layer
+  #   objective; compensation.correct: free weights moved by the damped least-squares
+  #   (OBS/GPTQ) correction (damp: GPTQ's 1% of the mean Gram diagonal).
+  config.inq.compensation = ml_collections.ConfigDict(dict(
+      choose=False, correct=False, damp=0.01, sweeps=2, cg_iterations=64))
+  # * Distillation from the FP model: loss = CE + alpha * T^2 * KL(teacher || student)
+  #   at temperature T (Hinton et al., 2015, whose T^2 keeps the soft term's gradient
+  #   scale as T changes). alpha 0 = off (default). The digits study uses alpha 1, T 4
+  #   (not tuned: a soft term of the hard one's weight; on MNIST, Hinton et al. found
+  #   temperatures of 2.5-4 best for their smallest student, 20 for larger ones).
+  config.inq.distill_alpha = 0.0
+  config.inq.distill_temperature = 4.0
+  # * Sensitivity-aware portions: each step's frozen count shared among the layers by
+  #   their objective increase per frozen weight (sensitive layers freeze sooner), to
+  #   this power; None = off.
+  config.inq.sensitivity_power = config_dict.placeholder(float)
+  # * After the final step: training epochs of what INQ leaves in float (biases,
+  #   normalisation), and forward passes over this many training batches that
+  #   re-estimate BatchNorm running statistics (no backprop).
+  config.inq.final_epochs = 0
+  config.inq.bn_recalibration_batches = 0
 
   # COMQ (Zhang et al., arXiv 2403.07134; comq.md §1.7): the official code's recipe.
   # One greedy sweep, no scale update, asymmetric min-max grid per output channel,

@@ -7,6 +7,8 @@ Digits (embedded data, ~20 s on 2 CPU cores):
   Expect a collapse: 22.44 ± 11.90% test accuracy (seeds 0-2; FP 99.78 ± 0.22%),
   codebook_fraction 1.0. With n1 fixed from each layer's largest weight, most weights
   fall below 2^(n1-1) and become zero (see the README's results).
+  configs/inq_2bit_compensated.py adds compensation, distillation and a final epoch:
+  98.07 ± 0.13%.
 
 ImageNet:
   python -m experiments.imagenet --config=inq_2bit --config.init_checkpoint=resnet18.pth

@@ -38,7 +38,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pandas as pd
 
 import comq_jax
@@ -203,14 +202,6 @@ def random_layer_rows(settings, progress):
   return rows
 
 
-def final_variables(run_dir):
-  """The variables of the newest checkpoint that `train.train_and_evaluate` wrote."""
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), "checkpoints")) as manager:
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-  return restored["state"]["variables"]
-
-
 def output_norms(model, variables, images, paths):
   """``||X_l W_l||_F`` of the layers ``paths`` over the calibration images.
 
@@ -260,7 +251,7 @@ def digits_rows(settings, model_name, seed, workdir, progress):
   run_dir = os.path.join(workdir, "fp", f"{model_name}_seed{seed}")
   print(f"Training the FP {model_name} (seed {seed}) in {run_dir}", flush=True)
   train.train_and_evaluate(config, run_dir)
-  variables = final_variables(run_dir)
+  variables = train.final_variables(run_dir)
   dataset = input_pipeline.create_dataset(config)
   model = models.create_model(config.model.name, config.model.num_classes)
   eval_step = train.make_eval_step(lambda v, images: model.apply(v, images, train=False))

@@ -11,6 +11,11 @@ Resumption: Orbax checkpoints hold the variables, the optimizer state of the pha
 in progress, the method's state and the position (phase, step within phase).
 Training batches are a pure function of (seed, phase, epoch), so a restarted run sees
 the same data and, on CPU, ends with bitwise-identical parameters.
+
+Multi-process runs (`jax.distributed`, started by experiments.main): the mesh spans every
+process's devices, each process feeds its rows of every batch (experiments.input_pipeline),
+and every process runs the same steps and saves its shards of each Orbax checkpoint.
+Process 0 alone writes config.json, metrics.jsonl, results.json and the packed model file.
 """
 
 import copy
@@ -20,6 +25,7 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -54,17 +60,28 @@ def make_optimizer(hparams, steps_per_epoch):
       optax.sgd(schedule, momentum=hparams.momentum)))
 
 
-def make_train_step(model, optimizer):
+def make_train_step(model, optimizer, distillation=None):
   """Jitted SGD step of `state` ({"variables", "opt_state", ...}) on a batch.
 
   The frozen mask is an argument (data), so one compiled step serves every phase
   whose optimizer has the same settings.
+
+  distillation: None, or (alpha, temperature): the loss adds
+  alpha * T^2 * KL(teacher || student) of the softmaxes at temperature T, the teacher
+  being state["teacher"] (variables) in evaluation mode (Hinton et al., 2015).
   """
 
-  def loss_fn(params, others, batch):
+  def loss_fn(params, others, batch, teacher):
     logits, updates = model.apply({"params": params, **others}, batch["image"],
                                   train=True, mutable=list(others))
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    if distillation is not None:
+      alpha, temperature = distillation
+      teacher_logits = jax.lax.stop_gradient(
+          model.apply(teacher, batch["image"], train=False))
+      kl = optax.losses.kl_divergence(jax.nn.log_softmax(logits / temperature),
+                                      jax.nn.softmax(teacher_logits / temperature))
+      loss = loss + alpha * temperature**2 * kl.mean()
     return loss, (logits, updates)
 
   @jax.jit
@@ -72,7 +89,7 @@ def make_train_step(model, optimizer):
     variables = state["variables"]
     others = {k: v for k, v in variables.items() if k != "params"}
     (loss, (logits, others)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        variables["params"], others, batch)
+        variables["params"], others, batch, state.get("teacher"))
     updates, opt_state = optimizer.update(grads, state["opt_state"], variables["params"],
                                           frozen=frozen)
     params = optax.apply_updates(variables["params"], updates)
@@ -97,12 +114,25 @@ def make_eval_step(apply_fn):
 
 
 def evaluate(eval_step, variables, dataset, batch_size, batch_sharding):
-  correct, count = 0.0, 0.0
+  """Accuracy over the eval set, each process feeding its rows of every batch.
+
+  The counts of a batch sharded over all processes are global already; with a sharding
+  local to each process (the packed model on one device per process) they are summed
+  over the processes.
+  """
+  counts = np.zeros(2)
   for batch in dataset.eval_batches(batch_size):
-    batch_correct, batch_count = eval_step(variables, jax.device_put(batch, batch_sharding))
-    correct += float(batch_correct)
-    count += float(batch_count)
-  return correct / count
+    counts += [float(count) for count in eval_step(
+        variables, jax.make_array_from_process_local_data(batch_sharding, batch))]
+  if batch_sharding.is_fully_addressable and jax.process_count() > 1:
+    # Gathered as float32 (JAX's default), exact for counts below 2**24.
+    counts = np.asarray(multihost_utils.process_allgather(counts), np.float64).sum(axis=0)
+  return float(counts[0] / counts[1])
+
+
+def is_writer():
+  """Whether this process writes the run's files (one process does: process 0)."""
+  return jax.process_index() == 0
 
 
 class Trainer:
@@ -111,8 +141,9 @@ class Trainer:
   Compiled train steps are cached by what they depend on: the optimizer settings.
   """
 
-  def __init__(self, config, workdir, dataset, mesh):
+  def __init__(self, config, workdir, dataset, mesh, fp_variables=None):
     self.config, self.workdir, self.dataset = config, workdir, dataset
+    self.fp_variables = fp_variables
     self.method = methods.get(config.method)
     self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.batch_sharding = jax.sharding.NamedSharding(mesh,
@@ -121,8 +152,10 @@ class Trainer:
     if self.steps_per_epoch == 0:
       raise ValueError(f"batch_size {config.batch_size} exceeds the "
                        f"{dataset.num_train_examples} training examples.")
-    self.phases = ([base.fp_phase(config, self.steps_per_epoch)]
-                   + self.method.phases(config, self.steps_per_epoch))
+    fp_phase = base.fp_phase(config, self.steps_per_epoch)
+    if fp_variables is not None:  # given: phase 0 only evaluates them
+      fp_phase = fp_phase._replace(num_steps=0, hparams=None)
+    self.phases = [fp_phase] + self.method.phases(config, self.steps_per_epoch)
     # The transformers are built for the data's image size (CNNs take any).
     self.model = models.create_model(config.model.name, config.model.num_classes,
                                      image_size=dataset.image_shape[0],
@@ -138,9 +171,14 @@ class Trainer:
     return None if hparams is None else make_optimizer(hparams, self.steps_per_epoch)
 
   def train_step(self, phase_index):
-    key = self.phases[phase_index].hparams.to_json()
+    hparams = self.phases[phase_index].hparams
+    key = hparams.to_json()
     if key not in self._train_steps:
-      self._train_steps[key] = make_train_step(self.model, self.optimizer(phase_index))
+      distillation = None
+      if phase_index > 0 and self.method.distills(self.config):
+        distillation = (hparams.distill_alpha, hparams.distill_temperature)
+      self._train_steps[key] = make_train_step(self.model, self.optimizer(phase_index),
+                                               distillation)
     return self._train_steps[key]
 
   def initial_state(self):
@@ -152,7 +190,11 @@ class Trainer:
     """
     image = jnp.zeros((1,) + self.dataset.image_shape, jnp.float32)
     variables = jax.jit(lambda key: self.model.init(key, image, train=False))(self.rng)
-    if self.config.init_checkpoint:
+    if self.fp_variables is not None:
+      if jax.tree.structure(self.fp_variables) != jax.tree.structure(variables):
+        raise ValueError("fp_variables do not have the structure of the model's variables.")
+      variables = jax.tree.map(jnp.asarray, self.fp_variables)
+    elif self.config.init_checkpoint:
       if isinstance(self.model, (models.VisionTransformer, models.SwinTransformer)):
         source, importer = "timm", timm_import.import_timm
       else:
@@ -160,6 +202,10 @@ class Trainer:
       logging.info("Importing %s weights from %s", source, self.config.init_checkpoint)
       variables = importer(self.config.init_checkpoint, variables)
     state = {"variables": variables}
+    if self.method.distills(self.config):
+      # The FP weights once the method's first phase begins; here for the structure
+      # of the state (checkpoint restore).
+      state["teacher"] = variables
     method_state = self.method.init_state(self.config, variables["params"])
     if method_state is not None:
       state["method"] = method_state
@@ -213,7 +259,8 @@ class MetricsWindow:
               "global_step": progress["global_step"], "loss": float(losses.mean()),
               "accuracy": float(np.mean([m["accuracy"] for m in self.metrics])),
               "steps_per_second": len(losses) / (time.time() - self.start)}
-    files.append_jsonl(self.path, record)
+    if is_writer():
+      files.append_jsonl(self.path, record)
     logging.info("%s step %d/%d: loss %.4f, accuracy %.4f, %.1f steps/s", phase.name,
                  progress["step_in_phase"], phase.num_steps, record["loss"],
                  record["accuracy"], record["steps_per_second"])
@@ -233,8 +280,8 @@ def train_phase(trainer, state, progress, save, steps_this_run):
     epoch, batch_in_epoch = divmod(progress["step_in_phase"], trainer.steps_per_epoch)
     for batch in trainer.dataset.train_epoch(
         config.batch_size, (config.seed, progress["phase"], epoch), batch_in_epoch):
-      state, metrics = train_step(state, frozen,
-                                  jax.device_put(batch, trainer.batch_sharding))
+      state, metrics = train_step(state, frozen, jax.make_array_from_process_local_data(
+          trainer.batch_sharding, batch))
       window.metrics.append(metrics)
       progress["step_in_phase"] += 1
       progress["global_step"] += 1
@@ -257,12 +304,14 @@ def train_phase(trainer, state, progress, save, steps_this_run):
 def check_same_config(workdir, config_json):
   """A workdir holds one run: resuming it with a different config is an error.
 
-  stop_after_steps is exempt: it only decides when this process stops.
+  stop_after_steps is exempt: it only decides when this process stops. Every process
+  checks; process 0 writes config.json for a new run.
   """
   path = os.path.join(workdir, "config.json")
   current = json.loads(config_json)
   if not os.path.exists(path):
-    files.write_json_atomically(path, current)
+    if is_writer():
+      files.write_json_atomically(path, current)
     return
   with open(path) as f:
     saved = json.load(f)
@@ -275,11 +324,19 @@ def check_same_config(workdir, config_json):
 
 
 def make_mesh(config):
-  """1-D batch mesh over config.num_devices local devices (0: all); batch sizes checked."""
-  devices = jax.local_devices()
+  """1-D batch mesh over config.num_devices devices (0: all, of every process).
+
+  The devices are ordered by process, so that each process's rows of a batch are one
+  contiguous block (experiments.input_pipeline.process_rows). Batch sizes are checked.
+  """
+  devices = sorted(jax.devices(), key=lambda device: device.process_index)
   if config.num_devices > len(devices):
-    raise ValueError(f"num_devices={config.num_devices} but only {len(devices)} local "
+    raise ValueError(f"num_devices={config.num_devices} but only {len(devices)} "
                      "devices.")
+  if jax.process_count() > 1 and config.num_devices not in (0, len(devices)):
+    raise ValueError(f"num_devices={config.num_devices}: a run of {jax.process_count()} "
+                     f"processes uses all their {len(devices)} devices (num_devices 0 or "
+                     f"{len(devices)}).")
   mesh = jax.sharding.Mesh(np.array(devices[:config.num_devices or len(devices)]),
                            ("batch",))
   for name in ("batch_size", "eval_batch_size"):
@@ -308,16 +365,20 @@ def restore(manager, trainer, state):
   return jax.device_put(state, trainer.replicated), progress
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, *, fp_variables=None):
   """Runs (or resumes) the experiment `config` in `workdir` and returns the results dict.
 
-  Returns None when the run stops early because of `config.stop_after_steps`.
+  fp_variables: trained FP variables (e.g. `final_variables` of an FP run) to start
+  from; phase 0 then only evaluates them. Sweeps use it to share one FP model.
+
+  Returns None when the run stops early because of `config.stop_after_steps`, and on
+  every process but process 0, which alone writes the results.
   """
   methods.get(config.method).check(config)
   # Data first: an unprepared dataset stops the run before anything is written.
-  dataset = input_pipeline.create_dataset(config)
+  dataset = input_pipeline.create_dataset(config, jax.process_index(), jax.process_count())
   mesh = make_mesh(config)
-  trainer = Trainer(config, workdir, dataset, mesh)
+  trainer = Trainer(config, workdir, dataset, mesh, fp_variables)
   # Imported before the workdir is made, so that a bad checkpoint leaves nothing behind.
   initial_state = trainer.initial_state()
   os.makedirs(workdir, exist_ok=True)
@@ -349,10 +410,11 @@ def train_and_evaluate(config, workdir):
         return None
       accuracy = trainer.evaluate(state["variables"])
       progress["accuracies"][phase.name] = accuracy
-      files.append_jsonl(os.path.join(workdir, "metrics.jsonl"), {
-          "type": "eval", "phase": progress["phase"], "phase_name": phase.name,
-          "portion": phase.portion, "global_step": progress["global_step"],
-          "accuracy": accuracy})
+      if is_writer():
+        files.append_jsonl(os.path.join(workdir, "metrics.jsonl"), {
+            "type": "eval", "phase": progress["phase"], "phase_name": phase.name,
+            "portion": phase.portion, "global_step": progress["global_step"],
+            "accuracy": accuracy})
       logging.info("%s: test accuracy %.4f", phase.name, accuracy)
       progress["phase"] += 1
       progress["step_in_phase"] = 0
@@ -360,15 +422,27 @@ def train_and_evaluate(config, workdir):
         state = trainer.enter(state, progress)
       save(state)
     manager.wait_until_finished()
-  return write_results(trainer, workdir, state, progress, mesh.devices.flat[0])
+  return write_results(trainer, workdir, state, progress)
+
+
+def final_variables(workdir):
+  """The variables of the newest checkpoint `train_and_evaluate` wrote in `workdir`
+  (the final ones, once the run has finished)."""
+  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as manager:
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  return restored["state"]["variables"]
 
 
 # The packed model of every quantized run (inq_jax.deploy.files schema).
 PACKED_MODEL_FILE = "packed_model.safetensors"
 
 
-def write_results(trainer, workdir, state, progress, device):
+def write_results(trainer, workdir, state, progress):
   """Writes the packed model file, evaluates it if asked, and writes results.json.
+
+  Every process packs and evaluates; process 0 writes and returns the results, the
+  others return None.
 
   Keys common to every method: config_name, dataset, model, method, bits, seed,
   fp_accuracy, final_accuracy, packed_accuracy (with eval_packed, else None),
@@ -381,16 +455,10 @@ def write_results(trainer, workdir, state, progress, device):
   config, method = trainer.config, trainer.method
   example = jnp.zeros((1,) + trainer.dataset.image_shape, jnp.float32)
   packed = method.packed_variables(trainer.model, state, progress, trainer.phases, example)
-  sizes = dict(packed_file_bytes=None, fp32_file_bytes=None, packed_memory_bytes=None)
   packed_accuracy = None
-  if packed is not None:
-    sizes = dict(
-        packed_file_bytes=inq_jax.deploy.save_packed(
-            os.path.join(workdir, PACKED_MODEL_FILE), packed),
-        fp32_file_bytes=inq_jax.deploy.fp32_file_bytes(state["variables"]),
-        packed_memory_bytes=inq_jax.deploy.size_report(packed).packed_bytes)
   if config.eval_packed:
-    # One device: the Pallas kernel is not partitioned over the batch mesh.
+    # One device per process: the Pallas kernel is not partitioned over the batch mesh.
+    device = jax.local_devices()[0]
     apply_fn = lambda v, images: inq_jax.deploy.packed_apply(trainer.model, v, images,
                                                              train=False)
     packed_accuracy = evaluate(make_eval_step(apply_fn), jax.device_put(packed, device),
@@ -398,6 +466,15 @@ def write_results(trainer, workdir, state, progress, device):
                                jax.sharding.SingleDeviceSharding(device))
     logging.info("packed model through quantized_matmul: test accuracy %.4f",
                  packed_accuracy)
+  if not is_writer():
+    return None
+  sizes = dict(packed_file_bytes=None, fp32_file_bytes=None, packed_memory_bytes=None)
+  if packed is not None:
+    sizes = dict(
+        packed_file_bytes=inq_jax.deploy.save_packed(
+            os.path.join(workdir, PACKED_MODEL_FILE), packed),
+        fp32_file_bytes=inq_jax.deploy.fp32_file_bytes(state["variables"]),
+        packed_memory_bytes=inq_jax.deploy.size_report(packed).packed_bytes)
   accuracies = progress["accuracies"]
   results = {
       "config_name": config.name,

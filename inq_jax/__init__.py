@@ -5,6 +5,8 @@ Packed storage, the Pallas shift-matmul kernel and packed inference live in
 """
 
 from inq_jax import deploy
+from inq_jax.compensation import Compensation
+from inq_jax.compensation import LayerStatistics
 from inq_jax.incremental import INQ
 from inq_jax.incremental import INQState
 from inq_jax.incremental import codebook_fraction
@@ -12,6 +14,7 @@ from inq_jax.incremental import inq
 from inq_jax.layers import Predicate
 from inq_jax.layers import default_quantizable
 from inq_jax.layers import layer_paths
+from inq_jax.layers import layer_views
 from inq_jax.layers import quantizable_mask
 from inq_jax.optim import inq_optimizer
 from inq_jax.optim import mask_frozen_updates
@@ -30,9 +33,11 @@ from inq_jax.schedules import get_schedule
 from inq_jax.schedules import validate_schedule
 
 __all__ = [
+    "Compensation",
     "INQ",
     "INQState",
     "MAX_BITS",
+    "LayerStatistics",
     "MIN_BITS",
     "Predicate",
     "SCHEDULES",
@@ -46,6 +51,7 @@ __all__ = [
     "inq",
     "inq_optimizer",
     "layer_paths",
+    "layer_views",
     "mask_frozen_updates",
     "partition",
     "pow2_decode",

@@ -7,13 +7,14 @@ Algorithm 1.
 
 import dataclasses
 import functools
-from typing import Any, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 import optax
 
+from inq_jax import compensation as compensation_lib
 from inq_jax import layers
 from inq_jax import optim
 from inq_jax import partitioning as partition_lib
@@ -55,10 +56,21 @@ class INQ:
     strategy: ``"magnitude"`` or ``"random"``.
     quantizable: ``(key_path, leaf) -> bool`` leaf predicate, or None for
       :func:`inq_jax.layers.default_quantizable`.
+    compensation: a :class:`inq_jax.Compensation`, or None (the paper's step).
+    sensitivity_power: share each step's frozen count by layer sensitivity
+      with this exponent (:func:`inq_jax.compensation.sensitivity_counts`),
+      or None (every layer freezes the paper's portion).
   """
   bits: int
   strategy: str = "magnitude"
   quantizable: Optional[layers.Predicate] = None
+  compensation: Optional[compensation_lib.Compensation] = None
+  sensitivity_power: Optional[float] = None
+
+  @property
+  def data_aware(self) -> bool:
+    """Whether :meth:`step` needs calibration ``statistics``."""
+    return self.compensation is not None or self.sensitivity_power is not None
 
   def init(self, params: PyTree) -> INQState:
     """Empty frozen masks and each layer's ``n1`` from ``max|W_l|``."""
@@ -86,7 +98,9 @@ class INQ:
     return optim.inq_optimizer(inner, quantizable=self.quantizable)
 
   def step(self, params: PyTree, state: INQState, portion,
-           key: Optional[jax.Array] = None) -> Tuple[PyTree, INQState]:
+           key: Optional[jax.Array] = None,
+           statistics: Optional[Mapping[str, compensation_lib.LayerStatistics]] = None
+           ) -> Tuple[PyTree, INQState]:
     """Freezes the accumulated ``portion`` of every layer at powers of two.
 
     Validates its inputs eagerly and runs a jitted core; calling it again
@@ -97,6 +111,9 @@ class INQ:
       state: the :class:`INQState` from :meth:`init` or the last step.
       portion: accumulated portion in (0, 1].
       key: PRNG key, required for ``strategy="random"``.
+      statistics: ``{module path: LayerStatistics}`` of the current model,
+        required with ``compensation`` or ``sensitivity_power``. Quantizable
+        kernels without an entry take the plain step (and are logged).
 
     Returns:
       ``(params, state)`` after the step.
@@ -117,11 +134,36 @@ class INQ:
     check_finite_quantizable(
         params, layers.quantizable_mask(params, self.quantizable))
     counts = partition_lib.frozen_counts(params, portion)
-    return _step_core(params, state, counts, key, strategy=self.strategy)
+    if not self.data_aware:
+      return _step_core(params, state, counts, key, strategy=self.strategy)
+    if statistics is None:
+      raise ValueError("This INQ quantizer has compensation or sensitivity_power set: "
+                       "step() needs the layers' calibration statistics "
+                       "(statistics={path: LayerStatistics}).")
+    selected = layers.quantizable_mask(params, self.quantizable)
+    matched = compensation_lib.matched_layers(params, selected, statistics)
+    if self.sensitivity_power is not None:
+      plain_frozen = _step_core(params, state, counts, key,
+                                strategy=self.strategy)[1].frozen
+      counts = compensation_lib.sensitivity_counts(
+          params, state.frozen, plain_frozen, state.n1, counts, matched, bits=self.bits,
+          power=self.sensitivity_power)
+    new_params, new_state = _step_core(params, state, counts, key, strategy=self.strategy)
+    if self.compensation is None:
+      return new_params, new_state
+    replaced = compensation_lib.compensate(
+        params, state.frozen, new_state.frozen, state.n1, matched, bits=self.bits,
+        settings=self.compensation)
+    leaves, treedef = jax.tree.flatten(new_params)
+    for index, leaf in replaced.items():
+      leaves[index] = leaf
+    return jax.tree.unflatten(treedef, leaves), new_state
 
 
 def inq(bits: int, *, strategy: str = "magnitude",
-        quantizable: Optional[layers.Predicate] = None) -> INQ:
+        quantizable: Optional[layers.Predicate] = None,
+        compensation: Optional[compensation_lib.Compensation] = None,
+        sensitivity_power: Optional[float] = None) -> INQ:
   """Incremental Network Quantization to ``bits``-bit powers of two.
 
   At each step with accumulated portion :math:`\\sigma_n`, every quantizable
@@ -147,6 +189,12 @@ def inq(bits: int, *, strategy: str = "magnitude",
     quantizable: ``(key_path, leaf) -> bool`` choosing the leaves to
       quantize; defaults to :func:`inq_jax.layers.default_quantizable` (every
       Conv and Dense kernel, first and last layers included).
+    compensation: optional :class:`inq_jax.Compensation`: each step picks the
+      newly frozen values and corrects the free weights from calibration
+      Grams (:mod:`inq_jax.compensation`); ``step`` then takes ``statistics``.
+    sensitivity_power: optional exponent: each step's frozen count is shared
+      among the layers by sensitivity (the global portion stays the
+      schedule's); ``step`` then takes ``statistics``.
 
   Returns:
     An :class:`INQ` with ``init(params)`` and ``step(params, state,
@@ -169,7 +217,16 @@ def inq(bits: int, *, strategy: str = "magnitude",
   """
   bits = pow2.check_bits(bits)
   partition_lib.check_strategy(strategy, key=0)
-  return INQ(bits=bits, strategy=strategy, quantizable=quantizable)
+  if compensation is not None and not isinstance(compensation,
+                                                 compensation_lib.Compensation):
+    raise ValueError(f"compensation must be an inq_jax.Compensation or None, got "
+                     f"{compensation!r}.")
+  if sensitivity_power is not None and not (
+      isinstance(sensitivity_power, (int, float)) and 0 <= sensitivity_power < float("inf")):
+    raise ValueError(f"sensitivity_power must be a finite number >= 0 or None, got "
+                     f"{sensitivity_power!r}.")
+  return INQ(bits=bits, strategy=strategy, quantizable=quantizable,
+             compensation=compensation, sensitivity_power=sensitivity_power)
 
 
 @functools.partial(jax.jit, static_argnames=("strategy",))

@@ -514,8 +514,8 @@ def apply_fn_of(model_or_apply: Any) -> Callable:
           else model_or_apply)
 
 
-def layer_paths(model_or_apply: Any, variables, batch, **apply_kwargs) -> list:
-  """``/``-joined paths of the supported linear layers, in first-call order.
+def layer_views(model_or_apply: Any, variables, batch, **apply_kwargs) -> dict:
+  """``{path: LinearView}`` of the supported linear layers, in first-call order.
 
   Traces one forward pass on shapes only (``jax.eval_shape``).
 
@@ -528,14 +528,13 @@ def layer_paths(model_or_apply: Any, variables, batch, **apply_kwargs) -> list:
     **apply_kwargs: passed to the apply call (e.g. ``train=False``).
 
   Returns:
-    The paths, e.g. ``["conv1", "block1/conv2", "fc"]``.
+    A dict from ``/``-joined path (e.g. ``"block1/conv2"``) to the layer's
+    2-D view at its first call.
   """
-  paths = []
+  views = {}
 
   def record(call):
-    name = path_name(call.path)
-    if name not in paths:
-      paths.append(name)
+    views.setdefault(path_name(call.path), call.view)
 
   if isinstance(model_or_apply, nnx.Module):
     graphdef, state = nnx.split(model_or_apply)
@@ -546,11 +545,17 @@ def layer_paths(model_or_apply: Any, variables, batch, **apply_kwargs) -> list:
         return model(x, **apply_kwargs)
 
     jax.eval_shape(forward, state, batch)
-    return paths
+    return views
   apply_fn = apply_fn_of(model_or_apply)
   with nn.intercept_methods(intercept_linear_calls(record)):
     jax.eval_shape(lambda v, x: apply_fn(v, x, **apply_kwargs), variables, batch)
-  return paths
+  return views
+
+
+def layer_paths(model_or_apply: Any, variables, batch, **apply_kwargs) -> list:
+  """``/``-joined paths of the supported linear layers, in first-call order,
+  e.g. ``["conv1", "block1/conv2", "fc"]``; arguments as :func:`layer_views`."""
+  return list(layer_views(model_or_apply, variables, batch, **apply_kwargs))
 
 
 def kernel_mask(params: PyTree, paths) -> PyTree:

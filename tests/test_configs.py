@@ -40,7 +40,8 @@ def test_every_config_loads(name, dataset):
 def test_expected_configs_exist():
   assert {"fp", "inq_5bit", "inq_4bit", "inq_3bit", "inq_2bit", "comq_4bit", "comq_3bit",
           "comq_2bit", "rtn_4bit", "rtn_3bit", "rtn_2bit", "fp_vit", "comq_4bit_vit",
-          "comq_3bit_vit", "rtn_4bit_vit", "inq_5bit_vit"} <= set(configs.available())
+          "comq_3bit_vit", "rtn_4bit_vit", "inq_5bit_vit",
+          "inq_2bit_compensated"} <= set(configs.available())
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
@@ -104,6 +105,16 @@ def test_inq_configs_use_paper_resnet18_schedules(bits):
   assert config.inq.bits == bits
   assert tuple(config.inq.schedule) == inq_jax.SCHEDULES[bits]
   assert config.batch_size == 80 and config.inq.weight_decay == 5e-4
+
+
+@pytest.mark.parametrize("dataset", base.DATASETS)
+def test_ternary_recipe_is_the_paper_recipe_plus_the_options(dataset):
+  recipe = report.flatten(configs.get_config("inq_2bit_compensated", dataset).to_dict())
+  paper = report.flatten(configs.get_config("inq_2bit", dataset).to_dict())
+  assert {key for key in paper if recipe[key] != paper[key]} == {
+      "name", "inq.compensation.choose", "inq.compensation.correct", "inq.distill_alpha",
+      "inq.final_epochs"}
+  assert not configs.get_config("inq_2bit", dataset).inq.compensation.choose  # off: paper
 
 
 def test_config_by_path_matches_config_by_name():

@@ -76,6 +76,12 @@ class Method:
       raise ValueError(f"eval_packed needs a quantization method (inq, comq, gptq, rtn), "
                        f"got {self.name!r}.")
 
+  def distills(self, config) -> bool:
+    """Whether training steps add distillation from the FP weights, kept in
+    state["teacher"] from the method's first phase on."""
+    del config
+    return False
+
   def bits(self, config) -> int:
     """Bit width of the quantized kernels (32: full precision)."""
     del config

@@ -74,24 +74,6 @@ def pack_variables(variables: PyTree, state: INQState, *,
   return out
 
 
-def _layer_views(model, variables: PyTree, batch, apply_kwargs) -> dict:
-  """``{path: LinearView}`` of the layers called on ``batch`` (shapes only);
-  ``model`` is a linen module (with ``variables``) or an NNX module."""
-  views = {}
-
-  def record(call):
-    views.setdefault(layers.path_name(call.path), call.view)
-
-  if isinstance(model, nnx.Module):
-    with layers.intercept_nnx_linear_calls(model, record):
-      jax.eval_shape(lambda x: model(x, **apply_kwargs), batch)
-  else:
-    with nn.intercept_methods(layers.intercept_linear_calls(record)):
-      jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables,
-                     batch)
-  return views
-
-
 def _node(tree: dict, path: str) -> dict:
   """The sub-dict of ``tree`` at the ``/``-joined module ``path``."""
   for key in path.split("/") if path else ():  # "" is the model itself
@@ -161,7 +143,7 @@ def pack_layers(variables: PyTree, model, batch, layer_paths, *, bits: int,
   """
   expected = layer_paths if isinstance(layer_paths, dict) else dict.fromkeys(layer_paths)
   variables = jax.device_get(variables)
-  views = _layer_views(model, variables, batch, apply_kwargs)
+  views = layers.layer_views(model, variables, batch, **apply_kwargs)
   params = jax.tree.map(lambda leaf: leaf, variables["params"])  # new dicts
   for path, reported in expected.items():
     view = views.get(path)
