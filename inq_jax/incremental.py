@@ -143,8 +143,8 @@ class INQ:
     selected = layers.quantizable_mask(params, self.quantizable)
     matched = compensation_lib.matched_layers(params, selected, statistics)
     if self.sensitivity_power is not None:
-      plain_frozen = _step_core(params, state, counts, key,
-                                strategy=self.strategy)[1].frozen
+      plain_frozen = partition_lib.extend_masks(params, state.frozen, counts, selected,
+                                                self.strategy, key)
       counts = compensation_lib.sensitivity_counts(
           params, state.frozen, plain_frozen, state.n1, counts, matched, bits=self.bits,
           power=self.sensitivity_power)
