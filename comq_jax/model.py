@@ -76,7 +76,7 @@ class SkippedLayer(NamedTuple):
 
 
 class Timings(NamedTuple):
-  """Where :func:`quantize_model` spent its time (seconds).
+  """Where :func:`quantize_model` spent its time (seconds), and its programs' memory.
 
   Attributes:
     capture_seconds: forward passes accumulating the Grams (compilation
@@ -92,12 +92,18 @@ class Timings(NamedTuple):
       one capture step per batch (or microbatch step) signature (per layer with
       ``inputs="sequential"``), one solve per distinct layer signature, and
       any small program not already cached by an earlier call.
+    program_bytes: memory, not time: for ``"capture"`` and ``"solve"``, the
+      bytes of the largest such program's buffers (arguments, outputs and
+      temporaries, less outputs written over donated arguments) as XLA
+      assigns them, i.e. what it holds on the device while it runs; empty
+      where the backend does not report it.
   """
   capture_seconds: float
   compile_seconds: float
   compile_wait_seconds: float
   solve_seconds: float
   compilations: int
+  program_bytes: dict
 
 
 class ModelQuantization(NamedTuple):
@@ -359,7 +365,8 @@ class _Programs:
   ``submit`` compiles in background threads (XLA compilation releases the
   GIL), so the solves of later layers compile while the Grams are captured
   and earlier layers are solved; ``get`` waits for a program. Tracing time
-  counts as compile time too.
+  counts as compile time too. ``program_bytes`` keeps, per kind of key
+  (``key[0]``), the largest program's buffers as XLA assigns them.
   """
 
   def __init__(self):
@@ -368,12 +375,18 @@ class _Programs:
     self._lock = threading.Lock()
     self.compile_seconds = 0.0
     self.wait_seconds = 0.0
+    self.program_bytes = {}
 
-  def _compile(self, lowered):
+  def _compile(self, kind, lowered):
     start = time.perf_counter()
     program = lowered.compile()
+    memory = program.memory_analysis()
     with self._lock:
       self.compile_seconds += time.perf_counter() - start
+      if memory is not None:
+        footprint = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                     + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+        self.program_bytes[kind] = max(self.program_bytes.get(kind, 0), footprint)
     return program
 
   def submit(self, key, fn, *args, donate_argnums=()):
@@ -384,7 +397,7 @@ class _Programs:
       shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
           jnp.shape(a), jnp.result_type(a), sharding=_mesh_sharding(a)), args)
       lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*shapes)
-      self._futures[key] = self._pool.submit(self._compile, lowered)
+      self._futures[key] = self._pool.submit(self._compile, key[0], lowered)
 
   def get(self, key, fn, *args, donate_argnums=()):
     """The program of ``key`` (compiled from ``fn`` if never submitted)."""
@@ -488,7 +501,9 @@ def _group_chunks(mats, gram):
   problems, whose results are dropped)."""
   groups = mats.shape[0]
   if groups == 1:
+    # The device's Gram as it is: no host copy of the largest array of the solve.
     return [(mats, gram)]
+  gram = np.asarray(gram)
   pad = -groups % _GROUP_CHUNK
   fill = lambda a: np.concatenate([a, np.broadcast_to(a[:1], (pad,) + a.shape[1:])])
   mats, gram = fill(mats), fill(gram)
@@ -782,7 +797,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
         # Reshapes on the host: eager device ops would compile once per shape.
         mats = layer.view.matrices(np.asarray(kernel)).astype(
             objective.compute_dtype(kernel.dtype))
-        chunks = _group_chunks(mats, np.asarray(gram))
+        # On a mesh, solves take host Grams (their programs' inputs are unsharded).
+        chunks = _group_chunks(mats, gram if mesh is None else np.asarray(gram))
         pending.append((index, layer, mats, solver.submit(
             run_solve, solve_key(chunks[0]), chunks)))
         if len(pending) >= in_flight:
@@ -797,7 +813,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
   timings = Timings(capture_seconds=capture_seconds,
                     compile_seconds=programs.compile_seconds,
                     compile_wait_seconds=compile_wait_seconds,
-                    solve_seconds=solve_seconds, compilations=compilations[0])
+                    solve_seconds=solve_seconds, compilations=compilations[0],
+                    program_bytes=dict(programs.program_bytes))
   return ModelQuantization(variables=new_variables, layers=reports, skipped=skipped,
                            settings=dict(options, method=method, inputs=inputs),
                            timings=timings, model=new_model)

@@ -146,6 +146,10 @@ def patch_gram(module, x: jax.Array, groups: int, row_weight=None) -> jax.Array:
 
   The three agree to float32 rounding (the order of the sums differs).
 
+  Memory stays bounded whatever ``n``: the examples are taken a few at a
+  time (a ``lax.scan``), so that the patches (or shifted inputs) of one
+  step stay under ``_GRAM_STEP_BYTES``; one example is the smallest step.
+
   Args:
     module: as in :func:`conv_patches`.
     x: ``(n, *spatial, cin)``.
@@ -154,6 +158,36 @@ def patch_gram(module, x: jax.Array, groups: int, row_weight=None) -> jax.Array:
   """
   x = x.astype(jnp.float32)
   geometry = _geometry(module, x.shape[1:-1])
+  n_batch, cin = x.shape[0], x.shape[-1]
+  taps = len(geometry.tap_offsets)
+  step_bytes = 4 * cin * math.prod(geometry.out) * taps
+  if _is_shift_candidate(geometry):
+    deltas = len(_half_offsets(geometry.tap_offsets)[0])
+    step_bytes = max(step_bytes, 4 * cin * math.prod(x.shape[1:-1]) * deltas)
+  # The largest divisor of n within the budget: the steps are views of x, not copies.
+  step = max(d for d in range(1, n_batch + 1)
+             if n_batch % d == 0 and (d == 1 or d * step_bytes <= _GRAM_STEP_BYTES))
+  if step == n_batch:
+    return _whole_patch_gram(module, geometry, x, groups, row_weight)
+
+  def add_step(total, part):
+    xs, ws = part
+    ws = None if ws is None else ws.reshape(-1)
+    return total + _whole_patch_gram(module, geometry, xs, groups, ws), None
+
+  split = lambda a: a.reshape((n_batch // step, step) + a.shape[1:])
+  parts = (split(x), None if row_weight is None else split(row_weight.reshape(n_batch, -1)))
+  size = cin // groups * taps
+  total, _ = jax.lax.scan(add_step, jnp.zeros((groups, size, size), jnp.float32), parts)
+  return total
+
+
+# Bytes of patches (or shifted inputs) that one step of a patch Gram makes, at most.
+_GRAM_STEP_BYTES = 32 * 2**20
+
+
+def _whole_patch_gram(module, geometry, x, groups, row_weight):
+  """:func:`patch_gram` of all of ``x`` at once."""
   taps_count = math.prod(geometry.kernel_size)
   if x.shape[-1] == groups and taps_count <= _MAX_TAP_PAIRS_TAPS:
     return _tap_pairs_gram(module, x, row_weight)
@@ -210,14 +244,9 @@ def _shift_pays(geometry, x_shape, groups: int) -> bool:
   (``|D|`` distinct tap offsets), writing the ``|D|`` shifted inputs, and
   combining and arranging the blocks (independent of ``N``).
   """
-  if any(s != 1 for s in geometry.strides) or any(
-      d != 1 for d in geometry.input_dilation):
-    return False
-  if any(lo < 0 or hi < 0 for lo, hi in geometry.pads) or min(geometry.out) < 1:
+  if not _is_shift_candidate(geometry):
     return False
   taps = len(geometry.tap_offsets)
-  if taps < 2:
-    return False
   n_batch, *spatial, cin = x_shape
   c = cin // groups
   _, edges = _edge_values(geometry, spatial)
@@ -235,6 +264,14 @@ def _shift_pays(geometry, x_shape, groups: int) -> bool:
   rows = n_batch * math.prod(geometry.out)
   patches = rows * taps ** 2 * c * cin + _MOVE_COST * rows * taps * cin
   return 5 * shifted < 4 * patches
+
+
+def _is_shift_candidate(geometry) -> bool:
+  """Stride 1, no input dilation, no cropping, several taps."""
+  return (all(s == 1 for s in geometry.strides)
+          and all(d == 1 for d in geometry.input_dilation)
+          and all(lo >= 0 and hi >= 0 for lo, hi in geometry.pads)
+          and min(geometry.out) >= 1 and len(geometry.tap_offsets) >= 2)
 
 
 # Multiply-adds that copying or transposing one element costs, in time.

@@ -1,4 +1,9 @@
-"""COMQ sharded over the suite's 4 fake CPU devices equals COMQ on one device, bitwise."""
+"""COMQ sharded over the suite's 4 fake CPU devices, or over 2 processes x 2 devices,
+equals COMQ on one device, bitwise."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -6,6 +11,7 @@ import pytest
 
 import comq_jax
 from experiments import models
+from tests import test_distributed
 
 _FIELDS = ("weights", "codes", "levels", "scale", "zero_point", "exponent", "error",
            "history")
@@ -43,6 +49,10 @@ def test_quantize_layer_on_a_mesh_equals_one_device(case):
                                   err_msg=field)
 
 
+_MODEL_OPTIONS = dict(bits=4, granularity="layer", scale_update=True, microbatch=2,
+                     train=False)
+
+
 def _digits_cnn():
   model = models.SmallCNN()
   # Batches of 8, 8 and 4 examples: with microbatches of 2 on 4 devices the last
@@ -55,14 +65,52 @@ def _digits_cnn():
 
 def test_quantize_model_on_a_mesh_equals_one_device():
   model, variables, batches = _digits_cnn()
-  options = dict(bits=4, granularity="layer", scale_update=True, microbatch=2,
-                 train=False)
-  single = comq_jax.quantize_model(model, variables, batches, **options)
-  sharded = comq_jax.quantize_model(model, variables, batches, mesh=_mesh(), **options)
+  single = comq_jax.quantize_model(model, variables, batches, **_MODEL_OPTIONS)
+  sharded = comq_jax.quantize_model(model, variables, batches, mesh=_mesh(),
+                                    **_MODEL_OPTIONS)
   jax.tree.map(np.testing.assert_array_equal, sharded.variables, single.variables)
   assert [r.path for r in sharded.layers] == ["conv1", "conv2", "conv3", "fc"]
   assert ([(r.error, r.rtn_error) for r in sharded.layers]
           == [(r.error, r.rtn_error) for r in single.layers])
+
+
+def _quantize_in_process(out, port, num_processes, process_id):
+  """One process of a multi-process run: the digits CNN quantized on a mesh over
+  every process's devices; process 0 saves the kernels to ``out``."""
+  jax.distributed.initialize(f"localhost:{port}", int(num_processes), int(process_id))
+  model, variables, batches = _digits_cnn()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+  result = comq_jax.quantize_model(model, variables, batches, mesh=mesh, **_MODEL_OPTIONS)
+  if jax.process_index() == 0:
+    np.savez(out, **{name: np.asarray(result.variables["params"][name]["kernel"])
+                     for name in ("conv1", "conv2", "conv3", "fc")})
+
+
+def test_quantize_model_over_two_processes_equals_one_device(tmp_path):
+  # Calibration batches split over 2 processes x 2 CPU devices (gloo collectives).
+  model, variables, batches = _digits_cnn()
+  single = comq_jax.quantize_model(model, variables, batches, **_MODEL_OPTIONS)
+  out, port = tmp_path / "kernels.npz", test_distributed.free_port()
+  env = dict(os.environ, PYTHONPATH=test_distributed.REPO, JAX_PLATFORMS="cpu",
+             JAX_NUM_CPU_DEVICES="2",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="true")  # as conftest.py, for bitwise equality
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "tests.test_comq_sharded", str(out), str(port), "2", str(i)],
+      cwd=test_distributed.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  try:
+    for process in processes:
+      log = process.communicate(timeout=test_distributed.TIMEOUT_S)[0]
+      assert process.returncode == 0, log[-5000:]
+  finally:
+    for process in processes:  # a process left waiting on a failed peer
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  kernels = np.load(out)
+  for name in ("conv1", "conv2", "conv3", "fc"):
+    np.testing.assert_array_equal(kernels[name],
+                                  single.variables["params"][name]["kernel"], err_msg=name)
 
 
 def test_layer_grams_on_a_two_axis_mesh_equal_one_device():
@@ -93,3 +141,7 @@ def test_bad_mesh_or_microbatch_raises():
                                        "microbatches of 3"):
     comq_jax.layer_grams(model, variables, batches, microbatch=3, mesh=_mesh(),
                          train=False)
+
+
+if __name__ == "__main__":
+  _quantize_in_process(*sys.argv[1:])

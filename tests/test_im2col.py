@@ -84,3 +84,24 @@ def test_strided_and_input_dilated_convs_never_take_the_shifted_gram():
                         input_dilation=2, kernel_dilation=1, feature_group_count=1)
   for view in (strided, dilated):
     assert not im2col._shift_pays(im2col._geometry(view, shape[1:-1]), shape, 1)
+
+
+@pytest.mark.parametrize("examples", [6, 7])
+@pytest.mark.parametrize("strides, cin_per_group, groups, weighted", [
+    (1, 4, 1, False), (2, 4, 3, True), (1, 1, 3, True), (1, 8, 1, False)])
+def test_patch_gram_in_steps_equals_the_patches_product(monkeypatch, examples, strides,
+                                                        cin_per_group, groups, weighted):
+  # A budget of about two examples' patches: 6 examples take steps of 2, 7 (prime)
+  # steps of 1; the patches of all examples are never formed at once.
+  view = _view((3, 3), "SAME", 1, groups, strides, cin_per_group)
+  x = jax.random.normal(jax.random.key(3), (examples, 10, 9, cin_per_group * groups))
+  rows = im2col.conv_patches(view, x).shape[0:3]
+  cin = cin_per_group * groups
+  # Per example: 9 taps at each output position, or 13 shifted inputs of 10 x 9.
+  example_bytes = 4 * cin * max(9 * rows[1] * rows[2], 13 * 90 if strides == 1 else 0)
+  monkeypatch.setattr(im2col, "_GRAM_STEP_BYTES", 2 * example_bytes)
+  weight = (jax.random.bernoulli(jax.random.key(4), 0.7, (np.prod(rows),)).astype(
+      jnp.float32) if weighted else None)
+  jaxpr = jax.make_jaxpr(lambda x, w: im2col.patch_gram(view, x, groups, w))(x, weight)
+  assert "scan" in str(jaxpr)
+  _assert_close(im2col.patch_gram(view, x, groups, weight), _patches_gram(view, x, weight))

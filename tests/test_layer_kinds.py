@@ -410,6 +410,21 @@ def test_compilations_depend_on_distinct_layer_signatures():
   assert first.timings.compilations >= 5
 
 
+def test_program_bytes_cover_what_the_programs_hold():
+  model = _Repeated()
+  batches = _batches((2, 6, 6, 2))
+  variables = model.init(jax.random.key(0), batches[0])
+  result = comq_jax.quantize_model(model, variables, batches, bits=4)
+  memory = result.timings.program_bytes
+  assert set(memory) == {"capture", "solve"}
+  # The capture step holds the params, every Gram and the batch; the largest solve
+  # at least its Gram and weights.
+  params = sum(leaf.nbytes for leaf in jax.tree.leaves(variables["params"]))
+  grams = sum(4 * g * d * d for g, d, _ in (r.matrices for r in result.layers))
+  assert memory["capture"] >= params + grams + batches[0].nbytes
+  assert memory["solve"] >= 4 * (72 * 72 + 72 * 8)
+
+
 class _Lifted(nn.Module):
   """A remat block (captured) and a scanned stack of blocks (reported, not quantized)."""
 
