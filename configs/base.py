@@ -209,6 +209,12 @@ def get_config(dataset):
   # draws a fresh batch per layer). Must be a multiple of batch_size.
   config.calibration = ml_collections.ConfigDict()
   config.calibration.batch_size = 64
+  # Examples per device and step when the calibration Grams are accumulated. Set, the
+  # post-training methods and INQ's data-aware steps run on the job's mesh: batches split
+  # over its devices, COMQ's layer solves split over them by output channel, and the
+  # result bitwise equal to one device with the same microbatch (comq_jax.quantize_model,
+  # mesh=). None: one device, whole batches.
+  config.calibration.microbatch = config_dict.placeholder(int)
 
   if dataset == "imagenet":
     config.data.name = "imagenet2012"

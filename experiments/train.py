@@ -143,7 +143,7 @@ class Trainer:
 
   def __init__(self, config, workdir, dataset, mesh, fp_variables=None):
     self.config, self.workdir, self.dataset = config, workdir, dataset
-    self.fp_variables = fp_variables
+    self.fp_variables, self.mesh = fp_variables, mesh
     self.method = methods.get(config.method)
     self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.batch_sharding = jax.sharding.NamedSharding(mesh,
@@ -224,7 +224,7 @@ class Trainer:
     phase = self.phases[progress["phase"]]
     start = time.time()
     context = base.Context(self.config, self.model, self.dataset, self.rng,
-                           progress["phase"])
+                           progress["phase"], self.mesh)
     state, record = self.method.enter(phase, state, context)
     if record is not None:
       progress["records"][phase.name] = record

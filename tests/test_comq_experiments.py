@@ -121,6 +121,36 @@ def test_comq_skip_first_last_keeps_them_float(tmp_path):
   assert results["packed_bytes"] == expected
 
 
+def test_comq_on_the_job_mesh_equals_one_device(tmp_path, comq_run, monkeypatch):
+  # With calibration.microbatch set, the job's mesh (the suite's 4 CPU devices) takes
+  # the Grams and the solves; one device with the same microbatch gives the same bits.
+  # Both start from the module run's final variables, so that FP training (whose sums
+  # depend on the device count) is not part of the comparison.
+  fp = train.final_variables(comq_run[1])
+  results, params, meshes = {}, {}, []
+  quantize_model = comq_jax.quantize_model
+
+  def spy(*args, **kwargs):
+    meshes.append(kwargs["mesh"].devices.size)
+    return quantize_model(*args, **kwargs)
+
+  monkeypatch.setattr(comq_jax, "quantize_model", spy)
+  for devices in (1, 4):
+    workdir = str(tmp_path / f"devices{devices}")
+    config = tiny_config("comq_4bit", **{"num_devices": devices,
+                                         "calibration.microbatch": 8})
+    results[devices] = train.train_and_evaluate(config, workdir, fp_variables=fp)
+    params[devices] = train.final_variables(workdir)["params"]
+  assert meshes == [1, 4]
+  jax.tree.map(np.testing.assert_array_equal, params[4], params[1])
+  assert ([layer["error"] for layer in results[4]["layers"]]
+          == [layer["error"] for layer in results[1]["layers"]])
+  with pytest.raises(ValueError, match="calibration.microbatch=5 must divide "
+                                       "calibration.batch_size=32"):
+    train.train_and_evaluate(tiny_config("comq_4bit", **{"calibration.microbatch": 5}),
+                             str(tmp_path / "bad"))
+
+
 def test_calibration_size_must_divide_into_batches():
   data = input_pipeline.DigitsData(test_size=0.25, split_seed=0)
   with pytest.raises(ValueError, match="multiple of calibration.batch_size=32"):

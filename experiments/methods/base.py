@@ -37,12 +37,14 @@ class Context(NamedTuple):
 
   phase_index: position of the phase being entered in the run (0 is FP).
   rng: the run's root PRNG key (derive keys with fold_in).
+  mesh: the run's device mesh (its axis "batch").
   """
   config: ml_collections.ConfigDict
   model: Any
   dataset: Any
   rng: jax.Array
   phase_index: int
+  mesh: jax.sharding.Mesh
 
 
 def fp_phase(config, steps_per_epoch) -> Phase:

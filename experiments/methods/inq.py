@@ -37,6 +37,7 @@ class INQMethod(base.Method):
     inq_jax.validate_schedule(config.inq.schedule)
     if self.quantizer(config).data_aware:
       post_training.require_one_process(jax.process_count())  # before any training
+      post_training.calibration_devices(config, None)
 
   def quantizer(self, config):
     options = config.inq.compensation
@@ -75,8 +76,7 @@ class INQMethod(base.Method):
         state = dict(state, teacher=state["variables"])
     statistics = None
     if quantizer.data_aware:
-      statistics = layer_statistics(context.model, state["variables"], config,
-                                    context.dataset, context.phase_index)
+      statistics = layer_statistics(context, state["variables"])
     params, inq_state = quantizer.step(
         params, inq_state, phase.portion,
         key=jax.random.fold_in(context.rng, context.phase_index), statistics=statistics)
@@ -127,11 +127,14 @@ def zero_fractions(params, inq_state):
           if selected}
 
 
-def layer_statistics(model, variables, config, dataset, phase_index):
+def layer_statistics(context, variables):
   """``{path: inq_jax.LayerStatistics}`` of the calibration images under `variables`."""
-  images = post_training.calibration_images(config, dataset, (config.seed, phase_index, 0))
+  config, model = context.config, context.model
+  images = post_training.calibration_images(config, context.dataset,
+                                            (config.seed, context.phase_index, 0))
   variables = jax.device_put(jax.device_get(variables))
-  grams = comq_jax.layer_grams(model, variables, images, train=False)
+  grams = comq_jax.layer_grams(model, variables, images, train=False,
+                               **post_training.calibration_devices(config, context.mesh))
   views = inq_jax.layer_views(model, variables, images[0], train=False)
   return {path: inq_jax.LayerStatistics(views[path], acc.gram)
           for path, acc in grams.items()}

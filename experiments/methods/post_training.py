@@ -27,6 +27,21 @@ def require_one_process(process_count):
         "inq without compensation or sensitivity_power).")
 
 
+def calibration_devices(config, mesh) -> dict:
+  """`mesh` and `microbatch` keyword arguments of the calibration (comq_jax): the run's
+  mesh when config.calibration.microbatch is set, else none (one device)."""
+  microbatch = config.calibration.microbatch
+  if microbatch is None:
+    return {}
+  if isinstance(microbatch, bool) or not isinstance(microbatch, int) or microbatch < 1:
+    raise ValueError(f"calibration.microbatch={microbatch!r}: must be None or an integer "
+                     ">= 1.")
+  if config.calibration.batch_size % microbatch:
+    raise ValueError(f"calibration.microbatch={microbatch} must divide "
+                     f"calibration.batch_size={config.calibration.batch_size}.")
+  return dict(mesh=mesh, microbatch=microbatch)
+
+
 def calibration_images(config, dataset, shuffle_seed):
   """The first `calibration.num_examples` training images of the seeded order
   `shuffle_seed`, with the training preprocessing, as a list of
@@ -86,6 +101,7 @@ class PostTrainingMethod(base.Method):
   def check(self, config):
     super().check(config)
     require_one_process(jax.process_count())  # before any training
+    calibration_devices(config, None)
     block = config[self.name]
     comq_jax.grid.check_options(bits=block.bits, grid=block.grid,
                                 granularity=block.granularity, scalar=block.scalar,
@@ -102,7 +118,8 @@ class PostTrainingMethod(base.Method):
     config = context.config
     images = calibration_images(config, context.dataset,
                                 (config.seed, context.phase_index, 0))
-    # On one device: calibration and the layer solves run unsharded.
+    # Gathered on one device; with calibration.microbatch, quantize_model spreads the
+    # calibration and the solves over the mesh itself.
     variables = jax.device_put(jax.device_get(state["variables"]))
     skip = None
     skip_first_last = config[self.name].skip_first_last
@@ -115,7 +132,8 @@ class PostTrainingMethod(base.Method):
                                    config.model.num_classes)
       skip = lambda path, kernel: path in ends
     result = comq_jax.quantize_model(context.model, variables, images, method=self.name,
-                                     skip=skip, train=False, **self.solver_options(config))
+                                     skip=skip, train=False, **self.solver_options(config),
+                                     **calibration_devices(config, context.mesh))
     # JSON types, so that a run resumed from its checkpoint reports the same.
     record = {"layers": [dict(report._asdict(), shape=list(report.shape),
                               matrices=list(report.matrices))
