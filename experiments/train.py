@@ -425,13 +425,18 @@ def train_and_evaluate(config, workdir, *, fp_variables=None):
   return write_results(trainer, workdir, state, progress)
 
 
+def latest_checkpoint(workdir):
+  """(state, progress) of the newest checkpoint `train_and_evaluate` wrote in `workdir`."""
+  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as manager:
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
+  return restored["state"], restored["progress"]
+
+
 def final_variables(workdir):
   """The variables of the newest checkpoint `train_and_evaluate` wrote in `workdir`
   (the final ones, once the run has finished)."""
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as manager:
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-  return restored["state"]["variables"]
+  return latest_checkpoint(workdir)[0]["variables"]
 
 
 # The packed model of every quantized run (inq_jax.deploy.files schema).

@@ -1,11 +1,9 @@
 """Utilities shared by the tests."""
 
 import contextlib
-import os
 import pathlib
 
 import jax
-import orbax.checkpoint as ocp
 
 # Golden data travel with the repository (provenance in data/README.md).
 REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "data"
@@ -50,9 +48,3 @@ def count_compilations():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def latest_checkpoint(workdir: str):
-  """``(state, progress)`` of the newest checkpoint a training job wrote."""
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as manager:
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
-  return restored["state"], restored["progress"]

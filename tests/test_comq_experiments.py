@@ -15,7 +15,6 @@ from experiments import models
 from experiments import train
 from experiments.methods import post_training
 import inq_jax
-from tests import helpers
 
 
 KERNELS = ("conv1", "conv2", "conv3", "fc")  # SmallCNN's Conv/Dense layers, forward order
@@ -31,7 +30,7 @@ def tiny_config(name, **overrides):
 
 
 def final_params(workdir):
-  state, _ = helpers.latest_checkpoint(workdir)
+  state, _ = train.latest_checkpoint(workdir)
   return state["variables"]["params"], state["variables"]["batch_stats"]
 
 

@@ -18,7 +18,6 @@ from experiments import input_pipeline
 from experiments import models
 from experiments import train
 from experiments.methods import post_training
-from tests import helpers
 from tests import test_input_pipeline
 from tests import test_timm_import
 
@@ -172,7 +171,7 @@ def test_smoke_run_on_mock_imagenet(name, method, tmp_path):
   assert all(layer["bits"] == 4 and 0 < layer["error"] <= layer["rtn_error"] * (1 + 1e-6)
              for layer in results["layers"])
   # The imported weights, not a random init, were quantized: the float layers kept them.
-  state, _ = helpers.latest_checkpoint(workdir)
+  state, _ = train.latest_checkpoint(workdir)
   params = state["variables"]["params"]
   np.testing.assert_array_equal(params["patch_embed"]["proj"]["bias"],
                                 state_dict["patch_embed.proj.bias"])

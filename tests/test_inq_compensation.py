@@ -14,7 +14,6 @@ import inq_jax
 from experiments import models
 from experiments import train
 from inq_jax import compensation
-from tests import helpers
 from tests.test_train import tiny_config
 
 
@@ -211,12 +210,12 @@ def test_frozen_weights_stay_bit_identical_through_distillation(tmp_path):
   stop = lambda steps: configs.apply_overrides(config, {"stop_after_steps": steps})
   # 42 FP steps and the 42 of portion 0.5: stopped before entering portion 0.75.
   assert train.train_and_evaluate(stop(84), workdir) is None
-  at_entry, progress = helpers.latest_checkpoint(workdir)
+  at_entry, progress = train.latest_checkpoint(workdir)
   assert (progress["phase"], progress["step_in_phase"]) == (1, 42)
   # Resumed (the teacher comes back from the checkpoint) for 20 distilled steps of
   # portion 0.75.
   assert train.train_and_evaluate(stop(20), workdir) is None
-  state, progress = helpers.latest_checkpoint(workdir)
+  state, progress = train.latest_checkpoint(workdir)
   assert (progress["phase"], progress["step_in_phase"]) == (2, 20)
   entry_state = inq_jax.INQState(frozen=at_entry["method"]["frozen"],
                                  n1=at_entry["method"]["n1"], bits=5, quantizable=None)

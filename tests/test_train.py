@@ -19,7 +19,6 @@ from experiments import methods
 from experiments import models
 from experiments import train
 from experiments.methods import base
-from tests import helpers
 
 
 def tiny_config(name="inq_5bit", **overrides):
@@ -56,7 +55,7 @@ def test_inq_run_writes_results_metrics_and_config(tmp_path):
   # Sizes from inq_jax.deploy.pack_params + size_report. 5-bit codes take one byte each, and
   # K is padded to the kernel's k_tile, so the real packed model is only ~2.7x smaller
   # than FP32 on this small CNN; log2(17) bits per weight would give ~7x.
-  state, _ = helpers.latest_checkpoint(workdir)
+  state, _ = train.latest_checkpoint(workdir)
   num_values = sum(leaf.size for leaf in jax.tree.leaves(state["variables"]))
   assert results["fp32_bytes"] == 4 * num_values
   assert results["packed_bytes"] < results["fp32_bytes"] / 2
@@ -89,12 +88,12 @@ def test_resume_mid_inq_step_is_bitwise_identical(tmp_path):
   # 42 FP + 42 (portion 0.5) + 20 steps into portion 0.75, between two checkpoints.
   stopping = configs.apply_overrides(config, {"stop_after_steps": 104})
   assert train.train_and_evaluate(stopping, interrupted_dir) is None
-  _, progress = helpers.latest_checkpoint(interrupted_dir)
+  _, progress = train.latest_checkpoint(interrupted_dir)
   assert (progress["phase"], progress["step_in_phase"]) == (2, 20)
   resumed = train.train_and_evaluate(config, interrupted_dir)
   assert resumed == reference
-  expected, _ = helpers.latest_checkpoint(str(tmp_path / "uninterrupted"))
-  actual, _ = helpers.latest_checkpoint(interrupted_dir)
+  expected, _ = train.latest_checkpoint(str(tmp_path / "uninterrupted"))
+  actual, _ = train.latest_checkpoint(interrupted_dir)
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
@@ -147,8 +146,8 @@ def test_sigkill_during_the_75_percent_step_then_rerun_matches_uninterrupted(tmp
     expected_results = json.load(f)
   with open(os.path.join(killed_dir, "results.json")) as f:
     assert json.load(f) == expected_results
-  expected, _ = helpers.latest_checkpoint(reference_dir)
-  actual, _ = helpers.latest_checkpoint(killed_dir)
+  expected, _ = train.latest_checkpoint(reference_dir)
+  actual, _ = train.latest_checkpoint(killed_dir)
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
@@ -167,8 +166,8 @@ def test_four_devices_match_one_device(tmp_path):
   sharded = train.train_and_evaluate(tiny_config("fp", num_devices=4, **small_lr),
                                      str(tmp_path / "four"))
   assert abs(single["fp_accuracy"] - sharded["fp_accuracy"]) <= 1 / 450 + 1e-12
-  state_one, _ = helpers.latest_checkpoint(str(tmp_path / "one"))
-  state_four, _ = helpers.latest_checkpoint(str(tmp_path / "four"))
+  state_one, _ = train.latest_checkpoint(str(tmp_path / "one"))
+  state_four, _ = train.latest_checkpoint(str(tmp_path / "four"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                                        rtol=1e-5, atol=1e-6),
                state_four["variables"], state_one["variables"])
@@ -186,7 +185,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                      match=r"Non-finite loss or parameters at training step \d+"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "results.json"))
-  state, progress = helpers.latest_checkpoint(str(tmp_path))
+  state, progress = train.latest_checkpoint(str(tmp_path))
   assert progress["global_step"] >= 1
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state["variables"]))
 
@@ -218,7 +217,7 @@ def test_a_method_registered_from_a_test_runs_end_to_end(tmp_path, monkeypatch):
   results = train.train_and_evaluate(tiny_config("fp", method="zero_mantissa"),
                                      str(tmp_path))
   assert results["method"] == "zero_mantissa" and results["bits"] == 9
-  state, progress = helpers.latest_checkpoint(str(tmp_path))
+  state, progress = train.latest_checkpoint(str(tmp_path))
   assert progress["records"] == {"zero_mantissa": {"kernels": 4}}
   params = state["variables"]["params"]
   for layer in ("conv1", "conv2", "conv3", "fc"):
