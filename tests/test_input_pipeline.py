@@ -130,3 +130,70 @@ def test_resnet18_inq_on_mock_imagenet(tmp_path):
     progress = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         progress=ocp.args.JsonRestore()))["progress"]
   assert progress["phase"] == 3 and progress["global_step"] == 2
+
+
+class ShardedImagesForTest(tfds.core.GeneratorBasedBuilder):
+  """A small image dataset with imagenet2012's features, prepared in the test's data_dir.
+
+  TFDS's mock data ignores split slicing, so the per-process shares of ImageNetData
+  (`tfds.split_for_jax_process`) are checked on real TFDS files instead.
+  """
+  VERSION = tfds.core.Version("1.0.0")
+  url_infos = None  # Nothing to download, so no checksums file to look up.
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(num_classes=1000)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(12, 0),
+            "validation": self._generate_examples(7, 1)}
+
+  def _generate_examples(self, count, seed):
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+      size = rng.integers(36, 48, size=2)
+      yield index, {"image": rng.integers(0, 256, (*size, 3), dtype=np.uint8),
+                    "label": int(rng.integers(1000))}
+
+
+def _real_images(batches):
+  """The bytes of each image that a batch's mask (if any) counts."""
+  return [image.tobytes() for batch in batches
+          for image, real in zip(batch["image"], batch.get("mask", np.ones(len(batch["image"]))),
+                                 strict=True) if real]
+
+
+def test_imagenet_processes_read_disjoint_shares_that_make_up_one_process_epoch(tmp_path):
+  """Two processes' training epochs (augmented by global example index) and evaluation
+  batches hold, together, exactly the images of one process's: each example once."""
+  ShardedImagesForTest(data_dir=str(tmp_path)).download_and_prepare()
+  config = mock_imagenet_config()
+  preprocessing = input_pipeline.resolve_preprocessing(config)
+
+  def data(process_index, process_count):
+    return input_pipeline.ImageNetData(
+        "sharded_images_for_test", str(tmp_path), None, preprocessing, shuffle_buffer=16,
+        num_train_examples=8, num_eval_examples=7, process_index=process_index,
+        process_count=process_count)
+
+  whole, shares = data(0, 1), [data(0, 2), data(1, 2)]
+  train = lambda d: list(d.train_epoch(4, (0, 1, 0)))
+  evaluation = lambda d: list(d.eval_batches(4))
+  # 8 of the 12 training examples in global batches of 4: each process feeds 2 rows.
+  assert [b["image"].shape for b in train(whole)] == [(4, 32, 32, 3)] * 2
+  for share in shares:
+    assert [b["image"].shape for b in train(share)] == [(2, 32, 32, 3)] * 2
+    # Eval shares of 4 and 3 images: both processes run 2 batches of 2 rows.
+    assert [b["image"].shape for b in evaluation(share)] == [(2, 32, 32, 3)] * 2
+  whole_eval = _real_images(evaluation(whole))
+  share_evals = [_real_images(evaluation(share)) for share in shares]
+  assert [len(e) for e in share_evals] == [4, 3] and len(whole_eval) == 7
+  assert sorted(share_evals[0] + share_evals[1]) == sorted(whole_eval)
+  # Crops and flips are keyed by an example's index in the whole split, so the shares'
+  # augmented images are exactly the one-process epoch's.
+  share_trains = [_real_images(train(share)) for share in shares]
+  assert not set(share_trains[0]) & set(share_trains[1])
+  assert sorted(share_trains[0] + share_trains[1]) == sorted(_real_images(train(whole)))
