@@ -44,8 +44,8 @@ def round_to_nearest(w, x=None, *, bits: int, grid: str = "asymmetric",
                            scalar=float(scalar), group_size=group_size)
   error = None if gram is None else objective.reconstruction_error(
       wt.T, qt.T, gram.astype(wt.dtype))
-  return objective.layer_result(w, qt, codes, g, error,
-                               jnp.zeros((0,), wt.dtype), group_size)
+  return objective.layer_result(w, qt, codes, g, error, jnp.zeros((0,), wt.dtype),
+                               group_size=group_size, bits=bits, grid=grid)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "grid", "granularity",
@@ -147,8 +147,8 @@ def gptq_layer(w, x=None, *, bits: int, grid: str = "asymmetric",
   if not bool(positive_definite):
     raise ValueError(f"H is not positive definite after damping with damp={damp}; "
                      "raise damp, or check the calibration data.")
-  return objective.layer_result(w, qt, codes, g, error,
-                               jnp.zeros((0,), wt.dtype), group_size)
+  return objective.layer_result(w, qt, codes, g, error, jnp.zeros((0,), wt.dtype),
+                               group_size=group_size, bits=bits, grid=grid)
 
 
 def _inverse_cholesky(gram, damp, d_in):

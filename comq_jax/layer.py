@@ -539,7 +539,8 @@ def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
       w.T.astype(dtype), gram, bits=bits, iters=iters, order=order,
       scale_update=bool(scale_update), scalar=float(scalar), grid=grid,
       granularity=granularity, group_size=group_size, init=init, mesh=mesh)
-  return objective.layer_result(w, qt, codes, g, error, history, group_size)
+  return objective.layer_result(w, qt, codes, g, error, history, group_size=group_size,
+                                bits=bits, grid=grid)
 
 
 def check_options(*, iters, order, init) -> None:

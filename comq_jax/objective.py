@@ -8,6 +8,8 @@ Reference: A. Zhang et al., "COMQ: A Backpropagation-Free Algorithm for
 Post-Training Quantization", arXiv 2403.07134 (2024).
 """
 
+import dataclasses
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -56,7 +58,13 @@ def accumulate_gram(acc: Optional[GramAccumulator], x_batch) -> GramAccumulator:
   return GramAccumulator(gram=acc.gram + g, count=acc.count + n)
 
 
-class LayerQuantization(NamedTuple):
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["weights", "codes", "levels", "scale", "zero_point", "exponent",
+                 "error", "history"],
+    meta_fields=["group_size", "bits", "grid"])
+@dataclasses.dataclass(frozen=True)
+class LayerQuantization:
   """Result of :func:`comq_jax.quantize_layer` and the baselines.
 
   Layouts follow Flax: weight-shaped arrays are ``(d_in, d_out)`` and
@@ -64,6 +72,11 @@ class LayerQuantization(NamedTuple):
   (``group_size`` set) the per-channel arrays gain a group axis: ``(d_out,
   groups)``, and ``levels`` is ``(d_out, groups, L)``; input ``i`` belongs
   to group ``i // group_size`` (the last group may be shorter).
+
+  A pytree: the arrays are its leaves, and the grid's layout (``group_size``,
+  ``bits``, ``grid``) is static metadata, so a result can leave ``jax.jit``
+  whole and packs without its settings repeated
+  (:func:`inq_jax.deploy.pack_layer_quantization`).
 
   Attributes:
     weights: de-quantized weights, shape and dtype of ``w``;
@@ -77,10 +90,12 @@ class LayerQuantization(NamedTuple):
     zero_point: ``(d_out,)`` int32 code of zero (``-z`` of the official grid).
     exponent: ``(d_out,)`` int32 INQ ``n1`` per channel for ``grid="pow2"``
       (pack with :func:`inq_jax.pow2.pow2_encode`), zeros otherwise.
-    group_size: inputs per grid, or None for per-channel and per-layer grids.
     error: ``||X W - X weights||_F`` from the Gram, or None without data.
     history: errors after each sweep and, with ``scale_update``, after each
       scale update (``iters`` or ``2 * iters`` entries); empty for RTN.
+    group_size: inputs per grid, or None for per-channel and per-layer grids.
+    bits: the bit width the weights were quantized to.
+    grid: the grid kind: ``"asymmetric"``, ``"symmetric"`` or ``"pow2"``.
   """
   weights: jax.Array
   codes: jax.Array
@@ -90,7 +105,9 @@ class LayerQuantization(NamedTuple):
   exponent: jax.Array
   error: Optional[jax.Array]
   history: jax.Array
-  group_size: Optional[int] = None
+  group_size: Optional[int]
+  bits: int
+  grid: str
 
 
 def reconstruction_error(w, q, gram):
@@ -152,7 +169,7 @@ def compute_dtype(dtype):
   return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
-def layer_result(w, qt, codes, g, error, history, group_size=None):
+def layer_result(w, qt, codes, g, error, history, *, group_size, bits, grid):
   """A :class:`LayerQuantization` from channel-major solver outputs."""
   d_out = qt.shape[0]
   per_row = lambda a: a if group_size is None else a.reshape((d_out, -1) + a.shape[1:])
@@ -161,6 +178,6 @@ def layer_result(w, qt, codes, g, error, history, group_size=None):
       levels=per_row(g.values().astype(w.dtype)),
       scale=per_row(g.step * g.unit_scale), zero_point=per_row(g.zero_point),
       exponent=per_row(g.exponent), error=error, history=history,
-      group_size=group_size)
+      group_size=group_size, bits=bits, grid=grid)
 
 

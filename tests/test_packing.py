@@ -1,5 +1,6 @@
 """Tests of packed power-of-two storage (inq_jax.deploy.packing)."""
 
+import dataclasses
 import math
 import pathlib
 import subprocess
@@ -290,18 +291,40 @@ def test_pow2_round_trip_per_channel_and_per_group(bits):
     packing.pack(q, bits, per_group - 1, group_size=4, k_tile=8)
 
 
+@pytest.mark.parametrize("solver", ["comq", "rtn", "gptq"])
 @pytest.mark.parametrize("grid", packing.LAYER_GRIDS)
 @pytest.mark.parametrize("group_size", [None, 8])
-def test_pack_layer_quantization_keeps_the_comq_weights(grid, group_size):
+def test_pack_layer_quantization_keeps_the_solver_weights(solver, grid, group_size):
   w = jax.random.normal(jax.random.key(0), (20, 6), jnp.float32)
-  result = comq_jax.round_to_nearest(
-      w, bits=4, grid=grid, group_size=group_size,
-      granularity="channel" if group_size is None else "group")
-  packed = packing.pack_layer_quantization(result, grid=grid, bits=4)
-  assert packed.group_size == group_size
+  x = jax.random.normal(jax.random.key(1), (48, 20), jnp.float32)
+  solve = {"comq": comq_jax.quantize_layer, "rtn": comq_jax.round_to_nearest,
+           "gptq": comq_jax.gptq_layer}[solver]
+  result = solve(w, x, bits=4, grid=grid, group_size=group_size,
+                 granularity="channel" if group_size is None else "group")
+  assert (result.grid, result.bits, result.group_size) == (grid, 4, group_size)
+  packed = packing.pack_layer_quantization(result)
+  assert packed.group_size == group_size and packed.bits == 4
   np.testing.assert_array_equal(packing.unpack(packed), result.weights)
-  with pytest.raises(ValueError, match="grid must be one of"):
-    packing.pack_layer_quantization(result, grid="nf4", bits=4)
+  with pytest.raises(ValueError, match="the result's grid must be one of"):
+    packing.pack_layer_quantization(dataclasses.replace(result, grid="nf4"))
+
+
+@pytest.mark.parametrize("solver", ["comq", "rtn"])
+def test_a_layer_result_leaves_jit_whole_with_its_grid(solver):
+  """The settings are static pytree metadata: a jitted solve returns the whole result,
+  and it packs as the eager one does."""
+  w = jax.random.normal(jax.random.key(0), (16, 6), jnp.float32)
+  x = jax.random.normal(jax.random.key(1), (40, 16), jnp.float32)
+  # (gptq_layer checks its damped H on the host, so it runs eagerly.)
+  solve = {"comq": comq_jax.quantize_layer, "rtn": comq_jax.round_to_nearest}[solver]
+  options = dict(bits=3, grid="symmetric", granularity="group", group_size=8)
+  eager = solve(w, x, **options)
+  jitted = jax.jit(lambda w, x: solve(w, x, **options))(w, x)
+  assert (jitted.bits, jitted.grid, jitted.group_size) == (3, "symmetric", 8)
+  assert jax.tree.structure(jitted) == jax.tree.structure(eager)
+  assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(jitted))
+  np.testing.assert_array_equal(packing.unpack(packing.pack_layer_quantization(jitted)),
+                                packing.unpack(packing.pack_layer_quantization(eager)))
 
 
 def test_size_report_counts_uniform_bytes():

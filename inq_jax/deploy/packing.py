@@ -561,9 +561,9 @@ def pack_uniform_from_values(w, scale, zero_point=None, *, bits: int,
 LAYER_GRIDS = ("asymmetric", "symmetric", "pow2")
 
 
-def pack_layer_quantization(result, *, grid: str, bits: int,
-                            k_tile: Optional[int] = None):
-  """Packs a ``comq_jax.LayerQuantization`` (COMQ, RTN or GPTQ result).
+def pack_layer_quantization(result, *, k_tile: Optional[int] = None):
+  """Packs a ``comq_jax.LayerQuantization`` (COMQ, RTN or GPTQ result) on the
+  grid and bit width it records.
 
   Its per-channel arrays are ``(d_out,)`` or, with groups, ``(d_out,
   groups)``; they are transposed to the ``(groups, N)`` layout here.
@@ -577,21 +577,22 @@ def pack_layer_quantization(result, *, grid: str, bits: int,
 
   Args:
     result: a ``LayerQuantization`` (fields ``weights``, ``codes``,
-      ``scale``, ``zero_point``, ``exponent``, ``group_size``).
-    grid: the ``grid`` it was quantized with, one of :data:`LAYER_GRIDS`.
-    bits: its bit width.
+      ``scale``, ``zero_point``, ``exponent``, ``group_size``, ``bits``,
+      ``grid``).
     k_tile: as :func:`pack_uniform`.
 
   Returns:
     A :class:`PackedUniform` or :class:`PackedPow2`.
 
   Raises:
-    ValueError: on an unknown ``grid``, a symmetric result whose zero points
-      are not ``2^(bits-1) - 1``, or the errors of the packing functions.
+    ValueError: on a result whose ``grid`` is not one of
+      :data:`LAYER_GRIDS`, a symmetric result whose zero points are not
+      ``2^(bits-1) - 1``, or the errors of the packing functions.
   """
+  grid = result.grid
   if grid not in LAYER_GRIDS:
-    raise ValueError(f"grid must be one of {LAYER_GRIDS}, got {grid!r}.")
-  bits = pow2.check_bits(bits)
+    raise ValueError(f"the result's grid must be one of {LAYER_GRIDS}, got {grid!r}.")
+  bits = pow2.check_bits(result.bits)
   group_size = result.group_size
   per_input = lambda param: jnp.asarray(param).T  # (d_out, groups) -> (groups, N)
   if grid == "pow2":
