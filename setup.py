@@ -37,6 +37,7 @@ setuptools.setup(
     ],
     extras_require={
         "experiments": EXPERIMENTS,
-        "dev": EXPERIMENTS + ["pytest", "nbclient", "nbformat", "ipykernel", "ruff"],
+        "dev": EXPERIMENTS + ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
+                            "ruff"],
     },
 )

@@ -298,9 +298,9 @@ def shortened_run(config, workdir):
   return train.train_and_evaluate(configs.apply_overrides(config, fields), workdir)
 
 
+# One to two minutes each on 2 cores: run with `-m slow`.
 @pytest.mark.parametrize("name", [
-    "ablation_inq_partition",
-    # Two minutes each on 2 cores: run with `-m slow`.
+    pytest.param("ablation_inq_partition", marks=pytest.mark.slow),
     pytest.param("ablation_comq", marks=pytest.mark.slow),
     pytest.param("ablation_ptq", marks=pytest.mark.slow)])
 def test_reduced_sweep_runs_on_digits_and_is_reported(name, tmp_path):
