@@ -109,6 +109,9 @@ def gptq_layer(w, x=None, *, bits: int, grid: str = "asymmetric",
   Dead inputs (``H_ii = 0``) carry no error: they are rounded to nearest, as
   :func:`comq_jax.quantize_layer` does (the paper's code zeroes them instead).
 
+  It runs eagerly, not under ``jax.jit``: it reads on the host whether the damped
+  ``H`` was positive definite, to raise instead of returning NaN weights.
+
   Args:
     w: ``(d_in, d_out)`` weights (Flax layout).
     x: ``(N, d_in)`` calibration inputs; or give ``gram`` instead.
