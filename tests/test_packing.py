@@ -307,6 +307,14 @@ def test_pack_layer_quantization_keeps_the_solver_weights(solver, grid, group_si
   np.testing.assert_array_equal(packing.unpack(packed), result.weights)
   with pytest.raises(ValueError, match="the result's grid must be one of"):
     packing.pack_layer_quantization(dataclasses.replace(result, grid="nf4"))
+  same = packing.pack_layer_quantization(result, grid=grid, bits=4)
+  np.testing.assert_array_equal(packing.unpack(same), result.weights)
+  with pytest.raises(ValueError, match=r"bits=3 was passed, but the result was quantized "
+                                       r"with bits=4"):
+    packing.pack_layer_quantization(result, bits=3)
+  other = "pow2" if grid != "pow2" else "symmetric"
+  with pytest.raises(ValueError, match=f"grid='{other}' was passed"):
+    packing.pack_layer_quantization(result, grid=other)
 
 
 @pytest.mark.parametrize("solver", ["comq", "rtn"])

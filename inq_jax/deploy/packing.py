@@ -561,7 +561,8 @@ def pack_uniform_from_values(w, scale, zero_point=None, *, bits: int,
 LAYER_GRIDS = ("asymmetric", "symmetric", "pow2")
 
 
-def pack_layer_quantization(result, *, k_tile: Optional[int] = None):
+def pack_layer_quantization(result, *, k_tile: Optional[int] = None,
+                            grid: Optional[str] = None, bits: Optional[int] = None):
   """Packs a ``comq_jax.LayerQuantization`` (COMQ, RTN or GPTQ result) on the
   grid and bit width it records.
 
@@ -580,15 +581,23 @@ def pack_layer_quantization(result, *, k_tile: Optional[int] = None):
       ``scale``, ``zero_point``, ``exponent``, ``group_size``, ``bits``,
       ``grid``).
     k_tile: as :func:`pack_uniform`.
+    grid, bits: optional; when given they must equal the result's own (a check
+      for callers that name them).
 
   Returns:
     A :class:`PackedUniform` or :class:`PackedPow2`.
 
   Raises:
     ValueError: on a result whose ``grid`` is not one of
-      :data:`LAYER_GRIDS`, a symmetric result whose zero points are not
-      ``2^(bits-1) - 1``, or the errors of the packing functions.
+      :data:`LAYER_GRIDS`, a ``grid`` or ``bits`` that differs from the
+      result's, a symmetric result whose zero points are not ``2^(bits-1) -
+      1``, or the errors of the packing functions.
   """
+  for name, given in (("grid", grid), ("bits", bits)):
+    if given is not None and given != getattr(result, name):
+      raise ValueError(f"{name}={given!r} was passed, but the result was quantized with "
+                       f"{name}={getattr(result, name)!r}; leave {name} out to use the "
+                       f"result's.")
   grid = result.grid
   if grid not in LAYER_GRIDS:
     raise ValueError(f"the result's grid must be one of {LAYER_GRIDS}, got {grid!r}.")
