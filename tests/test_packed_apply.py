@@ -184,3 +184,34 @@ def test_nnx_packed_model_matches_dequantized_model(grid, granularity, group_siz
   loaded = deploy.load_packed(str(tmp_path / "model.safetensors"), like=result.variables)
   np.testing.assert_array_equal(deploy.packed_apply(result.model, loaded, X),
                                 deploy.packed_apply(result.model, packed, X))
+
+
+class _NNXConvBN(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 6, (3, 3), rngs=rngs)
+    self.norm = nnx.BatchNorm(6, use_running_average=True, rngs=rngs)
+    self.head = nnx.Linear(6, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.norm(self.conv(x))).mean(axis=(1, 2)))
+
+
+def test_nnx_jitted_packed_apply_reads_the_module_state_of_each_call():
+  """Batch statistics changed after the first call are used by the next one, and an
+  equal module (same structure, other arrays) shares the compiled function."""
+  model = _NNXConvBN(nnx.Rngs(0))
+  result = comq_jax.quantize_model(model, None, [X], bits=4, method="rtn")
+  packed = deploy.pack_quantization(result, result.model, X)
+  other = _NNXConvBN(nnx.Rngs(1))
+  other_packed = deploy.pack_quantization(
+      comq_jax.quantize_model(other, None, [X], bits=4, method="rtn"), other, X)
+  shifted_mean = jax.device_put(np.asarray(result.model.norm.mean[...]) + 0.5)
+  with helpers.count_compilations() as compilations:
+    before = deploy.jit_packed_apply(result.model)(packed, X)
+    result.model.norm.mean[...] = shifted_mean
+    after = deploy.jit_packed_apply(result.model)(packed, X)
+    deploy.jit_packed_apply(other)(other_packed, X)
+  assert compilations[0] == 1
+  assert not np.allclose(before, after)
+  np.testing.assert_allclose(after, deploy.packed_apply(result.model, packed, X),
+                             rtol=1e-5, atol=1e-6)

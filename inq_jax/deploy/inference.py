@@ -331,6 +331,13 @@ def _jitted(model, options: tuple, apply_kwargs: tuple) -> Callable:
       model, packed_variables, *args, **dict(options), **dict(apply_kwargs)))
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_nnx(graphdef, options: tuple, apply_kwargs: tuple) -> Callable:
+  return jax.jit(lambda state, packed_variables, *args: packed_apply(
+      nnx.merge(graphdef, state), packed_variables, *args, **dict(options),
+      **dict(apply_kwargs)))
+
+
 def jit_packed_apply(model, *, block_m: Optional[int] = None,
                      block_n: Optional[int] = None,
                      interpret: Optional[bool] = None,
@@ -343,8 +350,10 @@ def jit_packed_apply(model, *, block_m: Optional[int] = None,
 
   Args:
     model: a hashable Flax linen module (linen modules are), or an NNX
-      module (kept by identity; its state other than ``nnx.Param``, e.g.
-      batch statistics, is read when a shape is first traced).
+      module. An NNX module is keyed by its graph definition (its structure
+      and static attributes, not its arrays), and every call reads its state
+      as it is then: batch statistics updated between calls are used, and
+      the cache holds no module.
     block_m: as :func:`packed_apply`.
     block_n: as :func:`packed_apply`.
     interpret: as :func:`packed_apply`.
@@ -354,9 +363,14 @@ def jit_packed_apply(model, *, block_m: Optional[int] = None,
   Returns:
     ``fn(packed_variables, *args)`` returning what ``model.apply`` returns.
   """
-  options = dict(block_m=block_m, block_n=block_n, interpret=interpret)
-  return _jitted(model, tuple(sorted(options.items())),
-                 tuple(sorted(apply_kwargs.items())))
+  options = tuple(sorted(dict(block_m=block_m, block_n=block_n,
+                              interpret=interpret).items()))
+  apply_kwargs = tuple(sorted(apply_kwargs.items()))
+  if not isinstance(model, nnx.Module):
+    return _jitted(model, options, apply_kwargs)
+  graphdef, _ = nnx.split(model)
+  jitted = _jitted_nnx(graphdef, options, apply_kwargs)
+  return lambda packed_variables, *args: jitted(nnx.state(model), packed_variables, *args)
 
 
 def evaluate_packed(model: nn.Module, variables: PyTree, state: INQState,
