@@ -492,7 +492,7 @@ def write_results(trainer, workdir, state, progress):
       "final_accuracy": accuracies[trainer.phases[-1].name],
       "packed_accuracy": packed_accuracy,
       **sizes,
-      **method.results(config, state, progress, trainer.phases),
+      **method.results(config, state, progress, trainer.phases, packed),
   }
   files.write_json_atomically(os.path.join(workdir, "results.json"), results)
   return results

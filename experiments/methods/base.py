@@ -67,7 +67,7 @@ class Method:
   phases after the FP one; `enter(phase, state, context)` on entering each of them;
   `frozen(state)` for the training steps of every phase; at the end,
   `packed_variables` (written as the packed model file, and run with eval_packed) and
-  `results(config, state, progress, phases)`.
+  `results(config, state, progress, phases, packed)` with what it returned.
   """
   name = "fp"
   label = "FP"
@@ -125,9 +125,12 @@ class Method:
     del model, state, progress, phases, example
     return None
 
-  def results(self, config, state, progress, phases) -> dict:
-    """The method's entries of results.json (sizes and method-specific keys)."""
-    del config, progress, phases
+  def results(self, config, state, progress, phases, packed) -> dict:
+    """The method's entries of results.json (sizes and method-specific keys).
+
+    packed: what `packed_variables` returned for this run (None for FP).
+    """
+    del config, progress, phases, packed
     variables = jax.device_get(state["variables"])
     fp32 = sum(4 * leaf.size for leaf in jax.tree.leaves(variables))
     own = sum(leaf.nbytes for leaf in jax.tree.leaves(variables))

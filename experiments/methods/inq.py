@@ -101,14 +101,13 @@ class INQMethod(base.Method):
                                       bits=state["method"].bits, grid="pow2",
                                       granularity="layer", train=False)
 
-  def results(self, config, state, progress, phases):
+  def results(self, config, state, progress, phases, packed):
     params, inq_state = state["variables"]["params"], state["method"]
     fraction = inq_jax.codebook_fraction(params, inq_state)
     if fraction != 1.0:
       raise RuntimeError(f"Only {fraction:.6f} of the quantizable weights are in the "
                          f"{inq_state.bits}-bit power-of-two codebook after the final "
                          "INQ step.")
-    packed = inq_jax.deploy.pack_variables(jax.device_get(state["variables"]), inq_state)
     return {**base.size_entries(inq_jax.deploy.size_report(packed)),
             "codebook_fraction": fraction, "layers": None,
             "zero_fractions": zero_fractions(params, inq_state),

@@ -158,7 +158,8 @@ class PostTrainingMethod(base.Method):
     return inq_jax.deploy.pack_quantization(self.quantization(state, progress, phases),
                                             model, example, train=False)
 
-  def results(self, config, state, progress, phases):
+  def results(self, config, state, progress, phases, packed):
+    del packed  # The sizes come from the quantization record, as size_report counts them.
     record = progress["records"][phases[-1].name]
     result = self.quantization(state, progress, phases)
     return {**base.size_entries(result.size_report()), "portion_accuracies": [],
