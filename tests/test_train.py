@@ -48,14 +48,17 @@ def test_inq_run_writes_results_metrics_and_config(tmp_path):
   # the same power-of-two products in float32, only possibly in another order, which
   # could flip an argmax with a near-tie (allowed: one of the 450 test images).
   assert abs(results["packed_accuracy"] - results["final_accuracy"]) <= 1 / 450 + 1e-12
-  assert results["packed_memory_bytes"] == results["packed_bytes"]
   assert (os.path.getsize(os.path.join(workdir, train.PACKED_MODEL_FILE))
           == results["packed_file_bytes"] < results["fp32_file_bytes"] / 2)
   assert [p["portion"] for p in results["portion_accuracies"]] == [0.5, 0.75, 1.0]
-  # Sizes from inq_jax.deploy.pack_params + size_report. 5-bit codes take one byte each, and
-  # K is padded to the kernel's k_tile, so the real packed model is only ~2.7x smaller
-  # than FP32 on this small CNN; log2(17) bits per weight would give ~7x.
+  # Sizes: size_report of the packed model, as written to the packed model file. 5-bit
+  # codes take one byte each, and K is padded to the kernel's k_tile, so the real packed
+  # model is only ~2.7x smaller than FP32 on this small CNN; log2(17) bits per weight
+  # would give ~7x.
   state, _ = train.latest_checkpoint(workdir)
+  written = inq_jax.deploy.load_packed(os.path.join(workdir, train.PACKED_MODEL_FILE),
+                                       like=state["variables"])
+  assert results["packed_bytes"] == inq_jax.deploy.size_report(written).packed_bytes
   num_values = sum(leaf.size for leaf in jax.tree.leaves(state["variables"]))
   assert results["fp32_bytes"] == 4 * num_values
   assert results["packed_bytes"] < results["fp32_bytes"] / 2
