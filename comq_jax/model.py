@@ -544,7 +544,7 @@ def _as_sequence(calibration_batches):
   return batches
 
 
-def _check_data_options(mesh, microbatch) -> None:
+def check_data_options(mesh, microbatch) -> None:
   """Raises ValueError on a mesh or microbatch that cannot split the batches."""
   layer_lib.check_mesh(mesh)
   if mesh is not None and _DATA_AXIS not in mesh.axis_names:
@@ -697,7 +697,7 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches:
   baselines.check_gptq_options(granularity=granularity, block_size=block_size,
                                damp=damp, act_order=act_order,
                                static_groups=static_groups)
-  _check_data_options(mesh, microbatch)
+  check_data_options(mesh, microbatch)
   target = _target(model_or_apply, variables, apply_kwargs)
   batches = _as_sequence(calibration_batches)
   masks = _check_masks(row_masks, batches)
@@ -988,7 +988,7 @@ def layer_grams(model_or_apply: Any, variables, calibration_batches: Sequence[An
     ``count`` the number of unmasked rows. Layers without a 2-D view are
     left out.
   """
-  _check_data_options(mesh, microbatch)
+  check_data_options(mesh, microbatch)
   target = _target(model_or_apply, variables, apply_kwargs)
   batches = _as_sequence(calibration_batches)
   masks = _check_masks(row_masks, batches)

@@ -33,9 +33,10 @@ def calibration_devices(config, mesh) -> dict:
   microbatch = config.calibration.microbatch
   if microbatch is None:
     return {}
-  if isinstance(microbatch, bool) or not isinstance(microbatch, int) or microbatch < 1:
-    raise ValueError(f"calibration.microbatch={microbatch!r}: must be None or an integer "
-                     ">= 1.")
+  try:
+    comq_jax.model.check_data_options(None, microbatch)
+  except ValueError as error:
+    raise ValueError(f"calibration.{error}") from None
   if config.calibration.batch_size % microbatch:
     raise ValueError(f"calibration.microbatch={microbatch} must divide "
                      f"calibration.batch_size={config.calibration.batch_size}.")
