@@ -31,7 +31,17 @@ COMQ per channel and with groups of ``--group_size`` inputs, and GPTQ
 (:func:`comq_jax.gptq_layer`, blocks of 128, 1% dampening) per channel and
 with groups, with each solver's error ``||XW - XQ||_F`` and the time ratios.
 
-Run: ``python -m benchmarks.comq_layer [--d_in 1536 --d_out 384 --n 2048]``.
+Last, the memory traffic of the Gram sweep: in greedy order every channel visits its
+inputs in its own order, and each visit adds that input's Gram row to the channel's
+residual, so one sweep reads at least ``4 d_out d_in^2`` bytes of Gram rows, a matrix
+product shared by no two channels. The script prints the rate this implies at the
+measured sweep time beside this machine's read bandwidth (a jitted sum over a 512 MiB
+array), measured in the same run. Near that bandwidth the
+sweep is bound by memory, not by arithmetic.
+
+Run: ``python -m benchmarks.comq_layer [--d_in 1536 --d_out 384 --n 2048
+--nox_based]``; ``--nox_based`` leaves out the X-based variants (slow at large
+``d_in``).
 """
 
 import functools
@@ -56,6 +66,7 @@ _D_OUT = flags.DEFINE_integer("d_out", 384, "Layer outputs.")
 _N = flags.DEFINE_integer("n", 2048, "Calibration rows.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
 _GROUP_SIZE = flags.DEFINE_integer("group_size", 128, "Inputs per group-wise scale.")
+_X_BASED = flags.DEFINE_bool("x_based", True, "Also time the X-based variants.")
 
 
 def _x_step(values, xt, sq_norms, u, i, w, q_old):
@@ -193,6 +204,19 @@ def compare_solvers(wt, gram, group_size, repeats):
         f"{float(errors[f'COMQ g{group_size}']) / float(errors[f'GPTQ g{group_size}']):.3f}")
 
 
+def gram_traffic(sweep_seconds, d_in, d_out, repeats):
+  """Prints the Gram-row rate of one greedy sweep against the read bandwidth."""
+  gram_bytes = 4 * d_out * d_in * d_in
+  array = jnp.ones((2**27,), jnp.float32)  # 512 MiB
+  median, _ = median_times({"read": (jax.jit(jnp.sum), (array,))}, repeats)
+  read = array.nbytes / median["read"]
+  rate = gram_bytes / sweep_seconds
+  print(f"\nGram sweep traffic: {gram_bytes / 1e9:.2f} GB of Gram rows per sweep "
+        f"(4 d_out d_in^2) in {sweep_seconds * 1e3:.1f} ms: {rate / 1e9:.1f} GB/s; "
+        f"read bandwidth (sum over 512 MiB, median of {repeats}): "
+        f"{read / 1e9:.1f} GB/s; the sweep reads at {rate / read:.2f}x of it")
+
+
 def main(argv):
   del argv
   d_in, d_out, n, repeats = _D_IN.value, _D_OUT.value, _N.value, _REPEATS.value
@@ -202,15 +226,18 @@ def main(argv):
   wt = jnp.asarray(rng.normal(0, 0.05, (d_out, d_in)), jnp.float32)
   gram = jax.block_until_ready(objective.accumulate_gram(None, x).gram)
 
-  variants = {
+  gram_variants = {
       "Gram solver, quantize_layer (incl. X^T X)": (gram_comq, (wt, x)),
       "Gram sweep only (H precomputed)": (gram_sweep_only, (wt, gram)),
+  }
+  x_variants = {
       "X-based, jitted scan (optimised port)": (x_scan_comq, (wt, x)),
       "X-based, per-coordinate loop (official code structure)": (
           x_loop_comq, (wt, x)),
       "X-based, eager NumPy (official code as run on CPU)": (
           x_numpy_comq, (wt, x)),
   }
+  variants = {**gram_variants, **(x_variants if _X_BASED.value else {})}
   median, outputs = median_times(variants, repeats)
   outputs = {k: np.asarray(v) for k, v in outputs.items()}
   reference = outputs["Gram solver, quantize_layer (incl. X^T X)"]
@@ -222,16 +249,14 @@ def main(argv):
     mismatch = float(np.mean(~np.isclose(q, reference, rtol=1e-5, atol=0)))
     print(f"  {k:56s} {median[k] * 1e3:9.1f} ms   Q mismatch vs "
           f"quantize_layer: {mismatch:.2e}")
-  for solver in ("Gram solver, quantize_layer (incl. X^T X)",
-                 "Gram sweep only (H precomputed)"):
-    for base in ("X-based, jitted scan (optimised port)",
-                 "X-based, per-coordinate loop (official code structure)",
-                 "X-based, eager NumPy (official code as run on CPU)"):
+  for solver in gram_variants:
+    for base in x_variants if _X_BASED.value else ():
       ratio = median[base] / median[solver]
       verdict = "meets" if ratio >= TARGET_SPEEDUP else "does NOT meet"
       print(f"{solver} vs {base}: {ratio:.1f}x ({verdict} the "
             f"{TARGET_SPEEDUP:.0f}x target)")
   compare_solvers(wt, gram, _GROUP_SIZE.value, repeats)
+  gram_traffic(median["Gram sweep only (H precomputed)"], d_in, d_out, repeats)
 
 
 if __name__ == "__main__":
