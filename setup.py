@@ -1,4 +1,4 @@
-"""Installs the libraries inq_jax and comq_jax.
+"""Installs the libraries quant_core, inq_jax and comq_jax.
 
 `pip install .` installs what the libraries import: jax, flax, optax and numpy.
 The experiments (run from a checkout: `python -m experiments.digits`) need the extra
@@ -28,7 +28,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["inq_jax*", "comq_jax*"]),
+    packages=setuptools.find_packages(include=["quant_core*", "inq_jax*", "comq_jax*"]),
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

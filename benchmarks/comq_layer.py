@@ -7,7 +7,7 @@ gathers each channel's input column ``x_i`` and computes ``<x_i, U_j>``.
 This script compares, on the same problem (4-bit asymmetric grid, greedy
 order, one sweep):
 
-* ``comq_jax.layer.quantize_layer(w, x)``: forms ``H = X^T X`` and runs the
+* ``comq_jax.comq(bits=4).quantize_layer(w, x)``: forms ``H = X^T X`` and runs the
   blocked Gram sweep (everything the public call does, validation included);
 * the Gram sweep alone on a precomputed ``H``;
 * "X-based, jitted scan (optimised port)": the official data flow as one
@@ -28,7 +28,7 @@ repeats, after compilation, with ``block_until_ready``.
 
 Then, on the same precomputed Gram, it times the layer solvers side by side:
 COMQ per channel and with groups of ``--group_size`` inputs, and GPTQ
-(:func:`comq_jax.gptq_layer`, blocks of 128, 1% dampening) per channel and
+(:func:`comq_jax.gptq`, blocks of 128, 1% dampening) per channel and
 with groups, with each solver's error ``||XW - XQ||_F`` and the time ratios.
 
 Last, the memory traffic of the Gram sweep: in greedy order every channel visits its
@@ -54,8 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import comq_jax
 from comq_jax import baselines
-from comq_jax import grid as grid_lib
+from quant_core import grids as grid_lib
 from comq_jax import layer
 from comq_jax import objective
 
@@ -149,7 +150,7 @@ def x_numpy_comq(wt, x):
 
 def gram_comq(wt, x):
   """The public call: ``X^T X`` plus the Gram sweep (Flax layout in/out)."""
-  return layer.quantize_layer(wt.T, x, bits=4).weights.T
+  return comq_jax.comq(bits=4).quantize_layer(wt.T, x).weights.T
 
 
 @jax.jit

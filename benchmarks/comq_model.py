@@ -90,7 +90,8 @@ def _run(name):
   kwargs = {} if name == "mobilenet" else {"train": False}
   variables = model.init(jax.random.key(1), batches[0][:1], **kwargs)
   with model_timing.timed() as clock:
-    result = comq_jax.quantize_model(model, variables, batches, bits=_BITS.value, **kwargs)
+    result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=_BITS.value),
+                                     **kwargs)
     jax.block_until_ready(result.variables)
   target = TARGET_SECONDS[name]
   print(f"{name}: {len(result.layers)} layers quantized, {len(result.skipped)} left in "

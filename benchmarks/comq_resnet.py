@@ -104,7 +104,7 @@ def _run(name, images):
           else None)
   before = _resident_bytes()
   with model_timing.timed() as clock:
-    result = comq_jax.quantize_model(model, variables, batches, bits=_BITS.value,
+    result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=_BITS.value),
                                      mesh=mesh, microbatch=_MICROBATCH.value, train=False)
     jax.block_until_ready(result.variables)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

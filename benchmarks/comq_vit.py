@@ -17,6 +17,8 @@ Run: ``python -m benchmarks.comq_vit [--model=deit_small --images=64 --batch=16 
 --bits=4]``.
 """
 
+import re
+
 from absl import app
 from absl import flags
 import jax
@@ -47,8 +49,9 @@ def main(argv):
       jax.random.key(1))
   ends = post_training.first_and_last_layers(model, variables, batches[0], num_classes)
   with model_timing.timed() as clock:
-    result = comq_jax.quantize_model(model, variables, batches, bits=_BITS.value,
-                                     skip=lambda path, kernel: path in ends, train=False)
+    result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=_BITS.value),
+                                     rules=[(re.escape(path), None) for path in sorted(ends)],
+                                     train=False)
     jax.block_until_ready(result.variables)
   print(f"{_MODEL.value}: {len(result.layers)} layers quantized, {len(result.skipped)} left in "
         f"float ({', '.join(entry.path for entry in result.skipped)}); "

@@ -33,8 +33,8 @@ from benchmarks.kernel_timing import PEAK_BANDWIDTH
 from benchmarks.kernel_timing import bandwidth_share
 from benchmarks.kernel_timing import median_seconds
 from benchmarks.kernel_timing import write_result
-from inq_jax.deploy import kernels
-from inq_jax.deploy import packing
+from quant_core.deploy import kernels
+from quant_core.deploy import packing
 
 FULL_M = (1, 8, 16, 64, 256, 1024, 4096)
 FULL_KN = (4096, 8192)

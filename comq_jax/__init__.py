@@ -1,42 +1,46 @@
-"""COMQ post-training quantization in JAX (Zhang et al., arXiv 2403.07134).
+"""COMQ post-training quantization in JAX (Zhang et al., arXiv 2403.07134), with
+GPTQ and round-to-nearest on the same Grams and grids.
 
-* :mod:`comq_jax.grid`: the uniform and power-of-two grids;
-* :mod:`comq_jax.objective`: the layer objective from Grams, and the result type;
-* :mod:`comq_jax.layer`: the COMQ coordinate-descent solver;
-* :mod:`comq_jax.baselines`: round-to-nearest and GPTQ on the same grids;
-* :mod:`comq_jax.model`: whole-model quantization with any of them.
+* :mod:`comq_jax.solvers`: :func:`comq`, :func:`gptq` and :func:`rtn` build
+  immutable solvers that carry their settings; ``solver.quantize_layer(w, x)``;
+* :mod:`comq_jax.rules`: which solver quantizes which layer (mixed precision,
+  layers kept in float);
+* :mod:`comq_jax.driver`: :func:`quantize_model`, a whole Flax model (linen or
+  NNX) with any solver;
+* :mod:`comq_jax.layer`, :mod:`comq_jax.baselines`: the COMQ coordinate-descent
+  core, and the round-to-nearest and GPTQ cores;
+* :mod:`comq_jax.objective`: the layer objective from Grams.
+
+Layer discovery, the Gram capture, the grids, packing and the kernels live in
+:mod:`quant_core`.
 """
 
-from comq_jax.baselines import gptq_layer
-from comq_jax.baselines import round_to_nearest
-from comq_jax.grid import Grid
-from comq_jax.grid import make_grid
-from comq_jax.layer import quantize_layer
-from comq_jax.model import LayerReport
-from comq_jax.model import ModelQuantization
-from comq_jax.model import SkippedLayer
-from comq_jax.model import Timings
-from comq_jax.model import layer_grams
-from comq_jax.model import quantize_model
-from comq_jax.objective import GramAccumulator
-from comq_jax.objective import LayerQuantization
-from comq_jax.objective import accumulate_gram
+from comq_jax.driver import quantize_model
 from comq_jax.objective import reconstruction_error
+from comq_jax.results import LayerReport
+from comq_jax.results import ModelQuantization
+from comq_jax.results import SkippedLayer
+from comq_jax.results import Timings
+from comq_jax.solvers import COMQ
+from comq_jax.solvers import GPTQ
+from comq_jax.solvers import RTN
+from comq_jax.solvers import Solver
+from comq_jax.solvers import comq
+from comq_jax.solvers import gptq
+from comq_jax.solvers import rtn
 
 __all__ = [
-    "GramAccumulator",
-    "Grid",
-    "LayerQuantization",
+    "COMQ",
+    "GPTQ",
     "LayerReport",
     "ModelQuantization",
+    "RTN",
     "SkippedLayer",
+    "Solver",
     "Timings",
-    "accumulate_gram",
-    "gptq_layer",
-    "layer_grams",
-    "make_grid",
-    "quantize_layer",
+    "comq",
+    "gptq",
     "quantize_model",
     "reconstruction_error",
-    "round_to_nearest",
+    "rtn",
 ]

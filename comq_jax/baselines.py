@@ -14,38 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comq_jax import grid as grid_lib
+from quant_core import grids as grid_lib
 from comq_jax import objective
-
-
-def round_to_nearest(w, x=None, *, bits: int, grid: str = "asymmetric",
-                     granularity: str = "channel", scalar: float = 1.0,
-                     group_size=None, gram=None) -> objective.LayerQuantization:
-  """Round-to-nearest baseline on the same grid as :func:`comq_jax.quantize_layer`.
-
-  .. math:: q_{ji} = \\Pi_{G_j}(w_{ji})
-
-  Args:
-    w: ``(d_in, d_out)`` weights (Flax layout).
-    x: optional ``(N, d_in)`` inputs, to report the error.
-    bits, grid, granularity, scalar, group_size: as in
-      :func:`comq_jax.quantize_layer`.
-    gram: optional ``X^T X`` instead of ``x``.
-
-  Returns:
-    A :class:`LayerQuantization`; ``error`` is None without ``x``/``gram``.
-  """
-  grid_lib.check_options(bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar, group_size=group_size)
-  w = jnp.asarray(w)
-  gram = objective.check_layer_inputs(w, x, gram)
-  wt = w.T.astype(objective.compute_dtype(w.dtype))
-  qt, codes, g = rtn_solve(wt, bits=bits, grid=grid, granularity=granularity,
-                           scalar=float(scalar), group_size=group_size)
-  error = None if gram is None else objective.reconstruction_error(
-      wt.T, qt.T, gram.astype(wt.dtype))
-  return objective.layer_result(w, qt, codes, g, error, jnp.zeros((0,), wt.dtype),
-                               group_size=group_size, bits=bits, grid=grid)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "grid", "granularity",
@@ -54,7 +24,7 @@ def rtn_solve(wt, *, bits, grid, granularity, scalar, group_size=None):
   """Jitted round-to-nearest core in channel-major layout.
 
   Returns:
-    ``(qt, codes_t, grid)``, see :func:`round_to_nearest`.
+    ``(qt, codes_t, grid)``, see :func:`comq_jax.rtn`.
   """
   g = grid_lib.make_grid(wt, bits=bits, grid=grid, granularity=granularity,
                          scalar=scalar, group_size=group_size)
@@ -62,7 +32,7 @@ def rtn_solve(wt, *, bits, grid, granularity, scalar, group_size=None):
   return qt, codes, g
 
 
-# gptq_layer's defaults: the paper code's block of 128 and 1% dampening.
+# comq_jax.gptq's defaults: the paper code's block of 128 and 1% dampening.
 GPTQ_DEFAULTS = dict(block_size=128, damp=0.01, act_order=False)
 
 
@@ -78,80 +48,6 @@ def check_gptq_options(*, granularity, block_size, damp, act_order,
     raise ValueError(
         "act_order with granularity='group' needs static_groups=True: groups are "
         "consecutive inputs, so their grids must be fixed before the permutation.")
-
-
-def gptq_layer(w, x=None, *, bits: int, grid: str = "asymmetric",
-               granularity: str = "channel", group_size=None, scalar: float = 1.0,
-               block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-               static_groups: bool = False, gram=None) -> objective.LayerQuantization:
-  """GPTQ: quantizes one input after another, pushing each error onto the rest.
-
-  With ``H = X^T X + λ I`` (``λ = damp · mean(diag H)``) and ``U`` the upper
-  Cholesky factor of ``H^{-1}``, input ``i`` of every channel is rounded to
-  the grid and the remaining inputs absorb its error:
-
-  .. math::
-
-    q_{:,i} = \\Pi(w_{:,i}), \\qquad
-    w_{:,k} \\leftarrow w_{:,k} - \\frac{w_{:,i} - q_{:,i}}{U_{ii}}\\, U_{ik}
-    \\quad (k > i).
-
-  The updates run lazily in blocks of ``block_size`` inputs: inside a block
-  column by column, then one matrix product for every later input
-  (Frantar et al., Sec. 3, "lazy batch updates"). ``act_order`` visits the
-  inputs by decreasing ``H_ii``. The grid is :func:`comq_jax.grid.make_grid`'s,
-  from the original weights, except for group-wise grids without
-  ``static_groups``: then each group's grid comes from the updated weights
-  when its first input is reached, as in the paper's code. With groups the
-  block size is rounded to a multiple of ``group_size``, so that a group is
-  never split between blocks (then blocked and unblocked updates agree).
-
-  Dead inputs (``H_ii = 0``) carry no error: they are rounded to nearest, as
-  :func:`comq_jax.quantize_layer` does (the paper's code zeroes them instead).
-
-  It runs eagerly, not under ``jax.jit``: it reads on the host whether the damped
-  ``H`` was positive definite, to raise instead of returning NaN weights.
-
-  Args:
-    w: ``(d_in, d_out)`` weights (Flax layout).
-    x: ``(N, d_in)`` calibration inputs; or give ``gram`` instead.
-    bits, grid, granularity, group_size, scalar: as in
-      :func:`comq_jax.quantize_layer`.
-    block_size: inputs per lazy block, >= 1.
-    damp: dampening, a fraction in (0, 1) of the mean diagonal of ``H``.
-    act_order: visit inputs by decreasing ``H_ii``.
-    static_groups: group grids from the original weights (needed with
-      ``act_order`` and groups).
-    gram: ``(d_in, d_in)`` ``X^T X``.
-
-  Returns:
-    A :class:`LayerQuantization` (empty ``history``).
-
-  Raises:
-    ValueError: bad options or shapes, NaN/inf inputs, or an ``H`` that is
-      not positive definite after damping (raise ``damp``).
-
-  References:
-    Frantar et al., ICLR 2023, Algorithm 1.
-  """
-  grid_lib.check_options(bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar, group_size=group_size)
-  check_gptq_options(granularity=granularity, block_size=block_size, damp=damp,
-                     act_order=act_order, static_groups=static_groups)
-  w = jnp.asarray(w)
-  gram = objective.check_layer_inputs(w, x, gram)
-  if gram is None:
-    raise ValueError("gptq_layer needs calibration data: x or gram.")
-  wt = w.T.astype(objective.compute_dtype(w.dtype))
-  qt, codes, g, error, positive_definite = gptq_solve(
-      wt, gram, bits=bits, grid=grid, granularity=granularity,
-      group_size=group_size, scalar=float(scalar), block_size=block_size,
-      damp=float(damp), act_order=bool(act_order), static_groups=bool(static_groups))
-  if not bool(positive_definite):
-    raise ValueError(f"H is not positive definite after damping with damp={damp}; "
-                     "raise damp, or check the calibration data.")
-  return objective.layer_result(w, qt, codes, g, error, jnp.zeros((0,), wt.dtype),
-                               group_size=group_size, bits=bits, grid=grid)
 
 
 def _inverse_cholesky(gram, damp, d_in):
@@ -176,7 +72,7 @@ def _inverse_cholesky(gram, damp, d_in):
     "act_order", "static_groups"))
 def gptq_solve(wt, gram, *, bits, grid, granularity, group_size, scalar, block_size,
                damp, act_order, static_groups):
-  """Jitted GPTQ core in channel-major layout; see :func:`gptq_layer`.
+  """Jitted GPTQ core in channel-major layout; see :func:`comq_jax.gptq`.
 
   Returns:
     ``(qt, codes_t, grid, error, positive_definite)``.

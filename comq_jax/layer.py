@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from comq_jax import baselines
-from comq_jax import grid as grid_lib
-from comq_jax import objective
+from quant_core import grids as grid_lib
 
 ORDERS = ("greedy", "cyclic")
 
@@ -80,7 +79,7 @@ def _sweep(wt, qt, values, gram, perm, *, first, group_size=None):
   Args:
     wt, qt: ``(d_out, d_in)`` weights and current quantized weights.
     values: ``(d_out * groups, L)`` grid values, one row per channel or per
-      ``(channel, group)`` (:func:`comq_jax.grid.make_grid`).
+      ``(channel, group)`` (:func:`quant_core.grids.make_grid`).
     gram: ``(d_in, d_in)`` Gram matrix.
     perm: ``(d_out, d_in)`` or ``(1, d_in)`` int32 visiting orders.
     first: ``qt`` is ``wt`` (so ``E = 0`` needs no matmul).
@@ -255,7 +254,7 @@ def _solve_channels(wt, gram, g, start, *, iters, order, scale_update, grid,
     wt, start: ``(rows, d_in)`` weights and the first sweep's start; ``rows``
       a multiple of ``chunk``.
     gram: ``(d_in, d_in)`` Gram matrix, in ``wt``'s dtype.
-    g: the channels' :class:`comq_jax.grid.Grid`, fields ``(rows, groups, ...)``.
+    g: the channels' :class:`quant_core.grids.Grid`, fields ``(rows, groups, ...)``.
     first: ``start`` is ``wt`` (the first sweep needs no residual product).
     channel_total: maps a ``(rows,)`` per-channel vector to its sum over the
       layer's channels.
@@ -360,7 +359,7 @@ def solve_on_devices(wt, gram, *, bits, iters, order, scale_update, scalar, grid
   Args:
     wt, gram: as in :func:`solve`.
     bits, iters, order, scale_update, scalar, grid, granularity, group_size,
-      init: as in :func:`quantize_layer`.
+      init: as in :func:`comq_jax.comq`.
     axes: mesh axis names the channels are split over, or None.
     devices: number of devices over ``axes``.
 
@@ -412,7 +411,7 @@ def solve_on_devices(wt, gram, *, bits, iters, order, scale_update, scalar, grid
     "group_size", "init", "mesh"))
 def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
           granularity, group_size=None, init="float", mesh=None):
-  """Jitted COMQ core in channel-major layout; see :func:`quantize_layer`.
+  """Jitted COMQ core in channel-major layout; see :func:`comq_jax.comq`.
 
   With a ``mesh`` the channels are split over all its devices
   (:func:`solve_on_devices`); the results, replicated, are bitwise those
@@ -422,11 +421,11 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
     wt: ``(d_out, d_in)`` float weights.
     gram: ``(d_in, d_in)`` Gram matrix of the layer inputs.
     bits, iters, order, scale_update, scalar, grid, granularity, group_size,
-      init, mesh: as in :func:`quantize_layer` (static).
+      init, mesh: as in :func:`comq_jax.comq` (static).
 
   Returns:
     ``(qt, codes_t, grid, error, history)`` with ``qt``/``codes_t`` of shape
-    ``(d_out, d_in)`` and ``grid`` a :class:`comq_jax.grid.Grid`.
+    ``(d_out, d_in)`` and ``grid`` a :class:`quant_core.grids.Grid`.
   """
   options = dict(bits=bits, iters=iters, order=order, scale_update=scale_update,
                  scalar=scalar, grid=grid, granularity=granularity,
@@ -445,104 +444,6 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
 INITS = ("float", "gptq")
 
 
-def quantize_layer(w, x=None, *, bits: int, iters: int = 1,
-                   order: str = "greedy", scale_update: bool = False,
-                   scalar: float = 1.0, grid: str = "asymmetric",
-                   granularity: str = "channel", group_size=None,
-                   init: str = "float", gram=None,
-                   mesh=None) -> objective.LayerQuantization:
-  """Quantizes one linear layer with COMQ coordinate descent.
-
-  Minimises the layer reconstruction error over the grid of
-  :func:`comq_jax.grid.make_grid`:
-
-  .. math::
-
-    \\min_{Q} \\|X W - X Q\\|_F^2 = \\sum_j (w_j - q_j)^\\top H (w_j - q_j),
-    \\qquad H = X^\\top X .
-
-  Output channels are independent for a fixed scale. Starting from
-  ``Q = W`` (so the first sweep is GPFQ-like), each of ``iters`` sweeps
-  visits every input coordinate once per channel, in the channel's own
-  order, and sets it to the exact 1-D minimiser on the grid:
-
-  .. math::
-
-    q_{ji} \\leftarrow \\Pi_{G_j}\\Big(w_{ji} + \\frac{[H(w_j - q_j)]_i
-        - H_{ii}(w_{ji} - q_{ji})}{H_{ii}}\\Big)
-
-  (nearest grid point; ties to the lower value). ``order="greedy"`` visits
-  coordinates by descending ``sqrt(H_ii) |w_ji|`` computed once from ``W``
-  (official code); ``"cyclic"`` uses ``0..d_in-1``. With
-  ``scale_update=True`` each sweep is followed by the paper's closed-form
-  scale step (least squares in ``δ_j``, or one ``δ`` for
-  ``granularity="layer"``; with groups, one exact step per group in turn),
-  which the official code omits. No step can raise the objective. The
-  defaults reproduce the official code.
-
-  ``init="gptq"`` starts the sweeps from GPTQ's solution on the same grid
-  (:func:`comq_jax.gptq_layer`, default options, static groups) instead of
-  from ``W``: since no sweep raises the objective, the result is never worse
-  than GPTQ's. (Where ``H`` is not positive definite even after GPTQ's
-  damping, the sweeps start from ``W``.)
-
-  Guards: an input with ``H_ii = 0`` (dead feature) is rounded to nearest;
-  a constant weight channel is represented exactly (see ``make_grid``).
-
-  With a ``mesh`` the output channels are split evenly over all its devices
-  (every axis; ``d_out`` is padded to a multiple of the device count, and of
-  a chunk of up to 64 channels, and the padding dropped). Each channel
-  computes exactly what it computes without a mesh: the grid (its per-layer
-  reduction included) comes from the whole layer before the split, matrix
-  products run over the same fixed chunks of channels either way, and the
-  per-layer scale step and the errors gather the per-channel sums and add
-  them in one order. So ``weights``, ``codes``, ``levels``, ``scale``,
-  ``zero_point``, ``exponent``, ``error`` and ``history`` are bitwise equal
-  to the call without a mesh on the same backend. ``init="gptq"`` computes
-  its starting point on the whole layer before the split (not sharded).
-
-  Args:
-    w: ``(d_in, d_out)`` weights (Flax layout).
-    x: ``(N, d_in)`` calibration inputs; or give ``gram`` instead.
-    bits: bit width in 2..8.
-    iters: number of sweeps ``K >= 1``.
-    order: ``"greedy"`` or ``"cyclic"``.
-    scale_update: alternate sweeps with least-squares scale updates.
-    scalar: shrink factor λ in (0, 1] of the grid (official ``--scalar``).
-    grid: ``"asymmetric"`` (official), ``"symmetric"`` or ``"pow2"``.
-    granularity: ``"channel"``, ``"group"`` (one scale per ``group_size``
-      consecutive inputs of a channel) or ``"layer"`` (one for the layer).
-    group_size: inputs per scale with ``granularity="group"``; a last group
-      of fewer inputs takes the rest when it does not divide ``d_in``.
-    init: ``"float"`` (start from ``W``, official) or ``"gptq"``.
-    gram: ``(d_in, d_in)`` ``X^T X``, e.g. from :func:`accumulate_gram`.
-    mesh: optional ``jax.sharding.Mesh`` whose devices share the channels.
-
-  Returns:
-    A :class:`LayerQuantization`.
-
-  Raises:
-    ValueError: bad options or shapes, neither or both of ``x``/``gram``, a
-      ``mesh`` that is not a ``jax.sharding.Mesh``, or (for concrete inputs)
-      NaN/inf values.
-  """
-  grid_lib.check_options(bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar, group_size=group_size)
-  check_options(iters=iters, order=order, init=init)
-  check_mesh(mesh)
-  w = jnp.asarray(w)
-  gram = objective.check_layer_inputs(w, x, gram)
-  if gram is None:
-    raise ValueError("quantize_layer needs calibration data: x or gram.")
-  dtype = objective.compute_dtype(w.dtype)
-  qt, codes, g, error, history = solve(
-      w.T.astype(dtype), gram, bits=bits, iters=iters, order=order,
-      scale_update=bool(scale_update), scalar=float(scalar), grid=grid,
-      granularity=granularity, group_size=group_size, init=init, mesh=mesh)
-  return objective.layer_result(w, qt, codes, g, error, history, group_size=group_size,
-                                bits=bits, grid=grid)
-
-
 def check_options(*, iters, order, init) -> None:
   """Raises ValueError on COMQ solver options outside their ranges."""
   if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
@@ -553,8 +454,3 @@ def check_options(*, iters, order, init) -> None:
     raise ValueError(f"init must be one of {INITS}, got {init!r}.")
 
 
-def check_mesh(mesh) -> None:
-  """Raises ValueError unless ``mesh`` is None or a ``jax.sharding.Mesh``."""
-  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-    raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got "
-                     f"{type(mesh).__name__}.")

@@ -114,7 +114,7 @@ def get_config(dataset):
   # 0 = run to the end. Used to test resumption and to time-box runs.
   config.stop_after_steps = 0
   # Quantized methods (inq, comq, gptq, rtn): also evaluate the final model through its
-  # packed codes and the Pallas quantized_matmul kernel (inq_jax.deploy packing +
+  # packed codes and the Pallas quantized_matmul kernel (quant_core.deploy packing +
   # packed_apply; interpret mode on CPU, slow), recorded as packed_accuracy. Off by
   # default: on CPU it costs minutes for ResNet-18 and adds nothing to the accuracy when
   # the kernel is correct. The packed model file is written either way.
@@ -189,9 +189,10 @@ def get_config(dataset):
   config.gptq.damp = 0.01
   config.gptq.act_order = False
   config.gptq.static_groups = False
+  config.gptq.inputs = "fp"  # as comq.inputs
   config.gptq.skip_first_last = config_dict.placeholder(bool)  # as comq.skip_first_last
 
-  # Round-to-nearest on the COMQ grid (comq_jax.round_to_nearest); the calibration data
+  # Round-to-nearest on the COMQ grid (comq_jax.rtn); the calibration data
   # only measure each layer's error;
   # grid "pow2" gives INQ's power-of-two set without retraining.
   config.rtn = ml_collections.ConfigDict()
@@ -200,6 +201,7 @@ def get_config(dataset):
   config.rtn.granularity = "channel"
   config.rtn.group_size = config_dict.placeholder(int)
   config.rtn.scalar = 1.0
+  config.rtn.inputs = "fp"  # as comq.inputs (RTN reads the inputs only for its errors)
   config.rtn.skip_first_last = config_dict.placeholder(bool)  # as comq.skip_first_last
 
   # Calibration images of the post-training methods (COMQ, GPTQ; RTN only measures

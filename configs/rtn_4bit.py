@@ -1,7 +1,7 @@
 """Round-to-nearest 4-bit on COMQ's per-channel asymmetric grid: the baseline of comq_4bit.
 
 No calibration data and no retraining: each weight goes to the nearest level of its
-output channel's min-max grid (comq_jax.round_to_nearest). --config.rtn.grid=pow2 gives
+output channel's min-max grid (comq_jax.rtn). --config.rtn.grid=pow2 gives
 INQ's power-of-two set without retraining.
 
 Digits (embedded data, ~15 s on 2 CPU cores):

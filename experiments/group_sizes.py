@@ -1,7 +1,7 @@
 """`python -m experiments.group_sizes --workdir=DIR`: layer error against group size.
 
-COMQ (`comq_jax.quantize_layer`, default options: one greedy sweep from the float
-weights) and round-to-nearest (`comq_jax.round_to_nearest`) on the asymmetric min-max
+COMQ (`comq_jax.comq`, default options: one greedy sweep from the float
+weights) and round-to-nearest (`comq_jax.rtn`) on the asymmetric min-max
 grid, per output channel and with one grid per group of 128, 64 or 32 consecutive
 inputs, at 4, 3 and 2 bits:
 
@@ -12,7 +12,7 @@ inputs, at 4, 3 and 2 bits:
    (default "fp"), quantized with `comq_jax.quantize_model`; per layer the relative
    error on the calibration images, per model the mean of those and the test accuracy;
 3. storage: bits per weight of the codes plus the grid parameters
-   (`comq_jax.grid.parameter_bytes`).
+   (`quant_core.grids.parameter_bytes`).
 
 Writes DIR/group_sizes.csv (one row per layer or model and setting) and
 DIR/group_sizes.md (tables, and every case where a smaller group has a higher error
@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 import comq_jax
-from comq_jax import grid as grid_lib
+from quant_core import paths as paths_lib
+from quant_core import grids as grid_lib
 import configs
 from experiments import files
 from experiments import input_pipeline
@@ -49,12 +50,14 @@ from experiments import logs
 from experiments import models
 from experiments import train
 from experiments.methods import post_training
-from inq_jax import layers
+from quant_core import layers
+from quant_core.deploy import sizes
 
 CSV_NAME = "group_sizes.csv"
 REPORT_NAME = "group_sizes.md"
 GRID = "asymmetric"
 METHOD_LABELS = {"comq": "COMQ", "rtn": "RTN"}
+SOLVERS = {"comq": comq_jax.comq, "rtn": comq_jax.rtn}
 # Outlier features have this many times the standard deviation of the others.
 OUTLIER_SCALE = 10.0
 # Degrees of freedom of the Student-t weights: heavy tails, as trained layers have.
@@ -108,9 +111,10 @@ def granularities(group_sizes):
 def storage_bits(matrices, bits, group_size):
   """Bits of one quantized kernel: its codes plus the scales and zero points of its grids.
 
-  Counted as `ModelQuantization.size_report` counts them: the codes padded to whole
-  bytes, and `comq_jax.grid.parameter_bytes` for one grid per output channel (of each
-  feature group) and group of ``group_size`` of its ``d_in`` inputs.
+  Counted as `ModelQuantization.size_report` counts them
+  (`quant_core.deploy.sizes.quantized_kernel_bytes`): the codes padded to whole bytes,
+  and one grid per output channel (of each feature group) and group of ``group_size``
+  of its ``d_in`` inputs.
 
   Args:
     matrices: ``(groups, d_in, d_out)`` of the layer's 2-D view (one matrix per feature
@@ -121,14 +125,15 @@ def storage_bits(matrices, bits, group_size):
   Returns:
     The number of bits.
   """
-  groups, d_in, d_out = matrices
-  num_grids = groups * d_out * grid_lib.num_groups(d_in, group_size)
-  return 8 * math.ceil(bits * math.prod(matrices) / 8) + 8 * grid_lib.parameter_bytes(
-      GRID, num_grids)
+  options = grid_options(bits, group_size)
+  packed, _ = sizes.quantized_kernel_bytes(matrices, bits=bits, grid=options["grid"],
+                                           granularity=options["granularity"],
+                                           group_size=group_size)
+  return 8 * packed
 
 
 def grid_options(bits, group_size):
-  """The grid keyword arguments shared by every solver."""
+  """The grid settings shared by every solver (`comq_jax.comq`, `rtn`)."""
   return dict(bits=bits, grid=GRID, granularity="channel" if group_size is None else "group",
               group_size=group_size)
 
@@ -188,10 +193,10 @@ def random_layer_rows(settings, progress):
     output_norm = float(np.linalg.norm(x.astype(np.float64) @ w))
     for bits in settings.bits:
       for group_size in granularities(settings.group_sizes):
-        for method, solver in (("comq", comq_jax.quantize_layer),
-                               ("rtn", comq_jax.round_to_nearest)):
+        for method in METHOD_LABELS:
+          solver = SOLVERS[method](**grid_options(bits, group_size))
           start = time.perf_counter()
-          error = float(solver(w, x, **grid_options(bits, group_size)).error)
+          error = float(solver.quantize_layer(w, x).error)
           setting = setting_fields(part="random", model="random", seed=settings.layer_seed,
                                    layer=f"{d_in}x{d_out}", method=method, bits=bits,
                                    group_size=group_size)
@@ -224,7 +229,7 @@ def output_norms(model, variables, images, paths):
   def record(next_fun, args, kwargs, context):
     outputs = next_fun(*args, **kwargs)
     module = context.module
-    path = layers.path_name(module.path)
+    path = paths_lib.path_name(module.path)
     if context.method_name == "__call__" and path in squares:
       linear = outputs
       if module.has_variable("params", "bias"):
@@ -267,8 +272,9 @@ def digits_rows(settings, model_name, seed, workdir, progress):
     for group_size in granularities(settings.group_sizes):
       for method in METHOD_LABELS:
         start = time.perf_counter()
-        result = comq_jax.quantize_model(model, variables, images, method=method,
-                                         train=False, **grid_options(bits, group_size))
+        result = comq_jax.quantize_model(
+            model, variables, images, SOLVERS[method](**grid_options(bits, group_size)),
+            train=False)
         seconds = time.perf_counter() - start
         setting = dict(part="digits", model=model_name, seed=seed, method=method, bits=bits,
                        group_size=group_size)
@@ -375,7 +381,7 @@ def markdown_report(table, settings, seconds):
       f"Study of `experiments/group_sizes.py`; {seconds / 60:.1f} min wall time. "
       f"Asymmetric min-max grid, bits {list(settings.bits)}, per output channel and "
       f"groups of {sorted(sizes, reverse=True)} consecutive inputs. COMQ is "
-      "`comq_jax.quantize_layer` with its default options (one greedy sweep starting "
+      "`comq_jax.comq` with its default options (one greedy sweep starting "
       "from the float weights, no scale update); RTN rounds every weight to the nearest "
       "point of the same grid.", "",
       f"Command: `{command_line(settings)}`", "",
@@ -384,7 +390,7 @@ def markdown_report(table, settings, seconds):
       "**Model error**: the mean of the relative errors of the layers `quantize_model` "
       "quantizes (all its linear layers), with the FP model's inputs. **Bits/weight**: "
       "the codes plus each grid's scale and zero point "
-      f"(`comq_jax.grid.parameter_bytes`: {grid_lib.parameter_bytes(GRID, 1)} bytes per "
+      f"(`quant_core.grids.parameter_bytes`: {grid_lib.parameter_bytes(GRID, 1)} bytes per "
       "grid), over the quantized weights, counted as `size_report()` counts them.", "",
       "A group of at least d_in inputs is the whole channel: its grid, and so its error, "
       "are the per-channel ones.", ""]

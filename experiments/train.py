@@ -39,6 +39,7 @@ from experiments import timm_import
 from experiments import torchvision_import
 from experiments.methods import base
 import inq_jax
+import quant_core
 
 
 def make_optimizer(hparams, steps_per_epoch):
@@ -56,7 +57,7 @@ def make_optimizer(hparams, steps_per_epoch):
   # strict dtype promotion rejects.
   schedule = lambda count: learning_rates[(count >= decay_step).astype(jnp.int32)]
   return inq_jax.inq_optimizer(optax.chain(
-      optax.add_decayed_weights(hparams.weight_decay, mask=inq_jax.quantizable_mask),
+      optax.add_decayed_weights(hparams.weight_decay, mask=quant_core.quantizable_mask),
       optax.sgd(schedule, momentum=hparams.momentum)))
 
 
@@ -439,7 +440,7 @@ def final_variables(workdir):
   return latest_checkpoint(workdir)[0]["variables"]
 
 
-# The packed model of every quantized run (inq_jax.deploy.files schema).
+# The packed model of every quantized run (quant_core.deploy.files schema).
 PACKED_MODEL_FILE = "packed_model.safetensors"
 
 
@@ -464,7 +465,7 @@ def write_results(trainer, workdir, state, progress):
   if config.eval_packed:
     # One device per process: the Pallas kernel is not partitioned over the batch mesh.
     device = jax.local_devices()[0]
-    apply_fn = lambda v, images: inq_jax.deploy.packed_apply(trainer.model, v, images,
+    apply_fn = lambda v, images: quant_core.deploy.packed_apply(trainer.model, v, images,
                                                              train=False)
     packed_accuracy = evaluate(make_eval_step(apply_fn), jax.device_put(packed, device),
                                trainer.dataset, config.eval_batch_size,
@@ -476,10 +477,10 @@ def write_results(trainer, workdir, state, progress):
   sizes = dict(packed_file_bytes=None, fp32_file_bytes=None, packed_memory_bytes=None)
   if packed is not None:
     sizes = dict(
-        packed_file_bytes=inq_jax.deploy.save_packed(
+        packed_file_bytes=quant_core.deploy.save_packed(
             os.path.join(workdir, PACKED_MODEL_FILE), packed),
-        fp32_file_bytes=inq_jax.deploy.fp32_file_bytes(state["variables"]),
-        packed_memory_bytes=inq_jax.deploy.size_report(packed).packed_bytes)
+        fp32_file_bytes=quant_core.deploy.fp32_file_bytes(state["variables"]),
+        packed_memory_bytes=quant_core.deploy.size_report(packed).packed_bytes)
   accuracies = progress["accuracies"]
   results = {
       "config_name": config.name,

@@ -1,7 +1,7 @@
 """Data-aware INQ steps: error compensation and sensitivity-aware portions.
 
 Both options read each layer's calibration Gram ``H = X^T X`` over its 2-D view
-(``(groups, d_in, d_out)`` matrices, :mod:`inq_jax.layers`) and measure a step by
+(``(groups, d_in, d_out)`` matrices, :mod:`quant_core.layers`) and measure a step by
 the layer objective
 
 .. math::  E(W') = \\operatorname{tr}\\big((W - W')^T H (W - W')\\big)
@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inq_jax import layers
-from inq_jax import pow2
-from inq_jax import validation
+from quant_core import paths
+from quant_core import layers
+from quant_core import pow2
 
 PyTree = Any
 
@@ -54,9 +54,9 @@ class LayerStatistics(NamedTuple):
   """What the data-aware options know of one layer.
 
   Attributes:
-    view: the layer's 2-D view (:func:`inq_jax.layers.layer_views`).
+    view: the layer's 2-D view (:func:`quant_core.layers.layer_views`).
     gram: ``(groups, d_in, d_in)`` Gram of its input rows
-      (e.g. ``comq_jax.layer_grams(...)[path].gram``).
+      (e.g. ``quant_core.layer_grams(...)[path].gram``).
   """
   view: layers.LinearView
   gram: jax.Array
@@ -203,11 +203,11 @@ def matched_layers(params: PyTree, selected: PyTree,
   with_path = jax.tree_util.tree_flatten_with_path(params)[0]
   for index, ((path, _), sel) in enumerate(zip(with_path, jax.tree.leaves(selected),
                                                strict=True)):
-    module = validation.path_name(path[:-1])
-    if sel and validation.path_name(path[-1:]) == "kernel" and module in statistics:
+    module = paths.path_name(path[:-1])
+    if sel and paths.path_name(path[-1:]) == "kernel" and module in statistics:
       matched[index] = (module, statistics[module])
     elif sel:
-      missing.append(validation.path_name(path))
+      missing.append(paths.path_name(path))
   if missing:
     _LOG.warning("No calibration statistics for %s: plain INQ step there.",
                  ", ".join(missing))

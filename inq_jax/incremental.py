@@ -15,11 +15,12 @@ from flax import struct
 import optax
 
 from inq_jax import compensation as compensation_lib
-from inq_jax import layers
+from quant_core import paths
+from quant_core import layers
 from inq_jax import optim
 from inq_jax import partitioning as partition_lib
-from inq_jax import pow2
-from inq_jax import validation
+from quant_core import pow2
+from quant_core import validation
 
 PyTree = Any
 
@@ -55,7 +56,7 @@ class INQ:
     bits: bit width, 2..8.
     strategy: ``"magnitude"`` or ``"random"``.
     quantizable: ``(key_path, leaf) -> bool`` leaf predicate, or None for
-      :func:`inq_jax.layers.default_quantizable`.
+      :func:`quant_core.layers.default_quantizable`.
     compensation: a :class:`inq_jax.Compensation`, or None (the paper's step).
     sensitivity_power: share each step's frozen count by layer sensitivity
       with this exponent (:func:`inq_jax.compensation.sensitivity_counts`),
@@ -187,7 +188,7 @@ def inq(bits: int, *, strategy: str = "magnitude",
     strategy: ``"magnitude"`` (the paper's pruning-inspired partition: largest
       ``|w|`` first) or ``"random"`` (needs a key at each step).
     quantizable: ``(key_path, leaf) -> bool`` choosing the leaves to
-      quantize; defaults to :func:`inq_jax.layers.default_quantizable` (every
+      quantize; defaults to :func:`quant_core.layers.default_quantizable` (every
       Conv and Dense kernel, first and last layers included).
     compensation: optional :class:`inq_jax.Compensation`: each step picks the
       newly frozen values and corrects the free weights from calibration
@@ -250,8 +251,8 @@ def check_finite_quantizable(params: PyTree, selected: PyTree) -> None:
   with_path = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, leaf), sel in zip(with_path, jax.tree.leaves(selected), strict=True):
     if sel:
-      validation.check_floating(leaf, validation.path_name(path))
-      validation.check_finite(leaf, validation.path_name(path))
+      validation.check_floating(leaf, paths.path_name(path))
+      validation.check_finite(leaf, paths.path_name(path))
 
 
 def codebook_fraction(params: PyTree, state: INQState) -> float:

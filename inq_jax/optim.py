@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from inq_jax import layers
-from inq_jax import validation
+from quant_core import paths
+from quant_core import layers
+from quant_core import validation
 
 PyTree = Any
 
@@ -49,7 +50,7 @@ def mask_frozen_updates() -> optax.GradientTransformationExtraArgs:
         return u
       if jnp.shape(f) != jnp.shape(u) or jnp.result_type(f) != jnp.bool_:
         raise ValueError(
-            f"frozen mask leaf {validation.path_name(path)} must be a bool array of "
+            f"frozen mask leaf {paths.path_name(path)} must be a bool array of "
             f"shape {jnp.shape(u)}, got {jnp.result_type(f)} {jnp.shape(f)}.")
       return jnp.where(f, jnp.zeros_like(u), u)
 

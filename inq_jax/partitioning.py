@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inq_jax import layers
-from inq_jax import validation
+from quant_core import layers
+from quant_core import validation
 
 PyTree = Any
 
@@ -85,7 +85,7 @@ def partition(params: PyTree, frozen: PyTree, portion, *,
     strategy: ``"magnitude"`` or ``"random"``.
     key: PRNG key, required for ``"random"``.
     quantizable: ``(path, leaf) -> bool`` predicate; defaults to
-      :func:`inq_jax.layers.default_quantizable`.
+      :func:`quant_core.layers.default_quantizable`.
 
   Returns:
     The new frozen mask pytree.

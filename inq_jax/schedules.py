@@ -9,7 +9,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from inq_jax import pow2
+from quant_core import pow2
 
 # Paper schedules for ResNet-18 at each bit width.
 SCHEDULES = {

@@ -201,8 +201,8 @@ def test_digits_layers_more_sweeps_and_scale_updates_never_hurt(tmp_path):
   errors = {}
   for name, options in (("k1", {"iters": 1}), ("k3", {"iters": 3}),
                         ("k3_scale", {"iters": 3, "scale_update": True})):
-    reports = comq_jax.quantize_model(model, variables, images, bits=3, train=False,
-                                      **options).layers
+    reports = comq_jax.quantize_model(model, variables, images, comq_jax.comq(bits=3, **options),
+                                      train=False).layers
     assert [r.path for r in reports] == list(KERNELS)
     errors[name] = reports
   for k1, k3, scaled in zip(errors["k1"], errors["k3"], errors["k3_scale"], strict=True):

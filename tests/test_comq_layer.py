@@ -1,4 +1,4 @@
-"""Tests of the COMQ layer solver (comq_jax.layer, comq_jax.grid)."""
+"""Tests of the COMQ layer solver (comq_jax.layer, quant_core.grids)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import comq_jax
-from comq_jax import grid as grid_lib
+import quant_core
+from quant_core import grids as grid_lib
 from comq_jax import layer
 from tests import helpers
 
@@ -25,9 +26,8 @@ def test_matches_official_outputs_exactly():
     w, x, q = (ref[f"case{k}_{n}"] for n in ("W", "X", "Q"))
     bits, iters, greedy, scalar = ref[f"case{k}_params"]
     bits = int(bits)
-    r = layer.quantize_layer(
-        w, x, bits=bits, iters=int(iters),
-        order="greedy" if greedy else "cyclic", scalar=float(scalar))
+    r = comq_jax.comq(bits=bits, iters=int(iters), order="greedy" if greedy else "cyclic",
+                      scalar=float(scalar)).quantize_layer(w, x)
     # The official grid as its float32 code evaluates it (Flax layout: one
     # channel per column).
     hi, lo = w.max(axis=0), w.min(axis=0)
@@ -53,18 +53,18 @@ def test_gram_input_equals_x_input_and_streaming():
   w, x = _data()
   acc = None
   for chunk in jnp.split(x, 4):
-    acc = comq_jax.accumulate_gram(acc, chunk)
-  np.testing.assert_allclose(acc.gram, comq_jax.accumulate_gram(None, x).gram,
+    acc = quant_core.accumulate_gram(acc, chunk)
+  np.testing.assert_allclose(acc.gram, quant_core.accumulate_gram(None, x).gram,
                              rtol=1e-5, atol=1e-3)
   assert int(acc.count) == x.shape[0]
-  a = layer.quantize_layer(w, x, bits=3)
-  b = layer.quantize_layer(w, gram=acc.gram, bits=3)
+  a = comq_jax.comq(bits=3).quantize_layer(w, x)
+  b = comq_jax.comq(bits=3).quantize_layer(w, gram=acc.gram)
   np.testing.assert_array_equal(a.codes, b.codes)
 
 
 def test_error_is_true_reconstruction_error_and_decoding():
   w, x = _data(1)
-  r = layer.quantize_layer(w, x, bits=4, iters=2)
+  r = comq_jax.comq(bits=4, iters=2).quantize_layer(w, x)
   direct = np.linalg.norm(np.asarray(x, np.float64) @ (
       np.asarray(w, np.float64) - np.asarray(r.weights, np.float64)))
   np.testing.assert_allclose(float(r.error), direct, rtol=1e-4)
@@ -84,10 +84,10 @@ def test_objective_never_increases_and_beats_rtn(grid, granularity, bits):
   for seed in (2, 3):
     w, x = _data(seed)
     kw = dict(bits=bits, grid=grid, granularity=granularity)
-    rtn = comq_jax.round_to_nearest(w, x, **kw)
-    one = layer.quantize_layer(w, x, iters=1, **kw)
-    three = layer.quantize_layer(w, x, iters=3, **kw)
-    scaled = layer.quantize_layer(w, x, iters=3, scale_update=True, **kw)
+    rtn = comq_jax.rtn(**kw).quantize_layer(w, x)
+    one = comq_jax.comq(iters=1, **kw).quantize_layer(w, x)
+    three = comq_jax.comq(iters=3, **kw).quantize_layer(w, x)
+    scaled = comq_jax.comq(iters=3, scale_update=True, **kw).quantize_layer(w, x)
     tol = 1e-6 * float(rtn.error)
     assert float(one.error) <= float(rtn.error) + tol
     assert float(three.error) <= float(one.error) + tol
@@ -98,9 +98,8 @@ def test_objective_never_increases_and_beats_rtn(grid, granularity, bits):
 
 def test_pow2_levels_are_inq_codebook():
   w, x = _data(4)
-  r = layer.quantize_layer(w, x, bits=4, grid="pow2", iters=2,
-                           scale_update=True)
-  from inq_jax import pow2
+  r = comq_jax.comq(bits=4, grid="pow2", iters=2, scale_update=True).quantize_layer(w, x)
+  from quant_core import pow2
   for j in range(w.shape[1]):
     col = r.weights[:, j]
     assert bool(jnp.all(pow2.in_codebook(col, 4, r.exponent[j])))
@@ -120,10 +119,10 @@ def test_greedy_order_is_stable_argsort_of_scores():
 
 def test_reconstruction_error_matches_direct_norm():
   w, x = _data(10)
-  q = comq_jax.round_to_nearest(w, bits=3).weights
+  q = comq_jax.rtn(bits=3).quantize_layer(w).weights
   direct = np.linalg.norm(np.asarray(x, np.float64) @ (
       np.asarray(w, np.float64) - np.asarray(q, np.float64)))
-  gram = comq_jax.accumulate_gram(None, x).gram
+  gram = quant_core.accumulate_gram(None, x).gram
   got = comq_jax.reconstruction_error(w, q, gram)
   np.testing.assert_allclose(float(got), direct, rtol=1e-5)
 
@@ -138,11 +137,10 @@ def test_symmetric_grid_is_symmetric_with_zero():
 
 def test_cyclic_and_greedy_differ_and_layer_scale_is_shared():
   w, x = _data(6)
-  g = layer.quantize_layer(w, x, bits=3, order="greedy")
-  c = layer.quantize_layer(w, x, bits=3, order="cyclic")
+  g = comq_jax.comq(bits=3, order="greedy").quantize_layer(w, x)
+  c = comq_jax.comq(bits=3, order="cyclic").quantize_layer(w, x)
   assert not np.array_equal(g.codes, c.codes)
-  lay = layer.quantize_layer(w, x, bits=3, granularity="layer",
-                             scale_update=True)
+  lay = comq_jax.comq(bits=3, granularity="layer", scale_update=True).quantize_layer(w, x)
   assert np.unique(np.asarray(lay.scale)).size == 1
 
 
@@ -150,21 +148,21 @@ def test_dead_input_and_constant_channel_are_finite():
   w, x = _data(7)
   x = x.at[:, 5].set(0.0)
   w = w.at[:, 2].set(0.03).at[:, 3].set(0.0)
-  r = layer.quantize_layer(w, x, bits=2, iters=2)
+  r = comq_jax.comq(bits=2, iters=2).quantize_layer(w, x)
   assert bool(jnp.all(jnp.isfinite(r.weights)))
-  scaled = layer.quantize_layer(w, x, bits=2, iters=2, scale_update=True)
+  scaled = comq_jax.comq(bits=2, iters=2, scale_update=True).quantize_layer(w, x)
   assert bool(jnp.all(jnp.isfinite(scaled.weights)))
   np.testing.assert_array_equal(r.weights[:, 2], w[:, 2])
   np.testing.assert_array_equal(r.weights[:, 3], w[:, 3])
-  rtn = comq_jax.round_to_nearest(w, bits=2)
+  rtn = comq_jax.rtn(bits=2).quantize_layer(w)
   np.testing.assert_array_equal(r.weights[5], rtn.weights[5])
 
 
 def test_runs_under_outer_jit():
   w, x = _data(8)
-  f = jax.jit(lambda w, x: layer.quantize_layer(w, x, bits=4).weights)
+  f = jax.jit(lambda w, x: comq_jax.comq(bits=4).quantize_layer(w, x).weights)
   np.testing.assert_array_equal(f(w, x),
-                                layer.quantize_layer(w, x, bits=4).weights)
+                                comq_jax.comq(bits=4).quantize_layer(w, x).weights)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -179,20 +177,20 @@ def test_runs_under_outer_jit():
 def test_bad_options_raise(kwargs, message):
   w, x = _data()
   with pytest.raises(ValueError, match=message):
-    layer.quantize_layer(w, x, **kwargs)
+    comq_jax.comq(**kwargs)
 
 
 def test_bad_inputs_raise():
   w, x = _data()
   with pytest.raises(ValueError, match="x must have shape"):
-    layer.quantize_layer(w, x[:, :-1], bits=4)
+    comq_jax.comq(bits=4).quantize_layer(w, x[:, :-1])
   with pytest.raises(ValueError, match="NaN"):
-    layer.quantize_layer(w.at[0, 0].set(jnp.nan), x, bits=4)
+    comq_jax.comq(bits=4).quantize_layer(w.at[0, 0].set(jnp.nan), x)
   with pytest.raises(ValueError, match="NaN"):
-    layer.quantize_layer(w, x.at[0, 0].set(jnp.inf), bits=4)
+    comq_jax.comq(bits=4).quantize_layer(w, x.at[0, 0].set(jnp.inf))
   with pytest.raises(ValueError, match="either x or gram"):
-    layer.quantize_layer(w, x, gram=jnp.eye(24), bits=4)
+    comq_jax.comq(bits=4).quantize_layer(w, x, gram=jnp.eye(24))
   with pytest.raises(ValueError, match="calibration data"):
-    layer.quantize_layer(w, bits=4)
+    comq_jax.comq(bits=4).quantize_layer(w)
   with pytest.raises(ValueError, match="gram must have shape"):
-    layer.quantize_layer(w, gram=jnp.eye(3), bits=4)
+    comq_jax.comq(bits=4).quantize_layer(w, gram=jnp.eye(3))

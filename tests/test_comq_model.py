@@ -1,4 +1,4 @@
-"""Tests of COMQ over Flax models (comq_jax.model)."""
+"""Tests of COMQ over Flax models (comq_jax.quantize_model)."""
 
 import logging
 import math
@@ -10,8 +10,8 @@ import pytest
 from flax import linen as nn
 
 import comq_jax
-import inq_jax
-from inq_jax import im2col
+import quant_core
+from quant_core import im2col
 
 
 class _MLP(nn.Module):
@@ -78,12 +78,12 @@ def test_mlp_quantize_model_fp_and_sequential():
   batches = _batches((32, 12))
   variables = model.init(jax.random.key(1), batches[0])
   for inputs in ("fp", "sequential"):
-    result = comq_jax.quantize_model(
-        model, variables, batches, bits=3, inputs=inputs, train=False)
+    result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=3),
+                                     inputs=inputs, train=False)
     new = result.variables
     assert [r.path for r in result.layers] == ["Dense_0", "Dense_1"]
     assert result.skipped == []
-    assert result.settings["inputs"] == inputs
+    assert result.inputs == inputs
     for r in result.layers:
       assert r.bits == 3
       assert r.error <= r.rtn_error * (1 + 1e-6)
@@ -99,14 +99,13 @@ def test_fp_report_matches_quantize_layer():
   model = _MLP()
   batches = _batches((32, 12))
   variables = model.init(jax.random.key(1), batches[0])
-  result = comq_jax.quantize_model(model, variables, batches, bits=4,
-                                   skip=lambda p, k: p == "Dense_1")
+  result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4),
+                                   rules=[("Dense_1", None)])
   new = result.variables
   assert [r.path for r in result.layers] == ["Dense_0"]
-  assert result.skipped == [comq_jax.SkippedLayer("Dense_1", "nn.Dense", "skip predicate")]
+  assert result.skipped == [comq_jax.SkippedLayer("Dense_1", "nn.Dense", "rule 'Dense_1'")]
   x = jnp.concatenate(batches)
-  direct = comq_jax.quantize_layer(variables["params"]["Dense_0"]["kernel"], x,
-                                   bits=4)
+  direct = comq_jax.comq(bits=4).quantize_layer(variables["params"]["Dense_0"]["kernel"], x)
   np.testing.assert_allclose(new["params"]["Dense_0"]["kernel"],
                              direct.weights, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(new["params"]["Dense_1"]["kernel"],
@@ -121,14 +120,13 @@ def test_rtn_method_rounds_each_kernel_on_the_same_grid():
   model = _MLP()
   batches = _batches((32, 12))
   variables = model.init(jax.random.key(1), batches[0])
-  result = comq_jax.quantize_model(model, variables, batches, bits=4,
-                                   method="rtn")
-  assert result.settings["method"] == "rtn"
+  result = comq_jax.quantize_model(model, variables, batches, comq_jax.rtn(bits=4))
+  assert all(r.solver == comq_jax.rtn(bits=4) for r in result.layers)
   for r in result.layers:
     kernel = variables["params"][r.path]["kernel"]
     np.testing.assert_array_equal(
         result.variables["params"][r.path]["kernel"],
-        comq_jax.round_to_nearest(kernel, bits=4).weights)
+        comq_jax.rtn(bits=4).quantize_layer(kernel).weights)
     assert r.error == r.rtn_error
 
 
@@ -136,8 +134,7 @@ def test_size_report_counts_codes_and_grid_parameters():
   model = _MLP()
   batches = _batches((16, 12), n=1)
   variables = model.init(jax.random.key(1), batches[0])
-  report = comq_jax.quantize_model(model, variables, batches,
-                                   bits=4).size_report()
+  report = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4)).size_report()
   kernels, biases = 12 * 16 + 16 * 5, 16 + 5
   assert report.fp32_bytes == 4 * (kernels + biases)
   # 4-bit codes, a float32 scale and zero point per output channel (asymmetric
@@ -155,10 +152,10 @@ def test_layers_are_logged(caplog):
   batches = _batches((8, 12), n=1)
   variables = model.init(jax.random.key(1), batches[0])
   with caplog.at_level(logging.INFO, logger="comq_jax"):
-    comq_jax.quantize_model(model, variables, batches, bits=4,
-                            skip=lambda p, k: p == "Dense_0")
+    comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4),
+                            rules=[("Dense_0", None)])
   text = caplog.text
-  assert "Dense_0 (nn.Dense) left in float: skip predicate" in text
+  assert "Dense_0 (nn.Dense) left in float: rule 'Dense_0'" in text
   assert "Dense_1" in text and "error" in text
 
 
@@ -166,12 +163,11 @@ def test_cnn_with_batchnorm_grouped_and_depthwise():
   model = _CNN()
   batches = _batches((4, 12, 12, 3))
   variables = model.init(jax.random.key(2), batches[0])
-  result = comq_jax.quantize_model(
-      model, variables, batches, bits=4, iters=2, inputs="sequential",
-      train=False)
+  result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4, iters=2),
+                                   inputs="sequential", train=False)
   new = result.variables
   assert len(result.layers) == 4
-  assert inq_jax.layer_paths(model, variables, batches[0], train=False) == [
+  assert quant_core.layer_paths(model, variables, batches[0], train=False) == [
       r.path for r in result.layers]
   for r in result.layers:
     assert r.error <= r.rtn_error * (1 + 1e-6)
@@ -194,15 +190,14 @@ def test_bad_arguments_raise():
   batches = _batches((8, 12), n=1)
   variables = model.init(jax.random.key(1), batches[0])
   with pytest.raises(ValueError, match="inputs"):
-    comq_jax.quantize_model(model, variables, batches, bits=4, inputs="q")
+    comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4), inputs="q")
   with pytest.raises(ValueError, match="empty"):
-    comq_jax.quantize_model(model, variables, [], bits=4)
+    comq_jax.quantize_model(model, variables, [], comq_jax.comq(bits=4))
   with pytest.raises(ValueError, match="bits"):
-    comq_jax.quantize_model(model, variables, batches, bits=12)
-  with pytest.raises(ValueError, match="method"):
-    comq_jax.quantize_model(model, variables, batches, bits=4, method="obq")
+    comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=12))
+  with pytest.raises(ValueError, match="solver must be built by comq_jax.comq"):
+    comq_jax.quantize_model(model, variables, batches, "comq")
   no_linear = _NoLinear()
   with pytest.raises(ValueError, match="no linear layer to quantize"):
-    comq_jax.quantize_model(no_linear,
-                            no_linear.init(jax.random.key(0), batches[0]),
-                            batches, bits=4)
+    comq_jax.quantize_model(no_linear, no_linear.init(jax.random.key(0), batches[0]), batches,
+                            comq_jax.comq(bits=4))

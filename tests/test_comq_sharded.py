@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import comq_jax
+import quant_core
 from experiments import models
 from tests import test_distributed
 
@@ -42,15 +43,15 @@ def test_quantize_layer_on_a_mesh_equals_one_device(case):
   rng = np.random.default_rng(0)
   x = (rng.standard_normal((256, 72)) * rng.uniform(0.2, 3.0, 72)).astype(np.float32)
   w = rng.normal(0.0, 0.05, (72, d_out)).astype(np.float32)
-  single = comq_jax.quantize_layer(w, x, bits=4, **options)
-  sharded = comq_jax.quantize_layer(w, x, bits=4, mesh=_mesh(), **options)
+  single = comq_jax.comq(bits=4, **options).quantize_layer(w, x)
+  sharded = comq_jax.comq(bits=4, **options).quantize_layer(w, x, mesh=_mesh())
   for field in _FIELDS:
     np.testing.assert_array_equal(getattr(sharded, field), getattr(single, field),
                                   err_msg=field)
 
 
-_MODEL_OPTIONS = dict(bits=4, granularity="layer", scale_update=True, microbatch=2,
-                     train=False)
+_SOLVER = comq_jax.comq(bits=4, granularity="layer", scale_update=True)
+_MODEL_OPTIONS = dict(microbatch=2, train=False)
 
 
 def _digits_cnn():
@@ -65,8 +66,8 @@ def _digits_cnn():
 
 def test_quantize_model_on_a_mesh_equals_one_device():
   model, variables, batches = _digits_cnn()
-  single = comq_jax.quantize_model(model, variables, batches, **_MODEL_OPTIONS)
-  sharded = comq_jax.quantize_model(model, variables, batches, mesh=_mesh(),
+  single = comq_jax.quantize_model(model, variables, batches, _SOLVER, **_MODEL_OPTIONS)
+  sharded = comq_jax.quantize_model(model, variables, batches, _SOLVER, mesh=_mesh(),
                                     **_MODEL_OPTIONS)
   jax.tree.map(np.testing.assert_array_equal, sharded.variables, single.variables)
   assert [r.path for r in sharded.layers] == ["conv1", "conv2", "conv3", "fc"]
@@ -80,7 +81,7 @@ def _quantize_in_process(out, port, num_processes, process_id):
   jax.distributed.initialize(f"localhost:{port}", int(num_processes), int(process_id))
   model, variables, batches = _digits_cnn()
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
-  result = comq_jax.quantize_model(model, variables, batches, mesh=mesh, **_MODEL_OPTIONS)
+  result = comq_jax.quantize_model(model, variables, batches, _SOLVER, mesh=mesh, **_MODEL_OPTIONS)
   if jax.process_index() == 0:
     np.savez(out, **{name: np.asarray(result.variables["params"][name]["kernel"])
                      for name in ("conv1", "conv2", "conv3", "fc")})
@@ -89,7 +90,7 @@ def _quantize_in_process(out, port, num_processes, process_id):
 def test_quantize_model_over_two_processes_equals_one_device(tmp_path):
   # Calibration batches split over 2 processes x 2 CPU devices (gloo collectives).
   model, variables, batches = _digits_cnn()
-  single = comq_jax.quantize_model(model, variables, batches, **_MODEL_OPTIONS)
+  single = comq_jax.quantize_model(model, variables, batches, _SOLVER, **_MODEL_OPTIONS)
   out, port = tmp_path / "kernels.npz", test_distributed.free_port()
   env = dict(os.environ, PYTHONPATH=test_distributed.REPO, JAX_PLATFORMS="cpu",
              JAX_NUM_CPU_DEVICES="2",
@@ -116,8 +117,8 @@ def test_quantize_model_over_two_processes_equals_one_device(tmp_path):
 def test_layer_grams_on_a_two_axis_mesh_equal_one_device():
   # Batches split over the 2 devices of "batch", replicated over "model".
   model, variables, batches = _digits_cnn()
-  single = comq_jax.layer_grams(model, variables, batches, microbatch=2, train=False)
-  sharded = comq_jax.layer_grams(model, variables, batches, microbatch=2,
+  single = quant_core.layer_grams(model, variables, batches, microbatch=2, train=False)
+  sharded = quant_core.layer_grams(model, variables, batches, microbatch=2,
                                  mesh=_mesh((2, 2), ("batch", "model")), train=False)
   assert list(sharded) == list(single)
   for path, accumulated in single.items():
@@ -129,17 +130,18 @@ def test_bad_mesh_or_microbatch_raises():
   model, variables, batches = _digits_cnn()
   w = np.ones((8, 4), np.float32)
   with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
-    comq_jax.quantize_layer(w, np.ones((4, 8), np.float32), bits=4, mesh=jax.devices())
+    comq_jax.comq(bits=4).quantize_layer(w, np.ones((4, 8), np.float32), mesh=jax.devices())
   with pytest.raises(ValueError, match="axis named 'batch'.*'data'"):
-    comq_jax.quantize_model(model, variables, batches, bits=4, microbatch=2,
+    comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4), microbatch=2,
                             mesh=_mesh(names=("data",)), train=False)
   with pytest.raises(ValueError, match="pass microbatch"):
-    comq_jax.quantize_model(model, variables, batches, bits=4, mesh=_mesh(), train=False)
+    comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4), mesh=_mesh(),
+                            train=False)
   with pytest.raises(ValueError, match="microbatch must be None or an integer >= 1"):
-    comq_jax.layer_grams(model, variables, batches, microbatch=0, train=False)
+    quant_core.layer_grams(model, variables, batches, microbatch=0, train=False)
   with pytest.raises(ValueError, match="batch of 8 examples does not split into "
                                        "microbatches of 3"):
-    comq_jax.layer_grams(model, variables, batches, microbatch=3, mesh=_mesh(),
+    quant_core.layer_grams(model, variables, batches, microbatch=3, mesh=_mesh(),
                          train=False)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import comq_jax
 from comq_jax import baselines
-from comq_jax import grid as grid_lib
+from quant_core import grids as grid_lib
 from experiments import input_pipeline
 from experiments import models
 from experiments import train
@@ -29,7 +29,7 @@ def layer_data(seed):
 def unblocked_gptq(w, gram, *, bits, group_size, act_order, static_groups,
                    damp=0.01):
   """Algorithm 1 of the GPTQ paper as written: one input at a time, every later
-  input updated at once, in float64; grids and rounding from comq_jax.grid.
+  input updated at once, in float64; grids and rounding from quant_core.grids.
 
   Returns the quantized weights and their codes, both (d_in, d_out).
   """
@@ -84,10 +84,10 @@ def test_blocked_equals_unblocked_reference(bits, group_size, act_order, static_
   # 1: the unblocked schedule; 32: three blocks (40 with groups of 40: the last
   # block padded). test_block_size_changes_nothing covers one block of 128.
   for block_size in (1, 32):
-    result = comq_jax.gptq_layer(w, bits=bits, granularity=granularity,
-                                 group_size=group_size, act_order=act_order,
-                                 static_groups=static_groups, block_size=block_size,
-                                 gram=gram.astype(np.float32))
+    solver = comq_jax.gptq(bits=bits, granularity=granularity, group_size=group_size,
+                           act_order=act_order, static_groups=static_groups,
+                           block_size=block_size)
+    result = solver.quantize_layer(w, gram=gram.astype(np.float32))
     # Blocked float32 against unblocked float64: the same codes in every case here
     # (measured). Another seed could meet a weight within float32 rounding of a grid
     # midpoint, which may round the other way.
@@ -104,7 +104,7 @@ def test_blocked_equals_unblocked_reference(bits, group_size, act_order, static_
 
 def test_block_size_changes_nothing():
   w, x = layer_data(7)
-  one, many = (comq_jax.gptq_layer(w, x, bits=3, block_size=b) for b in (1, 128))
+  one, many = (comq_jax.gptq(bits=3, block_size=b).quantize_layer(w, x) for b in (1, 128))
   np.testing.assert_array_equal(np.asarray(one.codes), np.asarray(many.codes))
 
 
@@ -115,9 +115,9 @@ def test_gptq_beats_round_to_nearest_and_comq_from_gptq_beats_gptq(
     seed, bits, granularity, group_size):
   w, x = layer_data(10 + seed)
   options = dict(bits=bits, granularity=granularity, group_size=group_size)
-  rtn = comq_jax.round_to_nearest(w, x, **options)
-  gptq = comq_jax.gptq_layer(w, x, static_groups=True, **options)
-  comq_from_gptq = comq_jax.quantize_layer(w, x, init="gptq", **options)
+  rtn = comq_jax.rtn(**options).quantize_layer(w, x)
+  gptq = comq_jax.gptq(static_groups=True, **options).quantize_layer(w, x)
+  comq_from_gptq = comq_jax.comq(init="gptq", **options).quantize_layer(w, x)
   assert float(gptq.error) < float(rtn.error)
   assert float(comq_from_gptq.error) <= float(gptq.error) * (1 + 1e-6)
   assert np.all(np.diff(np.asarray(comq_from_gptq.history)) <= 1e-6 * float(rtn.error))
@@ -132,9 +132,9 @@ def test_on_the_trained_digits_cnn_every_layer(tmp_path):
   images = [data.train_images[start:start + 64] for start in (0, 64)]
   model = models.create_model("SmallCNN", 10)
   for bits in (4, 2):
-    gptq = comq_jax.quantize_model(model, variables, images, bits=bits, method="gptq",
+    gptq = comq_jax.quantize_model(model, variables, images, comq_jax.gptq(bits=bits),
                                    train=False).layers
-    comq = comq_jax.quantize_model(model, variables, images, bits=bits, init="gptq",
+    comq = comq_jax.quantize_model(model, variables, images, comq_jax.comq(bits=bits, init="gptq"),
                                    train=False).layers
     for g, c in zip(gptq, comq, strict=True):
       assert g.error < g.rtn_error, g
@@ -144,8 +144,8 @@ def test_on_the_trained_digits_cnn_every_layer(tmp_path):
 def test_dead_inputs_are_rounded_to_nearest():
   w, x = layer_data(3)
   x[:, [5, 17]] = 0.0
-  result = comq_jax.gptq_layer(w, x, bits=3)
-  rtn = comq_jax.round_to_nearest(w, bits=3)
+  result = comq_jax.gptq(bits=3).quantize_layer(w, x)
+  rtn = comq_jax.rtn(bits=3).quantize_layer(w)
   np.testing.assert_array_equal(np.asarray(result.weights)[[5, 17]],
                                 np.asarray(rtn.weights)[[5, 17]])
   assert np.all(np.isfinite(np.asarray(result.weights)))
@@ -153,7 +153,7 @@ def test_dead_inputs_are_rounded_to_nearest():
 
 def test_dynamic_group_grids_are_reported_with_their_codes():
   w, x = layer_data(4)
-  result = comq_jax.gptq_layer(w, x, bits=3, granularity="group", group_size=40)
+  result = comq_jax.gptq(bits=3, granularity="group", group_size=40).quantize_layer(w, x)
   assert result.group_size == 40 and result.levels.shape == (D_OUT, 3, 8)
   group = np.minimum(np.arange(D_IN) // 40, 2)
   rebuilt = np.asarray(result.levels)[np.arange(D_OUT)[None, :], group[:, None],
@@ -185,7 +185,7 @@ def test_jitted_without_python_loop_over_inputs():
 def test_bad_options_raise(kwargs, message):
   w, x = layer_data(6)
   with pytest.raises(ValueError, match=message):
-    comq_jax.gptq_layer(w, x, bits=4, **kwargs)
+    comq_jax.gptq(bits=4, **kwargs).quantize_layer(w, x)
 
 
 def test_non_positive_definite_gram_raises():
@@ -193,11 +193,10 @@ def test_non_positive_definite_gram_raises():
   indefinite = np.eye(D_IN, dtype=np.float32)
   indefinite[0, 1] = indefinite[1, 0] = 3.0  # eigenvalues 4 and -2
   with pytest.raises(ValueError, match="not positive definite after damping"):
-    comq_jax.gptq_layer(w, bits=4, gram=indefinite)
+    comq_jax.gptq(bits=4).quantize_layer(w, gram=indefinite)
   # COMQ started from GPTQ falls back to the float start instead.
-  start_float = comq_jax.quantize_layer(w, bits=4, gram=indefinite, order="cyclic")
-  start_gptq = comq_jax.quantize_layer(w, bits=4, gram=indefinite, order="cyclic",
-                                       init="gptq")
+  start_float = comq_jax.comq(bits=4, order="cyclic").quantize_layer(w, gram=indefinite)
+  start_gptq = comq_jax.comq(bits=4, order="cyclic", init="gptq").quantize_layer(w, gram=indefinite)
   np.testing.assert_array_equal(np.asarray(start_float.weights),
                                 np.asarray(start_gptq.weights))
 
@@ -206,7 +205,7 @@ def test_nan_inputs_raise_as_in_comq():
   w, x = layer_data(6)
   x[3, 3] = np.nan
   with pytest.raises(ValueError, match="x contains NaN or inf"):
-    comq_jax.gptq_layer(w, x, bits=4)
+    comq_jax.gptq(bits=4).quantize_layer(w, x)
 
 
 def test_official_cases_gptq_beats_rtn():
@@ -215,5 +214,5 @@ def test_official_cases_gptq_beats_rtn():
   for k in range(int(data["n_cases"])):
     bits = int(data[f"case{k}_params"][0])
     w, x = data[f"case{k}_W"], data[f"case{k}_X"]
-    rtn = comq_jax.round_to_nearest(w, x, bits=bits)
-    assert float(comq_jax.gptq_layer(w, x, bits=bits).error) < float(rtn.error), k
+    rtn = comq_jax.rtn(bits=bits).quantize_layer(w, x)
+    assert float(comq_jax.gptq(bits=bits).quantize_layer(w, x).error) < float(rtn.error), k

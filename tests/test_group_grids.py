@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import comq_jax
-from comq_jax import grid as grid_lib
+from quant_core import grids as grid_lib
 
 D_IN, D_OUT = 144, 12
 
@@ -17,11 +17,11 @@ def layer_data(seed):
 
 
 SOLVERS = {
-    "rtn": lambda w, x, **kw: comq_jax.round_to_nearest(w, x, **kw),
-    "comq": lambda w, x, **kw: comq_jax.quantize_layer(w, x, **kw),
-    "comq_scale_update": lambda w, x, **kw: comq_jax.quantize_layer(
-        w, x, iters=2, scale_update=True, **kw),
-    "gptq_static": lambda w, x, **kw: comq_jax.gptq_layer(w, x, static_groups=True, **kw),
+    "rtn": lambda w, x, **kw: comq_jax.rtn(**kw).quantize_layer(w, x),
+    "comq": lambda w, x, **kw: comq_jax.comq(**kw).quantize_layer(w, x),
+    "comq_scale_update": lambda w, x, **kw: comq_jax.comq(iters=2, scale_update=True,
+                                                          **kw).quantize_layer(w, x),
+    "gptq_static": lambda w, x, **kw: comq_jax.gptq(static_groups=True, **kw).quantize_layer(w, x),
 }
 
 
@@ -52,9 +52,9 @@ def test_each_group_has_its_own_grid_and_codes(solver, grid, group_size):
 def test_comq_groups_beat_rtn_groups_and_scale_updates_never_hurt(grid, group_size):
   w, x = layer_data(1)
   options = dict(bits=3, grid=grid, granularity="group", group_size=group_size)
-  rtn = comq_jax.round_to_nearest(w, x, **options)
-  comq = comq_jax.quantize_layer(w, x, **options)
-  updated = comq_jax.quantize_layer(w, x, iters=3, scale_update=True, **options)
+  rtn = comq_jax.rtn(**options).quantize_layer(w, x)
+  comq = comq_jax.comq(**options).quantize_layer(w, x)
+  updated = comq_jax.comq(iters=3, scale_update=True, **options).quantize_layer(w, x)
   assert float(comq.error) <= float(rtn.error)
   history = np.asarray(updated.history)
   assert np.all(np.diff(history) <= 1e-6 * history[0]), history
@@ -63,8 +63,8 @@ def test_comq_groups_beat_rtn_groups_and_scale_updates_never_hurt(grid, group_si
 
 def test_a_group_as_wide_as_the_layer_is_per_channel():
   w, x = layer_data(2)
-  channel = comq_jax.quantize_layer(w, x, bits=4)
-  grouped = comq_jax.quantize_layer(w, x, bits=4, granularity="group", group_size=D_IN)
+  channel = comq_jax.comq(bits=4).quantize_layer(w, x)
+  grouped = comq_jax.comq(bits=4, granularity="group", group_size=D_IN).quantize_layer(w, x)
   np.testing.assert_array_equal(np.asarray(grouped.weights), np.asarray(channel.weights))
   np.testing.assert_array_equal(np.asarray(grouped.levels)[:, 0],
                                 np.asarray(channel.levels))

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inq_jax import im2col
-from inq_jax.layers import Convolution
+from quant_core import im2col
+from quant_core.layers import Convolution
 
 # (kernel_size, padding, kernel_dilation, feature groups, spatial): stride 1.
 STRIDE_ONE = [

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import inq_jax
+import quant_core
 from tests import helpers
 
 
@@ -114,7 +115,7 @@ def test_n1_fixed_at_init_so_grown_weights_clamp_instead_of_vanishing():
 
 def test_custom_quantizable_predicate_skips_layers():
   params = make_params()
-  only_conv = lambda path, leaf: inq_jax.default_quantizable(path, leaf) and (
+  only_conv = lambda path, leaf: quant_core.default_quantizable(path, leaf) and (
       path[0].key == "conv")
   quantizer = inq_jax.inq(4, quantizable=only_conv)
   new_params, state = quantizer.step(params, quantizer.init(params), 1.0)
@@ -176,7 +177,7 @@ def test_mismatched_mask_structure_raises():
 
 def test_state_carries_the_settings_and_rejects_another_quantizer():
   params = make_params()
-  only_conv = lambda path, leaf: inq_jax.default_quantizable(path, leaf) and (
+  only_conv = lambda path, leaf: quant_core.default_quantizable(path, leaf) and (
       path[0].key == "conv")
   state = inq_jax.inq(4, quantizable=only_conv).init(params)
   assert (state.bits, state.quantizable) == (4, only_conv)

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import comq_jax
 import configs
 import inq_jax
+import quant_core
 from experiments import models
 from experiments import train
 from inq_jax import compensation
@@ -124,8 +124,8 @@ def cnn():
   images = [jnp.asarray(np.random.default_rng(i).normal(size=(32, 8, 8, 1)),
                         jnp.float32) for i in range(2)]
   variables = model.init(jax.random.key(0), images[0], train=False)
-  grams = comq_jax.layer_grams(model, variables, images, train=False)
-  views = inq_jax.layer_views(model, variables, images[0], train=False)
+  grams = quant_core.layer_grams(model, variables, images, train=False)
+  views = quant_core.layer_views(model, variables, images[0], train=False)
   statistics = {path: inq_jax.LayerStatistics(views[path], acc.gram)
                 for path, acc in grams.items()}
   return variables["params"], statistics
@@ -289,8 +289,8 @@ def test_compensation_over_every_view_kind_lowers_each_layer_objective():
   base = rng.normal(size=(48, 4, 4, 1))
   images = [jnp.asarray(base + 0.3 * rng.normal(size=(48, 4, 4, 4)), jnp.float32)]
   variables = model.init(jax.random.key(3), images[0])
-  grams = comq_jax.layer_grams(model, variables, images)
-  views = inq_jax.layer_views(model, variables, images[0])
+  grams = quant_core.layer_grams(model, variables, images)
+  views = quant_core.layer_views(model, variables, images[0])
   statistics = {path: inq_jax.LayerStatistics(views[path], acc.gram)
                 for path, acc in grams.items()}
   assert set(statistics) == {"grouped", "general", "head"}

@@ -1,10 +1,10 @@
 """Every linear layer kind, linen and NNX, through comq_jax.quantize_model.
 
 Each case puts the layer under test before a LayerNorm and a Dense head that
-the skip predicate leaves in float. The test captures the layer's inputs on
+a rule leaves in float. The test captures the layer's inputs on
 its own (interception of the layer call) and reshapes them and the kernel to
 2-D by hand, from the layer's documented semantics, then compares with
-``comq_jax.quantize_layer``.
+``comq_jax.comq(...).quantize_layer``.
 """
 
 import dataclasses
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 import comq_jax
+import quant_core
 from tests import helpers
-from inq_jax import im2col
+from quant_core import im2col
 
 
 class _ScaledDense(nn.Dense):
@@ -173,21 +174,21 @@ def _captured_inputs(model, variables, batches):
   return captured
 
 
-def _skip_head(path, kernel):
-  del kernel
-  return path == "head"
+# The head stays in float: a rule with no solver.
+_SKIP_HEAD = [("head", None)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_each_linen_and_nnx_layer_kind_is_quantized_like_quantize_layer(case):
   model, variables, batches = _linen_model(case)
   params = variables["params"]
-  result = comq_jax.quantize_model(model, variables, batches, bits=3, skip=_skip_head)
+  result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=3),
+                                   rules=_SKIP_HEAD)
   new = result.variables["params"]
 
   # Exactly the layer's kernel changes; the head is skipped, by name and reason.
   assert [r.path for r in result.layers] == ["layer"]
-  assert [(s.path, s.reason) for s in result.skipped] == [("head", "skip predicate")]
+  assert [(s.path, s.reason) for s in result.skipped] == [("head", "rule 'head'")]
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params, new)
   assert [jax.tree_util.keystr(p) for p, c in jax.tree.leaves_with_path(changed)
           if c] == ["['layer']['kernel']"]
@@ -202,7 +203,7 @@ def test_each_linen_and_nnx_layer_kind_is_quantized_like_quantize_layer(case):
   for g in range(mats.shape[0]):
     x = rows[:, g]
     gram = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
-    direct = comq_jax.quantize_layer(mats[g], gram=gram, bits=3)
+    direct = comq_jax.comq(bits=3).quantize_layer(mats[g], gram=gram)
     np.testing.assert_array_equal(new_mats[g], direct.weights)
     errors.append(float(direct.error))
     # At most 2^3 levels per output channel.
@@ -213,7 +214,8 @@ def test_each_linen_and_nnx_layer_kind_is_quantized_like_quantize_layer(case):
 
   # NNX: the same network with the same weights gets the same quantized weights.
   nnx_model = _nnx_model(case, params)
-  nnx_result = comq_jax.quantize_model(nnx_model, None, batches, bits=3, skip=_skip_head)
+  nnx_result = comq_jax.quantize_model(nnx_model, None, batches, comq_jax.comq(bits=3),
+                                       rules=_SKIP_HEAD)
   assert [r.path for r in nnx_result.layers] == ["layer"]
   np.testing.assert_array_equal(nnx_result.variables["params"]["layer"]["kernel"],
                                 new["layer"]["kernel"])
@@ -250,7 +252,7 @@ def test_multi_head_attention_is_quantized_end_to_end():
   model = _Attention()
   batches = [_token_batch(jax.random.key(i), [7, 7, 7]) for i in range(2)]
   variables = model.init(jax.random.key(9), batches[0])
-  result = comq_jax.quantize_model(model, variables, batches, bits=4)
+  result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4))
   paths = [r.path for r in result.layers]
   assert paths == ["embed", "attn/query", "attn/key", "attn/value", "attn/out", "mlp",
                    "head"]
@@ -273,9 +275,10 @@ def test_masked_calibration_on_padded_batches_equals_unpadded_batches():
               for (tokens, valid), ns in zip(padded, lengths, strict=True)
               for j, n in enumerate(ns)]
   masks = [valid for _, valid in padded]
-  with_masks = comq_jax.quantize_model(model, variables, padded, bits=4, row_masks=masks)
-  alone = comq_jax.quantize_model(model, variables, unpadded, bits=4)
-  without_masks = comq_jax.quantize_model(model, variables, padded, bits=4)
+  with_masks = comq_jax.quantize_model(model, variables, padded, comq_jax.comq(bits=4),
+                                       row_masks=masks)
+  alone = comq_jax.quantize_model(model, variables, unpadded, comq_jax.comq(bits=4))
+  without_masks = comq_jax.quantize_model(model, variables, padded, comq_jax.comq(bits=4))
   for a, b, c in zip(with_masks.layers, alone.layers, without_masks.layers, strict=True):
     np.testing.assert_allclose(a.error, b.error, rtol=1e-4)
     assert a.error != c.error  # the noise in the padding would have counted
@@ -289,10 +292,10 @@ def test_masked_grams_equal_unpadded_grams():
   lengths = [4, 7, 1]
   padded = _token_batch(jax.random.key(3), lengths)
   variables = model.init(jax.random.key(9), padded)
-  masked = comq_jax.layer_grams(model, variables, [padded], row_masks=[padded[1]])
-  alone = comq_jax.layer_grams(model, variables, [
+  masked = quant_core.layer_grams(model, variables, [padded], row_masks=[padded[1]])
+  alone = quant_core.layer_grams(model, variables, [
       (padded[0][j:j + 1, :n], padded[1][j:j + 1, :n]) for j, n in enumerate(lengths)])
-  unmasked = comq_jax.layer_grams(model, variables, [padded])
+  unmasked = quant_core.layer_grams(model, variables, [padded])
   assert list(masked) == list(alone) == ["embed", "attn/query", "attn/key", "attn/value",
                                          "attn/out", "mlp", "head"]
   for path in masked:
@@ -326,10 +329,11 @@ def test_unsupported_layers_raise_naming_the_layer(case):
     params["layer"] = dict(params["layer"], kernel=jnp.ones((5, 3, 1)))
     variables = {"params": params}
   with pytest.raises(ValueError, match=f"^layer \\(nn\\.[A-Za-z]+\\): .*{message}"):
-    comq_jax.quantize_model(model, variables, [x], bits=4)
+    comq_jax.quantize_model(model, variables, [x], comq_jax.comq(bits=4))
   if case != "kernel_rank":
     # Asked for, it is left in float and listed with the reason.
-    result = comq_jax.quantize_model(model, variables, [x], bits=4, on_unsupported="skip")
+    result = comq_jax.quantize_model(model, variables, [x], comq_jax.comq(bits=4),
+                                     on_unsupported="skip")
     assert [s.path for s in result.skipped] == ["layer"]
     assert message in result.skipped[0].reason
     assert [r.path for r in result.layers] == ["head"]
@@ -349,7 +353,7 @@ def test_linear_like_and_uncalled_layers_are_listed_not_dropped():
   x = jnp.ones((2, 6, 3))
   model = Net()
   variables = model.init(jax.random.key(0), x, use_extra=True)
-  result = comq_jax.quantize_model(model, variables, [x], bits=4)
+  result = comq_jax.quantize_model(model, variables, [x], comq_jax.comq(bits=4))
   assert [r.path for r in result.layers] == ["head"]
   skipped = {s.path: (s.kind, s.reason) for s in result.skipped}
   assert skipped == {
@@ -369,17 +373,18 @@ def test_no_quantizable_layer_and_bad_masks_raise():
   batch = _token_batch(jax.random.key(0), [3, 4])
   norm = Norm()
   with pytest.raises(ValueError, match="no linear layer to quantize"):
-    comq_jax.quantize_model(norm, norm.init(jax.random.key(0), batch), [batch], bits=4)
+    comq_jax.quantize_model(norm, norm.init(jax.random.key(0), batch), [batch],
+                            comq_jax.comq(bits=4))
   model = _Attention()
   variables = model.init(jax.random.key(9), batch)
   with pytest.raises(ValueError, match="^embed: the row masks cover zero"):
-    comq_jax.quantize_model(model, variables, [batch], bits=4,
+    comq_jax.quantize_model(model, variables, [batch], comq_jax.comq(bits=4),
                             row_masks=[jnp.zeros((2, 7), bool)])
   with pytest.raises(ValueError, match=r"^embed: a row mask of shape \(7, 2\)"):
-    comq_jax.quantize_model(model, variables, [batch], bits=4,
+    comq_jax.quantize_model(model, variables, [batch], comq_jax.comq(bits=4),
                             row_masks=[jnp.ones((7, 2), bool)])
   with pytest.raises(ValueError, match="1 masks for 2 calibration batches"):
-    comq_jax.quantize_model(model, variables, [batch, batch], bits=4,
+    comq_jax.quantize_model(model, variables, [batch, batch], comq_jax.comq(bits=4),
                             row_masks=[batch[1]])
 
 
@@ -399,9 +404,9 @@ def test_compilations_depend_on_distinct_layer_signatures():
   model = _Repeated()
   batches = _batches((2, 6, 6, 2))
   variables = model.init(jax.random.key(0), batches[0])
-  first = comq_jax.quantize_model(model, variables, batches, bits=4)
+  first = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4))
   with helpers.count_compilations() as count:
-    result = comq_jax.quantize_model(model, variables, batches, bits=4)
+    result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4))
   # Once the small eager programs are cached: the capture and the solves of
   # (1, 18, 8), (1, 72, 8), (32 of 8 groups, 9, 1) and (1, 8, 3); not one per layer.
   assert len(result.layers) == 7
@@ -414,7 +419,7 @@ def test_program_bytes_cover_what_the_programs_hold():
   model = _Repeated()
   batches = _batches((2, 6, 6, 2))
   variables = model.init(jax.random.key(0), batches[0])
-  result = comq_jax.quantize_model(model, variables, batches, bits=4)
+  result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4))
   memory = result.timings.program_bytes
   assert set(memory) == {"capture", "solve"}
   # The capture step holds the params, every Gram and the batch; the largest solve
@@ -449,12 +454,12 @@ def test_layers_inside_remat_are_quantized_and_scanned_layers_are_named():
   variables = model.init(jax.random.key(0), batches[0])
   with pytest.raises(ValueError, match=r"^scan/Dense_0 \(nn.Dense\): its kernel is "
                      r"\(3, 8, 8\) in the params but \(8, 8\) at the call"):
-    comq_jax.quantize_model(model, variables, batches, bits=4)
-  result = comq_jax.quantize_model(model, variables, batches, bits=4,
+    comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4))
+  result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4),
                                    on_unsupported="skip")
   assert [r.path for r in result.layers] == ["remat/Dense_0", "head"]
   assert [s.path for s in result.skipped] == ["scan/Dense_0"]
-  grams = comq_jax.layer_grams(model, variables, batches)
+  grams = quant_core.layer_grams(model, variables, batches)
   rows = jnp.concatenate(batches)
   np.testing.assert_allclose(grams["remat/Dense_0"].gram[0],
                              jnp.matmul(rows.T, rows, precision="highest"), rtol=1e-6)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import inq_jax
+import quant_core
 from tests import helpers
 
 
@@ -120,7 +121,7 @@ def test_quantizer_optimizer_masks_only_the_quantizers_leaves():
   # A predicate that keeps "a" in float: its frozen mask must be ignored.
   params = {"a": {"kernel": jnp.ones((2, 3))},
             "b": {"kernel": jnp.ones((2, 3))}}
-  only_b = lambda path, leaf: (inq_jax.default_quantizable(path, leaf)
+  only_b = lambda path, leaf: (quant_core.default_quantizable(path, leaf)
                                and path[0].key == "b")
   frozen = jax.tree.map(lambda x: jnp.ones(x.shape, bool), params)
   grads = jax.tree.map(lambda x: 0.5 * x, params)

@@ -8,6 +8,7 @@ import venv
 
 import comq_jax
 import inq_jax
+import quant_core
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,15 +18,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BARE_CHECK = """
 import importlib.util, sys
 import jax, jax.numpy as jnp
-import comq_jax, inq_jax
-for heavy in ("jax.experimental.pallas", "inq_jax.deploy.kernels"):
+import comq_jax, inq_jax, quant_core
+for heavy in ("jax.experimental.pallas", "quant_core.deploy.kernels"):
   assert heavy not in sys.modules, heavy
 for extra in ("tensorflow", "tensorflow_datasets", "ml_collections", "sklearn",
               "matplotlib", "safetensors", "pandas"):
   assert importlib.util.find_spec(extra) is None, extra
 w = 0.1 * jax.random.normal(jax.random.key(0), (16, 8))
 x = jax.random.normal(jax.random.key(1), (64, 16))
-assert comq_jax.quantize_layer(w, x, bits=4).error <= comq_jax.round_to_nearest(w, x, bits=4).error
+assert (comq_jax.comq(bits=4).quantize_layer(w, x).error
+        <= comq_jax.rtn(bits=4).quantize_layer(w, x).error)
 quantizer = inq_jax.inq(bits=5)
 params = {"dense": {"kernel": w}}
 params, state = quantizer.step(params, quantizer.init(params), 1.0)
@@ -35,10 +37,10 @@ print("bare install ok")
 
 
 def test_importing_the_libraries_does_not_import_pallas():
-  check = ("import sys, comq_jax, inq_jax\n"
-           "print(sorted(m for m in ('jax.experimental.pallas', 'inq_jax.deploy.kernels')"
+  check = ("import sys, comq_jax, inq_jax, quant_core\n"
+           "print(sorted(m for m in ('jax.experimental.pallas', 'quant_core.deploy.kernels')"
            " if m in sys.modules))\n"
-           "inq_jax.deploy.shift_matmul\n"
+           "quant_core.deploy.shift_matmul\n"
            "print('jax.experimental.pallas' in sys.modules)\n")
   out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                        check=True, cwd=REPO).stdout.split("\n")
@@ -46,7 +48,7 @@ def test_importing_the_libraries_does_not_import_pallas():
 
 
 def test_all_lists_resolvable_public_names():
-  for package in (inq_jax, comq_jax, inq_jax.deploy):
+  for package in (inq_jax, comq_jax, quant_core.deploy):
     assert package.__all__ == sorted(package.__all__)
     for name in package.__all__:
       assert getattr(package, name) is not None, (package.__name__, name)
@@ -57,7 +59,7 @@ def test_bare_library_installs_into_a_fresh_venv_and_imports(tmp_path):
   source.mkdir()
   for name in ("setup.py", "README.md"):
     shutil.copy(os.path.join(REPO, name), source)
-  for package in ("inq_jax", "comq_jax"):
+  for package in ("quant_core", "inq_jax", "comq_jax"):
     shutil.copytree(os.path.join(REPO, package), source / package,
                     ignore=shutil.ignore_patterns("__pycache__"))
   env_dir = tmp_path / "venv"

@@ -1,4 +1,5 @@
-"""Packed inference of whole models: codes recovered from de-quantized kernels, every
+"""Packed inference of whole models: the solvers' codes re-laid (pack_quantization),
+codes recovered from de-quantized kernels (pack_layers), INQ models (pack_model), every
 layer kind through quantized_matmul, and one compilation per input shape."""
 
 from flax import nnx
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 
 import comq_jax
-from inq_jax import deploy
+import inq_jax
 from inq_jax import inq
-from inq_jax.deploy import packing
+from quant_core import deploy
 from tests import helpers
 
 
@@ -39,14 +40,13 @@ VARIABLES = MODEL.init(jax.random.key(1), X)
     ("asymmetric", "group", 32),
 ])
 def test_packed_model_matches_dequantized_model(grid, granularity, group_size):
-  result = comq_jax.quantize_model(MODEL, VARIABLES, [X], bits=4, method="rtn",
-                                   grid=grid, granularity=granularity,
-                                   group_size=group_size)
-  packed = deploy.pack_quantization(result, MODEL, X)
+  solver = comq_jax.rtn(bits=4, grid=grid, granularity=granularity, group_size=group_size)
+  result = comq_jax.quantize_model(MODEL, VARIABLES, [X], solver)
+  packed = deploy.pack_quantization(result)
   for path, report in zip(["Conv_1", "Conv_2", "DenseGeneral_0", "Einsum_0"],
                           result.layers[1:5], strict=True):
     layer = packed["params"][path]["kernel"]
-    assert isinstance(layer, packing.PackedLayer) and report.path == path
+    assert isinstance(layer, deploy.PackedLayer) and report.path == path
     assert (layer.groups, *layer.matrices.shape) == report.matrices
   expected = MODEL.apply(result.variables, X)
   got = deploy.jit_packed_apply(MODEL)(packed, X)
@@ -76,10 +76,9 @@ _SMALL_X = jax.random.normal(jax.random.key(7), (2, 5, 5, 4), jnp.float32)
 ])
 def test_small_packed_model_matches_dequantized_model(grid, granularity, group_size):
   variables = _SMALL.init(jax.random.key(8), _SMALL_X)
-  result = comq_jax.quantize_model(_SMALL, variables, [_SMALL_X], bits=4, method="rtn",
-                                   grid=grid, granularity=granularity,
-                                   group_size=group_size)
-  packed = deploy.pack_quantization(result, _SMALL, _SMALL_X)
+  solver = comq_jax.rtn(bits=4, grid=grid, granularity=granularity, group_size=group_size)
+  result = comq_jax.quantize_model(_SMALL, variables, [_SMALL_X], solver)
+  packed = deploy.pack_quantization(result)
   assert packed["params"]["depthwise"]["kernel"].groups == 4
   np.testing.assert_allclose(deploy.jit_packed_apply(_SMALL)(packed, _SMALL_X),
                              _SMALL.apply(result.variables, _SMALL_X), rtol=1e-5,
@@ -92,46 +91,108 @@ def test_codes_are_recovered_exactly_after_a_scale_update(grid):
   # from the values, and unpacking gives every weight back bit for bit.
   w = jax.random.normal(jax.random.key(2), (70, 37), jnp.float32)
   x = jax.random.normal(jax.random.key(3), (128, 70), jnp.float32)
-  result = comq_jax.quantize_layer(w, x, bits=4, grid=grid, scale_update=True)
-  packed = packing.pack_matrix_values(result.weights, bits=4, grid=grid,
-                                      granularity="channel")
-  np.testing.assert_array_equal(packing.unpack(packed), result.weights)
+  result = comq_jax.comq(bits=4, grid=grid, scale_update=True).quantize_layer(w, x)
+  packed = deploy.pack_matrix_values(result.weights, bits=4, grid=grid,
+                                     granularity="channel")
+  np.testing.assert_array_equal(deploy.unpack(packed), result.weights)
 
 
 def test_values_off_every_grid_raise_naming_the_layer():
-  model = nn.Dense(4)
+  # Float weights whose codes are lost pack by recovering the grid from the values
+  # (pack_layers); values on no grid of the stated kind are refused, naming the layer.
+  model = nn.Sequential([nn.Dense(4)])
   x = jax.random.normal(jax.random.key(9), (8, 6), jnp.float32)
   result = comq_jax.quantize_model(model, model.init(jax.random.key(10), x), [x],
-                                   bits=3, method="rtn")
-  params = dict(result.variables["params"])
-  params["kernel"] = params["kernel"] * 1.001 + 1e-4
-  broken = result._replace(variables={"params": params})
-  with pytest.raises(ValueError, match=r"\d+ of 4 grid cells hold values on no 3-bit "
-                     r"asymmetric grid .*channel 0"):
-    deploy.pack_quantization(broken, model, x)
+                                   comq_jax.rtn(bits=3))
+  options = dict(bits=3, grid="asymmetric", granularity="channel")
+  # The quantized weights recover their grid exactly ...
+  packed = deploy.pack_layers(result.variables, model, x, ["layers_0"], **options)
+  restored = deploy.unpack_variables(packed)["params"]["layers_0"]["kernel"]
+  np.testing.assert_array_equal(restored, result.variables["params"]["layers_0"]["kernel"])
+  # ... and weights moved off it are refused.
+  params = jax.tree.map(lambda leaf: leaf, result.variables["params"])
+  params["layers_0"]["kernel"] = params["layers_0"]["kernel"] * 1.001 + 1e-4
+  with pytest.raises(ValueError, match=r"^layers_0: \d+ of 4 grid cells hold values on "
+                     r"no 3-bit asymmetric grid .*channel 0"):
+    deploy.pack_layers({"params": params}, model, x, ["layers_0"], **options)
 
 
-def test_inq_kernels_packed_whole_run_through_the_views():
-  # pack_variables packs each kernel as it is (rows in the kernel's row-major order);
-  # the apply permutes the conv's patch rows to it, read off the view.
-  model = nn.Sequential([nn.Conv(6, (3, 3), strides=(2, 1)), nn.relu, nn.Dense(5)])
-  x = jax.random.normal(jax.random.key(4), (2, 7, 6, 3), jnp.float32)
-  variables = model.init(jax.random.key(5), x)
+def test_pack_quantization_refuses_what_it_cannot_pack_exactly():
+  model = nn.Sequential([nn.Dense(4)])
+  x = jax.random.normal(jax.random.key(9), (8, 6), jnp.float32)
+  variables = model.init(jax.random.key(10), x)
+  # A shrink factor: the levels scalar·(z + t)·step are not scale·(code - zero_point).
+  shrunk = comq_jax.quantize_model(model, variables, [x], comq_jax.rtn(bits=3, scalar=0.9))
+  with pytest.raises(ValueError, match=r"^layers_0: quantized with scalar=0.9"):
+    deploy.pack_quantization(shrunk)
+  # A report without its codes (rebuilt from a record) points to pack_layers.
+  result = comq_jax.quantize_model(model, variables, [x], comq_jax.rtn(bits=3))
+  bare = result._replace(layers=[report._replace(quantization=None)
+                                 for report in result.layers])
+  with pytest.raises(ValueError, match=r"^layers_0: the report holds no codes.*pack_layers"):
+    deploy.pack_quantization(bare)
+  # A kernel changed after quantization no longer matches its codes.
+  params = result.variables["params"]
+  kernel = params["layers_0"]["kernel"]
+  edited = result._replace(variables={"params": {"layers_0": dict(
+      params["layers_0"], kernel=kernel.at[0, 0].set(kernel[0, 0] + 1.0))}})
+  with pytest.raises(ValueError, match=r"^layers_0: the kernel in result.variables is not"):
+    deploy.pack_quantization(edited)
+
+
+# A strided conv, then a Dense over the last axis of its 4-D output.
+_INQ_MODEL = nn.Sequential([nn.Conv(6, (3, 3), strides=(2, 1)), nn.relu, nn.Dense(5)])
+_INQ_X = jax.random.normal(jax.random.key(4), (2, 7, 6, 3), jnp.float32)
+
+
+def _inq_quantized():
+  variables = _INQ_MODEL.init(jax.random.key(5), _INQ_X)
   quantizer = inq(5)
   params, state = quantizer.step(variables["params"],
                                  quantizer.init(variables["params"]), 1.0)
-  packed = deploy.pack_variables({"params": params}, state)
-  assert isinstance(packed["params"]["layers_0"]["kernel"], packing.PackedPow2)
-  np.testing.assert_allclose(deploy.packed_apply(model, packed, x),
-                             model.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+  return {"params": params}, state
+
+
+def test_inq_kernels_packed_over_their_views_run_and_unpack_exactly():
+  # pack_model packs each kernel as its view's matrices (a conv's rows in im2col
+  # patch order, no permutation at apply time), under the state's n1.
+  variables, state = _inq_quantized()
+  packed = inq_jax.pack_model(_INQ_MODEL, variables, state, _INQ_X)
+  for name in ("layers_0", "layers_2"):
+    layer = packed["params"][name]["kernel"]
+    assert isinstance(layer, deploy.PackedLayer)
+    assert isinstance(layer.matrices, deploy.PackedPow2)
+    np.testing.assert_array_equal(layer.matrices.n1, [state.n1[name]["kernel"]])
+  assert packed["params"]["layers_0"]["kernel"].kernel_perm is None
+  np.testing.assert_allclose(deploy.packed_apply(_INQ_MODEL, packed, _INQ_X),
+                             _INQ_MODEL.apply(variables, _INQ_X), rtol=1e-5, atol=1e-6)
+  restored = deploy.unpack_variables(packed)
+  assert jax.tree.structure(restored) == jax.tree.structure(variables)
+  for got, expected in zip(jax.tree.leaves(restored), jax.tree.leaves(variables),
+                           strict=True):
+    assert np.asarray(got).dtype == expected.dtype
+    assert np.asarray(got).tobytes() == np.asarray(expected).tobytes()
+
+
+def test_a_bare_packed_kernel_in_the_tree_is_refused():
+  # A kernel packed whole (a bare PackedPow2, rows in the kernel's row-major order)
+  # is no longer run: packed_apply names the layer and says what to pack instead.
+  variables, state = _inq_quantized()
+  params = dict(variables["params"])
+  kernel = params["layers_0"]["kernel"]
+  params["layers_0"] = dict(params["layers_0"], kernel=deploy.pack(
+      kernel, 5, state.n1["layers_0"]["kernel"]))
+  with pytest.raises(ValueError, match=r"layers_0: its kernel is a bare packed weight; "
+                     r"packed_apply runs PackedLayer kernels.*inq_jax.pack_model"):
+    deploy.packed_apply(_INQ_MODEL, {"params": params}, _INQ_X)
 
 
 def test_jitted_packed_apply_compiles_once_per_input_shape():
   model = nn.Dense(5)
   xs = [jax.random.normal(jax.random.key(i), (3, 13), jnp.float32) for i in range(3)]
   variables = model.init(jax.random.key(6), xs[0])
-  result = comq_jax.quantize_model(model, variables, xs[:1], bits=4, method="rtn")
-  packed = deploy.pack_quantization(result, model, xs[0])
+  result = comq_jax.quantize_model(model, variables, xs[:1], comq_jax.rtn(bits=4))
+  packed = deploy.pack_quantization(result)
   with helpers.count_compilations() as compilations:
     for x in xs:
       # An equal, freshly built module gets the same cached jitted function.
@@ -163,12 +224,12 @@ class _NNXNet(nnx.Module):
 ])
 def test_nnx_packed_model_matches_dequantized_model(grid, granularity, group_size, tmp_path):
   model = _NNXNet(nnx.Rngs(0))
-  result = comq_jax.quantize_model(model, None, [X], bits=4, method="rtn", grid=grid,
-                                   granularity=granularity, group_size=group_size)
+  solver = comq_jax.rtn(bits=4, grid=grid, granularity=granularity, group_size=group_size)
+  result = comq_jax.quantize_model(model, None, [X], solver)
   assert [r.path for r in result.layers] == ["conv", "grouped", "general", "einsum",
                                              "head"]
-  packed = deploy.pack_quantization(result, result.model, X)
-  assert all(isinstance(packed["params"][r.path]["kernel"], packing.PackedLayer)
+  packed = deploy.pack_quantization(result)
+  assert all(isinstance(packed["params"][r.path]["kernel"], deploy.PackedLayer)
              for r in result.layers)
   kernel_before = np.asarray(result.model.head.kernel[...])
   expected = result.model(X)
@@ -200,11 +261,11 @@ def test_nnx_jitted_packed_apply_reads_the_module_state_of_each_call():
   """Batch statistics changed after the first call are used by the next one, and an
   equal module (same structure, other arrays) shares the compiled function."""
   model = _NNXConvBN(nnx.Rngs(0))
-  result = comq_jax.quantize_model(model, None, [X], bits=4, method="rtn")
-  packed = deploy.pack_quantization(result, result.model, X)
+  result = comq_jax.quantize_model(model, None, [X], comq_jax.rtn(bits=4))
+  packed = deploy.pack_quantization(result)
   other = _NNXConvBN(nnx.Rngs(1))
   other_packed = deploy.pack_quantization(
-      comq_jax.quantize_model(other, None, [X], bits=4, method="rtn"), other, X)
+      comq_jax.quantize_model(other, None, [X], comq_jax.rtn(bits=4)))
   shifted_mean = jax.device_put(np.asarray(result.model.norm.mean[...]) + 0.5)
   with helpers.count_compilations() as compilations:
     before = deploy.jit_packed_apply(result.model)(packed, X)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inq_jax.deploy import kernels as qm
-from inq_jax.deploy import packing
+from quant_core.deploy import codes as packed_codes
+from quant_core.deploy import kernels as qm
 
 M = 3
 BLOCKS = dict(block_m=8, block_n=16)  # N = 37 is ragged for block_n
@@ -35,18 +35,18 @@ def _random_packed(grid, granularity, bits, *, k=K, n=N, group_size=GROUP_SIZE,
     sign = rng.choice([-1.0, 1.0], (k, n))
     w = np.where(magnitude == 0, 0.0,
                  sign * np.ldexp(1.0, n2 + magnitude - 1))
-    return packing.pack(w.astype(np.float32), bits, n1, k_tile=k_tile,
-                        group_size=group_size)
+    return packed_codes.pack(w.astype(np.float32), bits, n1, k_tile=k_tile,
+                             group_size=group_size)
   scale = rng.uniform(0.01, 0.1, param_shape).astype(np.float32)
   if grid == "symmetric":
     codes, zero_point = rng.integers(0, 2**bits - 1, (k, n)), None
   else:
     codes = rng.integers(0, 2**bits, (k, n))
     # The whole allowed range, extremes included.
-    zero_point = rng.integers(2**bits - 1 - packing.MAX_LEVEL_MAGNITUDE,
-                              packing.MAX_LEVEL_MAGNITUDE + 1, param_shape)
-  return packing.pack_uniform(codes, scale, zero_point, bits=bits,
-                              group_size=group_size, k_tile=k_tile)
+    zero_point = rng.integers(2**bits - 1 - packed_codes.MAX_LEVEL_MAGNITUDE,
+                              packed_codes.MAX_LEVEL_MAGNITUDE + 1, param_shape)
+  return packed_codes.pack_uniform(codes, scale, zero_point, bits=bits,
+                                   group_size=group_size, k_tile=k_tile)
 
 
 def _activations(dtype, shape, seed):
@@ -68,8 +68,8 @@ def _integer_levels(packed):
   """Integer levels ``l_b`` per band, from the de-quantized weights:
   ``W = step · sum_b l_b · 2^(7b)`` with step ``scale`` or ``2^n2``."""
   k, n = packed.k, packed.n
-  w = np.asarray(packing.unpack(packed), np.float64).reshape(k, n)
-  if isinstance(packed, packing.PackedUniform):
+  w = np.asarray(packed_codes.unpack(packed), np.float64).reshape(k, n)
+  if isinstance(packed, packed_codes.PackedUniform):
     scale = _per_row(packed.scale, k, n, packed.group_size)
     return [np.round(w / scale).astype(np.int64)]
   # |w| = 2^(n2 + j) exactly, j in 0..2^(bits-2)-1.
@@ -93,7 +93,7 @@ def _int8_contract(x, packed):
   rounded as the kernels' module docstring says."""
   x = np.asarray(x, np.int64)
   levels = _integer_levels(packed)
-  is_pow2 = isinstance(packed, packing.PackedPow2)
+  is_pow2 = isinstance(packed, packed_codes.PackedPow2)
   if packed.group_size is None:
     sums = [(x @ level).astype(np.float32) for level in levels]
     if not is_pow2:
@@ -117,8 +117,7 @@ def _check_float(y, x, packed):
   """Float result against the f64 product with the de-quantized weights."""
   assert y.dtype == x.dtype
   x64 = np.asarray(x.astype(jnp.float32), np.float64).reshape(-1, packed.k)
-  w = np.asarray(packing.unpack(packed), np.float64).reshape(packed.k,
-                                                             packed.n)
+  w = np.asarray(packed_codes.unpack(packed), np.float64).reshape(packed.k, packed.n)
   dense, magnitude = x64 @ w, np.abs(x64) @ np.abs(w)
   # Exact products; f32 accumulation of K terms (1e-6 ~ 17 ulp), or a final
   # rounding to bf16 (2^-8 relative to the magnitude bounds it).
@@ -198,7 +197,7 @@ def test_input_errors():
   with pytest.raises(ValueError, match="group-wise exponents"):
     qm.shift_matmul(jnp.zeros((2, K), jnp.int8), grouped)
   big_k = qm.MAX_UNIFORM_INT_K + 1
-  big = packing.PackedUniform(
+  big = packed_codes.PackedUniform(
       data=jnp.zeros((1, 1), jnp.uint8), scale=jnp.ones((1,)),
       zero_point=None, shape=(big_k, 1), bits=8, k_tile=2)
   with pytest.raises(ValueError, match=f"K <= {qm.MAX_UNIFORM_INT_K}"):

@@ -80,9 +80,9 @@ def calibration_inputs(w):
   return jax.random.normal(jax.random.key(9), (64, w.shape[0])).astype(w.dtype)
 
 
-def make_run_layer_solver(solve, grid):
+def make_run_layer_solver(make_solver, grid):
   def run(w, bits):
-    result = solve(w, calibration_inputs(w), bits=bits, grid=grid)
+    result = make_solver(bits, grid=grid).quantize_layer(w, calibration_inputs(w))
     # weights[i, j] must be one of channel j's levels.
     on_level = jnp.any(result.weights.T[:, :, None] == result.levels[:, None, :],
                        axis=-1).T
@@ -103,11 +103,10 @@ REGISTRY = [
     Quantizer("inq_random", tuple(range(2, 9)), make_run_inq("random"),
               pow2_levels, has_masks=True, nearest_on_nested_codebooks=True),
 ] + [
-    Quantizer(f"{name}_{grid}", tuple(range(2, 9)), make_run_layer_solver(solve, grid),
+    Quantizer(f"{name}_{grid}", tuple(range(2, 9)), make_run_layer_solver(make_solver, grid),
               UNIFORM_LEVELS[grid], idempotent=grid == "pow2",
               nearest_on_nested_codebooks=name == "rtn" and grid == "pow2")
-    for name, solve in (("comq", comq_jax.quantize_layer),
-                        ("rtn", comq_jax.round_to_nearest))
+    for name, make_solver in (("comq", comq_jax.comq), ("rtn", comq_jax.rtn))
     for grid in ("asymmetric", "symmetric", "pow2")
 ]
 
@@ -220,7 +219,7 @@ def test_min_max_grids_are_not_nested(grid, bits):
   # gets worse with the extra bit.
   w = jnp.array([[0.0], [1 / 3], [1.0]], jnp.float32)
   error = lambda bits: float(jnp.sum(jnp.abs(
-      comq_jax.round_to_nearest(w, bits=bits, grid=grid).weights - w)))
+      comq_jax.rtn(bits=bits, grid=grid).quantize_layer(w).weights - w)))
   assert error(bits) == 0.0
   assert error(bits + 1) > 0.0
 
@@ -251,7 +250,7 @@ _jitted_pow2_quantize = jax.jit(inq_jax.pow2_quantize, static_argnums=1)
 
 @pytest.mark.parametrize("quantize,shape", [
     (lambda w, x, bits: _jitted_pow2_quantize(w, bits), (7, 5)),
-    (lambda w, x, bits: comq_jax.quantize_layer(w, x, bits=bits).weights,
+    (lambda w, x, bits: comq_jax.comq(bits=bits).quantize_layer(w, x).weights,
      (9, 5)),
 ], ids=["pow2_quantize", "comq"])
 def test_quantizer_does_not_recompile(quantize, shape):

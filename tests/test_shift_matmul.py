@@ -1,5 +1,5 @@
 """Tests of the shift-matmul kernel (interpret mode on CPU) and packed
-inference of Flax models."""
+inference of INQ-quantized Flax models (inq_jax.pack_model)."""
 
 import flax.linen as nn
 import jax
@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inq_jax import deploy
+import inq_jax
 from inq_jax import inq
 from inq_jax import pow2_exponents
 from inq_jax import pow2_quantize
-from inq_jax.deploy import kernels as sm
-from inq_jax.deploy import packing
+from quant_core import deploy
+from quant_core.deploy import codes as packed_codes
+from quant_core.deploy import kernels as sm
 from tests import helpers
 
 # Ragged on every axis: M, N and K are not multiples of the blocks (8, 16)
@@ -25,7 +26,7 @@ def _packed(bits, k=K, n=N, k_tile=32, seed=0):
   w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
   n1, _ = pow2_exponents(jnp.max(jnp.abs(w)), bits)
   q = pow2_quantize(w, bits, n1=n1)
-  return packing.pack(q, bits, n1, k_tile=k_tile), q
+  return packed_codes.pack(q, bits, n1, k_tile=k_tile), q
 
 
 def _int8(shape, seed):
@@ -125,9 +126,9 @@ def test_input_errors():
   with pytest.raises(ValueError, match="PackedPow2"):
     sm.shift_matmul(jnp.zeros((2, K)), jnp.zeros((K, N)))
   big_k = sm.MAX_INT_K + 1
-  big = packing.PackedPow2(data=jnp.zeros((big_k + 1, 1), jnp.uint8),
-                           n1=jnp.int32(0), shape=(big_k, 1), bits=5,
-                           k_tile=2)
+  big = packed_codes.PackedPow2(data=jnp.zeros((big_k + 1, 1), jnp.uint8),
+                                n1=jnp.int32(0), shape=(big_k, 1), bits=5,
+                                k_tile=2)
   with pytest.raises(ValueError, match="K <= 262143"):
     sm.shift_matmul(jnp.zeros((1, big_k), jnp.int8), big)
 
@@ -143,9 +144,9 @@ def test_kernel_lowers_for_accelerators(platform, lowering, marker, bits,
   # Lowering to StableHLO runs the Pallas Triton / Mosaic TPU lowering
   # without the hardware; compiling the custom call needs the device.
   k, n, k_tile = 640, 300, 128 if platform == "gpu" else 512
-  packed = packing.PackedPow2(
+  packed = packed_codes.PackedPow2(
       data=jax.ShapeDtypeStruct(
-          (packing.round_up(k, k_tile) // packing.codes_per_byte(bits), n),
+          (packed_codes.round_up(k, k_tile) // packed_codes.codes_per_byte(bits), n),
           jnp.uint8),
       n1=jax.ShapeDtypeStruct((), jnp.int32), shape=(k, n), bits=bits,
       k_tile=k_tile)
@@ -174,13 +175,25 @@ def _quantized_model(model, x, bits):
   return {"params": params}, state
 
 
+def _assert_bitwise_equal_trees(got, expected):
+  """Same tree, same dtypes and shapes, the same bits in every leaf."""
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    assert (a.dtype, a.shape) == (b.dtype, b.shape)
+    assert a.tobytes() == b.tobytes()
+
+
 def test_packed_model_matches_float_model():
   model = _Net()
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3), jnp.float32)
   variables, state = _quantized_model(model, x, bits=5)
-  packed = deploy.pack_variables(variables, state, k_tile=32)
-  assert isinstance(packed["params"]["Dense_0"]["kernel"],
-                    packing.PackedPow2)
+  packed = inq_jax.pack_model(model, variables, state, x, k_tile=32)
+  for name in ("Conv_0", "Conv_1", "Dense_0"):
+    layer = packed["params"][name]["kernel"]
+    assert isinstance(layer, deploy.PackedLayer)
+    assert isinstance(layer.matrices, packed_codes.PackedPow2)
+    assert layer.matrices.k_tile == 32
   expected = model.apply(variables, x)
   got = jax.jit(lambda v, x: deploy.packed_apply(model, v, x))(
       packed, x)
@@ -194,47 +207,52 @@ def test_int8_inputs_are_bit_exact(layer):
   x = _int8((2, 9, 8, 3), seed=11)
   x_float = x.astype(jnp.float32)
   variables, state = _quantized_model(layer, x_float, bits=4)
-  packed = deploy.pack_variables(variables, state, k_tile=32)
+  packed = inq_jax.pack_model(layer, variables, state, x_float, k_tile=32)
   got = deploy.packed_apply(layer, packed, x)
   # Every partial sum is a multiple of 2^n2 below 2^24·2^n2 here, so the
   # float model on the same integers is exact too.
   np.testing.assert_array_equal(got, layer.apply(variables, x_float))
 
 
-def test_evaluate_packed_runs_the_model():
+def test_packed_inq_model_runs_and_unpacks_to_the_quantized_model():
   model = nn.Dense(3)
   x = jax.random.normal(jax.random.key(0), (4, 10), jnp.float32)
   variables, state = _quantized_model(model, x, bits=3)
-  np.testing.assert_allclose(
-      deploy.evaluate_packed(model, variables, state, x),
-      model.apply(variables, x), rtol=1e-5, atol=1e-6)
+  packed = inq_jax.pack_model(model, variables, state, x)
+  np.testing.assert_allclose(deploy.packed_apply(model, packed, x),
+                             model.apply(variables, x), rtol=1e-5, atol=1e-6)
+  _assert_bitwise_equal_trees(deploy.unpack_variables(packed), variables)
 
 
-def test_evaluate_packed_compiles_once_per_input_shape():
+def test_jitted_packed_apply_of_an_inq_model_compiles_once_per_input_shape():
   # Shapes no other test uses, so the first call must compile.
   model = nn.Dense(5)
   xs = [jax.random.normal(jax.random.key(i), (3, 11), jnp.float32)
         for i in range(3)]
   variables, state = _quantized_model(model, xs[0], bits=4)
+  packed = inq_jax.pack_model(model, variables, state, xs[0])
   with helpers.count_compilations() as first:
-    jax.block_until_ready(
-        deploy.evaluate_packed(model, variables, state, xs[0]))
+    jax.block_until_ready(deploy.jit_packed_apply(model)(packed, xs[0]))
   assert first[0] > 0  # The counter sees compilations at all.
   for x in xs[1:]:
     # An equal, freshly built module hits the same cache entry.
     for same_model in (model, nn.Dense(5)):
       with helpers.count_compilations() as again:
-        got = deploy.evaluate_packed(same_model, variables, state, x)
+        got = deploy.jit_packed_apply(same_model)(packed, x)
         jax.block_until_ready(got)
       assert again[0] == 0
       np.testing.assert_allclose(got, model.apply(variables, x), rtol=1e-5,
                                  atol=1e-6)
 
 
-def test_unsupported_conv_raises():
+def test_grouped_conv_of_an_inq_model_runs_packed():
+  # Kernels packed whole could not run a grouped conv; the view's matrices can.
   layer = nn.Conv(4, (3, 3), feature_group_count=2)
-  x = jnp.zeros((1, 5, 5, 4), jnp.float32)
+  x = jax.random.normal(jax.random.key(2), (1, 5, 5, 4), jnp.float32)
   variables, state = _quantized_model(layer, x, bits=4)
-  packed = deploy.pack_variables(variables, state)
-  with pytest.raises(ValueError, match="feature_group_count"):
-    deploy.packed_apply(layer, packed, x)
+  packed = inq_jax.pack_model(layer, variables, state, x)
+  assert packed["params"]["kernel"].groups == 2
+  np.testing.assert_allclose(deploy.packed_apply(layer, packed, x),
+                             layer.apply(variables, x), rtol=1e-5, atol=1e-6)
+  _assert_bitwise_equal_trees(deploy.unpack_variables(packed), variables)
+

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import configs
-import inq_jax
+import quant_core
 from experiments import input_pipeline
 from experiments import methods
 from experiments import models
@@ -56,9 +56,9 @@ def test_inq_run_writes_results_metrics_and_config(tmp_path):
   # model is only ~2.7x smaller than FP32 on this small CNN; log2(17) bits per weight
   # would give ~7x.
   state, _ = train.latest_checkpoint(workdir)
-  written = inq_jax.deploy.load_packed(os.path.join(workdir, train.PACKED_MODEL_FILE),
+  written = quant_core.deploy.load_packed(os.path.join(workdir, train.PACKED_MODEL_FILE),
                                        like=state["variables"])
-  assert results["packed_bytes"] == inq_jax.deploy.size_report(written).packed_bytes
+  assert results["packed_bytes"] == quant_core.deploy.size_report(written).packed_bytes
   num_values = sum(leaf.size for leaf in jax.tree.leaves(state["variables"]))
   assert results["fp32_bytes"] == 4 * num_values
   assert results["packed_bytes"] < results["fp32_bytes"] / 2
@@ -207,7 +207,7 @@ class ZeroMantissa(base.Method):
 
   def enter(self, phase, state, context):
     def truncate(path, leaf):
-      if not inq_jax.default_quantizable(path, leaf):
+      if not quant_core.default_quantizable(path, leaf):
         return leaf
       bits = jax.lax.bitcast_convert_type(leaf, jnp.uint32) & jnp.uint32(0xFF800000)
       return jax.lax.bitcast_convert_type(bits, jnp.float32)

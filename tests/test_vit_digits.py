@@ -14,7 +14,7 @@ import pytest
 
 import configs
 from experiments import train
-import inq_jax
+import quant_core
 
 BLOCK_LAYERS = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/fc1", "mlp/fc2")
 # ViTDigits' linear layers in forward order: what COMQ quantizes and INQ's predicate picks.
@@ -107,7 +107,7 @@ def test_inq_puts_every_kernel_in_the_codebook(tmp_path):
   assert [entry["portion"] for entry in results["portion_accuracies"]] == [0.5, 1.0]
   assert np.isfinite(results["final_accuracy"])
   params = checkpointed_params(str(tmp_path))[-1]
-  mask = leaves_by_name(inq_jax.quantizable_mask(params))
+  mask = leaves_by_name(quant_core.quantizable_mask(params))
   assert {name for name, quantizable in mask.items() if quantizable} == {
       f"{layer}/kernel" for layer in LAYERS}
   for name, leaf in leaves_by_name(params).items():

@@ -54,7 +54,7 @@ def fp_phase(config, steps_per_epoch) -> Phase:
 
 
 def size_entries(report) -> dict:
-  """The results.json size entries of a size report (`inq_jax.deploy.SizeReport`)."""
+  """The results.json size entries of a size report (`quant_core.deploy.SizeReport`)."""
   return {"fp32_bytes": report.fp32_bytes, "packed_bytes": report.packed_bytes,
           "codebook_bytes": report.codebook_bytes, "entropy_bytes": report.entropy_bytes}
 
@@ -118,7 +118,7 @@ class Method:
     return jax.tree.map(lambda p: jnp.zeros(p.shape, bool), state["variables"]["params"])
 
   def packed_variables(self, model, state, progress, phases, example):
-    """The final variables with packed kernels (`inq_jax.deploy`), or None (FP).
+    """The final variables with packed kernels (`quant_core.deploy`), or None (FP).
 
     example: one model input (shapes only), to find each layer's 2-D view.
     """

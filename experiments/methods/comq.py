@@ -7,12 +7,5 @@ class COMQMethod(post_training.PostTrainingMethod):
   name = "comq"
   label = "COMQ"
 
-  def solver_options(self, config):
-    block = config.comq
-    return dict(bits=block.bits, iters=block.iters, order=block.order,
-                scale_update=block.scale_update, scalar=block.scalar, grid=block.grid,
-                granularity=block.granularity, group_size=block.group_size,
-                init=block.init, inputs=block.inputs)
-
 
 METHOD = COMQMethod()

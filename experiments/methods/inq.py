@@ -12,9 +12,7 @@ weights; distillation from the FP weights, kept as state["teacher"]; training wh
 leaves in float after the final step; BatchNorm statistics re-estimated after it.
 """
 
-import functools
 import itertools
-import operator
 
 from absl import logging
 import jax
@@ -23,9 +21,9 @@ import numpy as np
 
 from experiments.methods import base
 from experiments.methods import post_training
-import comq_jax
 import inq_jax
-from inq_jax import validation
+import quant_core
+from quant_core import paths
 
 
 class INQMethod(base.Method):
@@ -91,15 +89,10 @@ class INQMethod(base.Method):
 
   def packed_variables(self, model, state, progress, phases, example):
     """Each quantized kernel packed as its layer's view matrices (so DenseGeneral and
-    grouped convs run too), n1 per layer recovered from the power-of-two values."""
+    grouped convs run too), encoded under the layer's n1 from the INQ state."""
     del progress, phases
-    variables = jax.device_get(state["variables"])
-    mask = state["method"].quantizable_mask(variables["params"])
-    paths = [path for path in inq_jax.layer_paths(model, variables, example, train=False)
-             if functools.reduce(operator.getitem, path.split("/"), mask)["kernel"]]
-    return inq_jax.deploy.pack_layers(variables, model, example, paths,
-                                      bits=state["method"].bits, grid="pow2",
-                                      granularity="layer", train=False)
+    return inq_jax.pack_model(model, state["variables"], state["method"], example,
+                              train=False)
 
   def results(self, config, state, progress, phases, packed):
     params, inq_state = state["variables"]["params"], state["method"]
@@ -108,7 +101,7 @@ class INQMethod(base.Method):
       raise RuntimeError(f"Only {fraction:.6f} of the quantizable weights are in the "
                          f"{inq_state.bits}-bit power-of-two codebook after the final "
                          "INQ step.")
-    return {**base.size_entries(inq_jax.deploy.size_report(packed)),
+    return {**base.size_entries(quant_core.deploy.size_report(packed)),
             "codebook_fraction": fraction, "layers": None,
             "zero_fractions": zero_fractions(params, inq_state),
             "portion_accuracies": [
@@ -119,7 +112,7 @@ class INQMethod(base.Method):
 def zero_fractions(params, inq_state):
   """{kernel path: share of its weights that are exactly zero} of the quantized leaves."""
   mask = inq_state.quantizable_mask(params)
-  return {validation.path_name(path):
+  return {paths.path_name(path):
           float(np.mean(np.asarray(leaf) == 0))
           for (path, leaf), selected in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                             jax.tree.leaves(mask), strict=True)
@@ -132,9 +125,9 @@ def layer_statistics(context, variables):
   images = post_training.calibration_images(config, context.dataset,
                                             (config.seed, context.phase_index, 0))
   variables = jax.device_put(jax.device_get(variables))
-  grams = comq_jax.layer_grams(model, variables, images, train=False,
-                               **post_training.calibration_devices(config, context.mesh))
-  views = inq_jax.layer_views(model, variables, images[0], train=False)
+  grams = quant_core.layer_grams(model, variables, images, train=False,
+                                 **post_training.calibration_devices(config, context.mesh))
+  views = quant_core.layer_views(model, variables, images[0], train=False)
   return {path: inq_jax.LayerStatistics(views[path], acc.gram)
           for path, acc in grams.items()}
 

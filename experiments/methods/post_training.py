@@ -1,12 +1,14 @@
 """Post-training methods: one phase that quantizes on entry and trains no step.
 
 The layers are quantized by `comq_jax.quantize_model` on calibration images from the
-training split; each method names its layer solver and options.
+training split, with the solver of the method's config block (`solver`: built here, in
+one place, from the block's fields).
 """
 
 import functools
 import itertools
 import operator
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,9 @@ import jax.numpy as jnp
 from experiments import models
 from experiments.methods import base
 import comq_jax
-import inq_jax
+from comq_jax import solvers
+import quant_core
+from quant_core import capture
 
 
 def require_one_process(process_count):
@@ -34,7 +38,7 @@ def calibration_devices(config, mesh) -> dict:
   if microbatch is None:
     return {}
   try:
-    comq_jax.model.check_data_options(None, microbatch)
+    capture.check_data_options(None, microbatch)
   except ValueError as error:
     raise ValueError(f"calibration.{error}") from None
   if config.calibration.batch_size % microbatch:
@@ -77,7 +81,7 @@ def first_and_last_layers(model, variables, image, num_classes):
   Returns:
     The set of `/`-joined layer paths.
   """
-  paths = inq_jax.layer_paths(model, variables, image, train=False)
+  paths = quant_core.layer_paths(model, variables, image, train=False)
   params = variables["params"]
   ends = {paths[0], paths[-1]}
   for path in reversed(paths):
@@ -88,25 +92,33 @@ def first_and_last_layers(model, variables, image, num_classes):
   return ends
 
 
+# Fields of a method's config block that are not solver settings: the driver's inputs
+# and the recipe's skip_first_last.
+DRIVER_FIELDS = ("inputs", "skip_first_last")
+
+
+def solver(config, name):
+  """The solver of method `name` (comq, gptq or rtn) from its config block: every
+  field but DRIVER_FIELDS is a setting of `comq_jax.comq`, `gptq` or `rtn`."""
+  block = config[name].to_dict()
+  settings = {key: value for key, value in block.items() if key not in DRIVER_FIELDS}
+  try:
+    return solvers.SOLVERS[name](**settings)
+  except ValueError as error:
+    raise ValueError(f"{name}.{error}") from None
+
+
 class PostTrainingMethod(base.Method):
   """Quantizes every linear layer once, after FP training, with `comq_jax.quantize_model`.
 
-  Subclasses set `name` (also the config block and the `method` of quantize_model),
-  `label` and `solver_options`.
+  Subclasses set `name` (also the config block and the solver) and `label`.
   """
-
-  def solver_options(self, config) -> dict:
-    """quantize_model's keyword arguments from the method's config block."""
-    raise NotImplementedError
 
   def check(self, config):
     super().check(config)
     require_one_process(jax.process_count())  # before any training
     calibration_devices(config, None)
-    block = config[self.name]
-    comq_jax.grid.check_options(bits=block.bits, grid=block.grid,
-                                granularity=block.granularity, scalar=block.scalar,
-                                group_size=block.group_size)
+    solver(config, self.name)
 
   def bits(self, config):
     return config[self.name].bits
@@ -122,7 +134,7 @@ class PostTrainingMethod(base.Method):
     # Gathered on one device; with calibration.microbatch, quantize_model spreads the
     # calibration and the solves over the mesh itself.
     variables = jax.device_put(jax.device_get(state["variables"]))
-    skip = None
+    rules = None
     skip_first_last = config[self.name].skip_first_last
     if skip_first_last is None:
       # The official COMQ code leaves the timm transformers' patch embedding and head
@@ -131,33 +143,44 @@ class PostTrainingMethod(base.Method):
     if skip_first_last:
       ends = first_and_last_layers(context.model, variables, images[0],
                                    config.model.num_classes)
-      skip = lambda path, kernel: path in ends
-    result = comq_jax.quantize_model(context.model, variables, images, method=self.name,
-                                     skip=skip, train=False, **self.solver_options(config),
-                                     **calibration_devices(config, context.mesh))
+      rules = [(re.escape(path), None) for path in sorted(ends)]
+    inputs = config[self.name].inputs
+    result = comq_jax.quantize_model(context.model, variables, images,
+                                     solver(config, self.name), rules=rules, inputs=inputs,
+                                     train=False, **calibration_devices(config, context.mesh))
     # JSON types, so that a run resumed from its checkpoint reports the same.
-    record = {"layers": [dict(report._asdict(), shape=list(report.shape),
-                              matrices=list(report.matrices))
-                         for report in result.layers],
+    record = {"layers": [report.record() for report in result.layers],
               "skipped": [entry._asdict() for entry in result.skipped],
-              "settings": result.settings}
+              "settings": result.layers[0].solver.settings(), "inputs": inputs}
     return dict(state, variables=result.variables), record
 
   def quantization(self, state, progress, phases):
     """The run's `comq_jax.ModelQuantization`, rebuilt from its record (a resumed run
     has only the record)."""
     record = progress["records"][phases[-1].name]
+    layer_solver = solvers.from_settings(record["settings"])
     layers = [comq_jax.LayerReport(**dict(layer, shape=tuple(layer["shape"]),
-                                          matrices=tuple(layer["matrices"])))
+                                          matrices=tuple(layer["matrices"])),
+                                   solver=layer_solver)
               for layer in record["layers"]]
     return comq_jax.ModelQuantization(
         variables=jax.device_get(state["variables"]), layers=layers,
         skipped=[comq_jax.SkippedLayer(**entry) for entry in record["skipped"]],
-        settings=record["settings"])
+        inputs=record["inputs"])
 
   def packed_variables(self, model, state, progress, phases, example):
-    return inq_jax.deploy.pack_quantization(self.quantization(state, progress, phases),
-                                            model, example, train=False)
+    """The checkpointed weights packed by recovering each layer's grid from its
+    values: a run resumed after its quantization holds the weights, not the codes
+    (`quant_core.deploy.pack_layers`; the same codes where the solver uses its lowest
+    level, the same values always)."""
+    result = self.quantization(state, progress, phases)
+    layer_solver = result.layers[0].solver
+    return quant_core.deploy.pack_layers(
+        result.variables, model, example,
+        {report.path: report.matrices for report in result.layers},
+        bits=layer_solver.bits, grid=layer_solver.grid,
+        granularity=layer_solver.granularity, group_size=layer_solver.group_size,
+        train=False)
 
   def results(self, config, state, progress, phases, packed):
     del packed  # The sizes come from the quantization record, as size_report counts them.

@@ -7,10 +7,5 @@ class RoundToNearestMethod(post_training.PostTrainingMethod):
   name = "rtn"
   label = "RTN"
 
-  def solver_options(self, config):
-    block = config.rtn
-    return dict(bits=block.bits, grid=block.grid, granularity=block.granularity,
-                group_size=block.group_size, scalar=block.scalar)
-
 
 METHOD = RoundToNearestMethod()

@@ -40,14 +40,15 @@ import dataclasses
 import inspect
 import math
 import string
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from inq_jax import im2col
+from quant_core import im2col
+from quant_core import paths as paths_lib
 
 PyTree = Any
 Predicate = Callable[[Any, Any], bool]
@@ -79,11 +80,6 @@ def quantizable_mask(params: PyTree,
   predicate = predicate or default_quantizable
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: bool(predicate(path, leaf)), params)
-
-
-def path_name(module_path: Sequence[Any]) -> str:
-  """A module path as a ``/``-joined string, e.g. ``"block1/conv2"``."""
-  return "/".join(str(key) for key in module_path)
 
 
 class UnsupportedLayer(ValueError):
@@ -150,7 +146,7 @@ class Contraction:
 class Convolution:
   """A convolution (``nn.Conv``/``nnx.Conv``) as ``groups`` matrices over patches.
 
-  The attribute names are those of ``nn.Conv``, so :mod:`inq_jax.im2col`
+  The attribute names are those of ``nn.Conv``, so :mod:`quant_core.im2col`
   reads the view like a module.
   """
   kernel_shape: tuple
@@ -197,7 +193,7 @@ class Convolution:
 
   def gram(self, inputs: jax.Array, row_weight=None) -> jax.Array:
     """``(groups, d_in, d_in)`` float32 Gram of each group's patch rows, each
-    row times its weight (:func:`inq_jax.im2col.patch_gram`, which avoids
+    row times its weight (:func:`quant_core.im2col.patch_gram`, which avoids
     forming the patches where it can)."""
     x = self._batched(inputs)
     rank = len(self.kernel_size)
@@ -534,7 +530,7 @@ def layer_views(model_or_apply: Any, variables, batch, **apply_kwargs) -> dict:
   views = {}
 
   def record(call):
-    views.setdefault(path_name(call.path), call.view)
+    views.setdefault(paths_lib.path_name(call.path), call.view)
 
   if isinstance(model_or_apply, nnx.Module):
     graphdef, state = nnx.split(model_or_apply)
@@ -568,10 +564,7 @@ def kernel_mask(params: PyTree, paths) -> PyTree:
   """
   paths = set(paths)
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: (_key(path[-1]) == "kernel"
-                       and path_name(_key(k) for k in path[:-1]) in paths),
+      lambda path, _: (paths_lib.key_of(path[-1]) == "kernel"
+                       and paths_lib.path_name(path[:-1]) in paths),
       params)
 
-
-def _key(entry):
-  return getattr(entry, "key", getattr(entry, "idx", entry))

@@ -14,7 +14,7 @@ grid parameters. Two grid kinds:
   scale (and zero point) is per output channel or per output channel and
   group of ``group_size`` consecutive input rows.
 
-Both use the layout the kernels of :mod:`inq_jax.deploy.kernels` read:
+Both use the layout the kernels of :mod:`quant_core.deploy.kernels` read:
 
 * ``W`` is viewed as a matrix ``(K, N)``: the last axis is the output axis
   ``N`` and the leading axes are flattened row-major into ``K`` (a Flax Dense
@@ -41,16 +41,15 @@ paper stores 5-bit codes and notes the shift-based inference this enables).
 """
 
 import math
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from inq_jax import pow2
-from inq_jax import validation
-from inq_jax.incremental import INQState
+from quant_core import pow2
+from quant_core import validation
 
 PyTree = Any
 
@@ -178,43 +177,6 @@ PACKED_TYPES = (PackedPow2, PackedUniform)
 def is_packed(leaf) -> bool:
   """True for a :class:`PackedPow2` or :class:`PackedUniform`."""
   return isinstance(leaf, PACKED_TYPES)
-
-
-@struct.dataclass
-class PackedLayer:
-  """A layer's kernel as the packed matrices of its 2-D view (a pytree).
-
-  The view is that of :mod:`inq_jax.layers`: ``groups`` matrices ``(d_in,
-  d_out)`` (one per conv feature group), rows in the order of the layer's
-  input rows (for a conv, its im2col patch features), so a packed apply
-  multiplies ``view.rows(x)`` by them with no reordering.
-
-  Attributes:
-    matrices: a :class:`PackedUniform` or :class:`PackedPow2` of logical
-      shape ``(d_in, d_out)`` whose arrays carry a leading ``groups`` axis
-      (``jax.vmap`` over it gives each group's packed matrix).
-    kernel_shape: static, the shape of the float kernel it replaces.
-  """
-  matrices: Any
-  kernel_shape: Tuple[int, ...] = struct.field(pytree_node=False)
-
-  @property
-  def shape(self) -> Tuple[int, ...]:
-    """The float kernel's shape (what Flax and :mod:`inq_jax.layers` read)."""
-    return self.kernel_shape
-
-  @property
-  def groups(self) -> int:
-    return self.matrices.data.shape[0]
-
-  def group(self, index: int):
-    """The packed matrix of feature group ``index``."""
-    return jax.tree.map(lambda array: array[index], self.matrices)
-
-
-def is_packed_kernel(leaf) -> bool:
-  """True for a packed kernel: :class:`PackedLayer`, or a packed weight."""
-  return isinstance(leaf, PackedLayer) or is_packed(leaf)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -563,7 +525,7 @@ LAYER_GRIDS = ("asymmetric", "symmetric", "pow2")
 
 def pack_layer_quantization(result, *, k_tile: Optional[int] = None,
                             grid: Optional[str] = None, bits: Optional[int] = None):
-  """Packs a ``comq_jax.LayerQuantization`` (COMQ, RTN or GPTQ result) on the
+  """Packs a :class:`quant_core.grids.LayerQuantization` (COMQ, RTN or GPTQ result) on the
   grid and bit width it records.
 
   Its per-channel arrays are ``(d_out,)`` or, with groups, ``(d_out,
@@ -618,217 +580,6 @@ def pack_layer_quantization(result, *, k_tile: Optional[int] = None,
                       bits=bits, group_size=group_size, k_tile=k_tile)
 
 
-# --- grids recovered from de-quantized values --------------------------------
-
-GRANULARITIES = ("channel", "group", "layer")
-
-# Ulps around |top| / n_top tried as a cell's scale: |top| = fl(n_top · scale)
-# carries one rounding and the quotient another.
-_SCALE_ULPS = 3
-
-
-def _cells(matrix: np.ndarray, granularity: str, group_size) -> np.ndarray:
-  """The ``(K, N)`` values as grid cells ``(cells, values)``: one per output
-  channel, per (group of input rows, channel) in ``(groups, N)`` order, or
-  one for the whole matrix. A short last group is padded with copies of its
-  last row, which adds no new value."""
-  if granularity == "layer":
-    return matrix.reshape(1, -1)
-  if granularity == "channel":
-    return matrix.T
-  k, n = matrix.shape
-  groups = -(-k // group_size)
-  padded = np.pad(matrix, ((0, groups * group_size - k), (0, 0)), mode="edge")
-  return padded.reshape(groups, group_size, n).transpose(0, 2, 1).reshape(
-      groups * n, group_size)
-
-
-def _decode(levels: np.ndarray, scale: np.ndarray, dtype) -> np.ndarray:
-  """``float32(level) · float32(scale)`` cast to ``dtype``: the arithmetic of
-  :func:`unpack` for uniform grids."""
-  return (levels.astype(np.float32) * scale[:, None]).astype(dtype)
-
-
-def _uniform_cells(cells: np.ndarray, bits: int, symmetric: bool):
-  """Per cell, a float32 scale and int levels ``l`` with ``decode(l, scale)``
-  equal to the cell's values: ``(scale, levels, solved)``.
-
-  Every value of a uniform grid is ``fl(l · scale)`` with integer ``l`` in a
-  window of ``2^bits`` (asymmetric) or in ``±(2^(bits-1) - 1)`` (symmetric).
-  The smallest gap between distinct values is ``k · scale`` for a small
-  integer ``k``; each ``k`` gives an estimate, the value of largest magnitude
-  its level, and the scales within a few ulps of ``|top| / level`` are
-  checked against every value of the cell. Any scale that reproduces every
-  value bit for bit is as good as the quantizer's.
-  """
-  values = cells.astype(np.float32)
-  num, width = values.shape
-  window = 2**bits - 1 if not symmetric else 2**(bits - 1) - 1
-  top = np.abs(values[np.arange(num), np.argmax(np.abs(values), axis=1)])
-  ordered = np.sort(values, axis=1)
-  gaps = np.diff(ordered, axis=1)
-  gap = np.min(np.where(gaps > 0, gaps, np.inf), axis=1, initial=np.inf)
-  # A cell of zeros: any scale; one distinct value v != 0: scale |v|.
-  scale = np.where(top == 0, np.float32(1), np.where(np.isinf(gap), top, np.nan)
-                   ).astype(np.float32)
-  levels = np.zeros(values.shape, np.int64)
-  solved = np.zeros(num, bool)
-
-  def accept(candidate, rows):
-    found = np.round(values[rows] / candidate[:, None])
-    decoded = _decode(found, candidate, cells.dtype)
-    span = (np.max(np.abs(found), axis=1) if symmetric else
-            np.max(found, axis=1) - np.min(found, axis=1))
-    good = np.all(decoded == cells[rows], axis=1) & (span <= window)
-    scale[rows[good]] = candidate[good]
-    levels[rows[good]] = found[good].astype(np.int64)
-    solved[rows[good]] = True
-
-  accept(scale[~np.isnan(scale)], np.flatnonzero(~np.isnan(scale)))
-  for k in range(1, window + 1):
-    rows = np.flatnonzero(~solved & np.isfinite(gap))
-    if not rows.size:
-      break
-    top_level = np.maximum(np.round(top[rows] / (gap[rows] / k)), 1)
-    base = (top[rows] / top_level).astype(np.float32)
-    candidates, up, down = [base], base, base
-    for _ in range(_SCALE_ULPS):
-      up = np.nextafter(up, np.float32(np.inf))
-      down = np.nextafter(down, np.float32(0))
-      candidates += [up, down]
-    for candidate in candidates:
-      pending = ~solved[rows]
-      if not pending.any():
-        break
-      accept(candidate[pending], rows[pending])
-  return scale, levels, solved
-
-
-def _pow2_cells(cells: np.ndarray, bits: int):
-  """Per cell, the ``n1`` of its values: the largest exponent present
-  (:data:`inq_jax.pow2.ZERO_LAYER_N1` for a cell of zeros). Whether every
-  value is in the set of that ``n1`` is checked by :func:`pack`."""
-  del bits
-  mantissa, exponent = np.frexp(np.abs(cells.astype(np.float32)))
-  exponent = np.where(mantissa > 0, exponent - 1, np.iinfo(np.int32).min)
-  n1 = np.max(exponent, axis=1)
-  return np.where(n1 == np.iinfo(np.int32).min, pow2.ZERO_LAYER_N1,
-                  n1).astype(np.int32)
-
-
-def _raise_unsolved(solved: np.ndarray, granularity: str, n: int,
-                    description: str) -> None:
-  """ValueError naming the cells whose values lie on no grid."""
-  bad = np.flatnonzero(~solved)
-  if not bad.size:
-    return
-  name = {"channel": lambda c: f"channel {c}",
-          "group": lambda c: f"group {c // n} of channel {c % n}",
-          "layer": lambda c: "the matrix"}[granularity]
-  quoted = ", ".join(name(int(c)) for c in bad[:_QUOTED_INDICES])
-  raise ValueError(
-      f"{bad.size} of {solved.size} grid cells hold values on no {description} "
-      f"(first: {quoted}); quantized with another grid, or with a shrink "
-      f"factor scalar != 1 (whose levels are not on such a grid)?")
-
-
-def pack_matrix_values(matrix, *, bits: int, grid: str, granularity: str,
-                       group_size: Optional[int] = None,
-                       k_tile: Optional[int] = None):
-  """Packs a de-quantized ``(K, N)`` matrix, recovering its grid from its values.
-
-  The grid parameters are not taken from the quantizer (COMQ's scale update
-  moves them away from the min-max rule); they are recovered from the values,
-  which lie on the grid: per cell (output channel, group of ``group_size``
-  input rows of a channel, or the whole matrix), a float32 scale and integer
-  levels with ``float32(level) · scale`` equal to every value bit for bit
-  (uniform grids; the asymmetric zero point puts the smallest level at code
-  0), or the largest exponent present as ``n1`` (power of two). A per-matrix
-  (``"layer"``) uniform scale is stored per channel.
-
-  Args:
-    matrix: floating ``(K, N)`` values (numpy or jax, eager).
-    bits: code width, 2..8.
-    grid: one of :data:`LAYER_GRIDS`.
-    granularity: one of :data:`GRANULARITIES`.
-    group_size: input rows per cell with ``granularity="group"``, else None.
-    k_tile: as :func:`pack_uniform`.
-
-  Returns:
-    A :class:`PackedUniform` or :class:`PackedPow2`; :func:`unpack` gives
-    ``matrix`` back bit for bit.
-
-  Raises:
-    ValueError: on bad options, or values on no grid of the stated kind (the
-      message counts the cells and names the first ones).
-  """
-  if grid not in LAYER_GRIDS:
-    raise ValueError(f"grid must be one of {LAYER_GRIDS}, got {grid!r}.")
-  if granularity not in GRANULARITIES:
-    raise ValueError(f"granularity must be one of {GRANULARITIES}, got "
-                     f"{granularity!r}.")
-  if (granularity == "group") != (group_size is not None):
-    raise ValueError("group_size must be given exactly with granularity="
-                     f"'group', got granularity={granularity!r}, group_size="
-                     f"{group_size!r}.")
-  bits = pow2.check_bits(bits)
-  matrix = np.asarray(matrix)
-  if matrix.ndim != 2:
-    raise ValueError(f"matrix must be (K, N), got shape {matrix.shape}.")
-  k, n = matrix.shape
-  group_size = _check_group_size(group_size)
-  cells = _cells(matrix, granularity, group_size)
-  by_cell = lambda p: p.reshape(-1, n) if granularity == "group" else p
-  if grid == "pow2":
-    n1 = _pow2_cells(cells, bits)
-    n1 = n1.reshape(()) if granularity == "layer" else by_cell(n1)
-    return pack(matrix, bits, n1, k_tile=k_tile, group_size=group_size)
-  symmetric = grid == "symmetric"
-  scale, levels, solved = _uniform_cells(cells, bits, symmetric)
-  _raise_unsolved(solved, granularity, n, f"{bits}-bit {grid} grid "
-                  "scale · (code - zero_point)")
-  zero_point = None if symmetric else -np.min(levels, axis=1).astype(np.int32)
-  if granularity == "layer":
-    scale = np.broadcast_to(scale, (n,))
-    zero_point = None if symmetric else np.broadcast_to(zero_point, (n,))
-  return pack_uniform_from_values(
-      matrix, by_cell(scale), None if symmetric else by_cell(zero_point),
-      bits=bits, group_size=group_size, k_tile=k_tile)
-
-
-def pack_layer_values(matrices, kernel_shape, *, bits: int, grid: str,
-                      granularity: str, group_size: Optional[int] = None,
-                      k_tile: Optional[int] = None) -> PackedLayer:
-  """Packs a layer's de-quantized view matrices with :func:`pack_matrix_values`.
-
-  Args:
-    matrices: ``(groups, d_in, d_out)`` from ``view.matrices(kernel)``
-      (:mod:`inq_jax.layers`).
-    kernel_shape: the float kernel's shape.
-    bits: as :func:`pack_matrix_values`.
-    grid: as :func:`pack_matrix_values`.
-    granularity: as :func:`pack_matrix_values` (``"layer"``: one grid per
-      feature group, as ``comq_jax.quantize_model``).
-    group_size: as :func:`pack_matrix_values`.
-    k_tile: as :func:`pack_uniform`; default from ``d_in``.
-
-  Returns:
-    A :class:`PackedLayer`.
-  """
-  matrices = np.asarray(matrices)
-  packed = []
-  for index, matrix in enumerate(matrices):
-    try:
-      packed.append(pack_matrix_values(
-          matrix, bits=bits, grid=grid, granularity=granularity,
-          group_size=group_size, k_tile=k_tile))
-    except ValueError as error:
-      where = f"feature group {index}: " if len(matrices) > 1 else ""
-      raise ValueError(f"{where}{error}") from error
-  stacked = jax.tree.map(lambda *arrays: jnp.stack(arrays), *packed)
-  return PackedLayer(matrices=stacked, kernel_shape=tuple(kernel_shape))
-
-
 def unpack(packed, dtype=jnp.float32) -> jax.Array:
   """Inverse of the packing functions: the weight with its logical shape.
 
@@ -853,122 +604,3 @@ def unpack(packed, dtype=jnp.float32) -> jax.Array:
   return values.reshape(packed.shape)
 
 
-def pack_params(params: PyTree, state: INQState, *,
-                k_tile: Optional[int] = None) -> PyTree:
-  """Packs every quantizable leaf of an INQ-quantized params pytree.
-
-  Args:
-    params: parameters after INQ with portion 1.
-    state: their :class:`inq_jax.INQState` (``n1`` per layer, ``bits`` and
-      the ``quantizable`` predicate).
-    k_tile: optional ``K`` step for every layer (default per layer,
-      :func:`default_k_tile`).
-
-  Returns:
-    ``params`` with each quantizable leaf replaced by a :class:`PackedPow2`;
-    the other leaves are kept.
-
-  Raises:
-    ValueError: when the trees differ, or a quantizable leaf is not in ``P``
-      (the message names the leaf).
-  """
-  validation.check_same_structure(
-      jax.tree.map(lambda _: 0, params), jax.tree.map(lambda _: 0, state.n1),
-      "params", "state.n1")
-
-  def pack_leaf(path, leaf, n1, sel):
-    if not sel:
-      return leaf
-    try:
-      return pack(leaf, state.bits, n1, k_tile=k_tile)
-    except ValueError as error:
-      raise ValueError(f"{validation.path_name(path)}: {error}") from error
-
-  return jax.tree_util.tree_map_with_path(pack_leaf, params, state.n1,
-                                          state.quantizable_mask(params))
-
-
-def unpack_params(packed_params: PyTree, dtype=jnp.float32) -> PyTree:
-  """Inverse of :func:`pack_params`: packed leaves back to float weights."""
-  return jax.tree.map(
-      lambda leaf: unpack(leaf, dtype) if is_packed(leaf) else leaf,
-      packed_params, is_leaf=is_packed)
-
-
-class SizeReport(NamedTuple):
-  """Storage of a packed params pytree, in bytes.
-
-  Attributes:
-    fp32_bytes: every parameter stored as float32.
-    packed_bytes: what the packed pytree really holds: the code arrays
-      (padding included), the grid parameters as stored (``n1``: int32;
-      ``scale``: float32; ``zero_point``: int32), and the other leaves in
-      their own dtype.
-    codebook_bytes: the information-theoretic size of the codes under a
-      uniform code, ``sum_l size_l · log2(levels_l) / 8`` (``levels`` is
-      ``2^bits`` for asymmetric grids, so this is ``bits`` bits a weight;
-      ``2^bits - 1`` symmetric; ``2^(bits-1) + 1`` power-of-two), plus the
-      grid parameters and the other leaves as in ``packed_bytes``.
-    entropy_bytes: the same with the empirical entropy of each layer's codes,
-      ``sum_l size_l · H(codes_l) / 8`` (a lower bound for an entropy coder).
-    quantized_fraction: share of parameters that are packed.
-  """
-  fp32_bytes: int
-  packed_bytes: int
-  codebook_bytes: float
-  entropy_bytes: float
-  quantized_fraction: float
-
-
-def grid_parameters(packed) -> list:
-  """The arrays stored beside the codes: ``[n1]`` or ``[scale(, zero_point)]``."""
-  if isinstance(packed, PackedPow2):
-    return [packed.n1]
-  return [packed.scale] + ([] if packed.symmetric else [packed.zero_point])
-
-
-def _code_entropy_bits(packed) -> float:
-  """Empirical entropy in bits per weight of the codes (padding excluded)."""
-  codes = np.asarray(unpack_codes(packed)[:packed.k])
-  counts = np.bincount(codes.reshape(-1), minlength=2**packed.bits)
-  probs = counts[counts > 0] / codes.size
-  return float(-(probs * np.log2(probs)).sum())
-
-
-def size_report(packed_params: PyTree) -> SizeReport:
-  """Bytes of packed weights against FP32 and information-theoretic sizes.
-
-  Args:
-    packed_params: a pytree whose packed leaves are :class:`PackedPow2`,
-      :class:`PackedUniform` or :class:`PackedLayer` (a single packed weight
-      is a pytree too).
-
-  Returns:
-    A :class:`SizeReport`.
-  """
-  fp32 = packed = 0
-  codebook = entropy = 0.0
-  quantized = total = 0
-  for leaf in jax.tree.leaves(packed_params, is_leaf=is_packed_kernel):
-    if is_packed_kernel(leaf):
-      size = math.prod(leaf.shape)
-      quantized += size
-      for matrix in (leaf.group(g) for g in range(leaf.groups)) if isinstance(
-          leaf, PackedLayer) else [leaf]:
-        matrix_size = math.prod(matrix.shape)
-        parameter_bytes = sum(p.nbytes for p in grid_parameters(matrix))
-        packed += matrix.data.nbytes + parameter_bytes
-        codebook += (matrix_size * math.log2(matrix.num_levels) / 8
-                     + parameter_bytes)
-        entropy += matrix_size * _code_entropy_bits(matrix) / 8 + parameter_bytes
-    else:
-      size = int(np.size(leaf))
-      own = size * jnp.asarray(leaf).dtype.itemsize
-      packed += own
-      codebook += own
-      entropy += own
-    total += size
-    fp32 += 4 * size
-  return SizeReport(fp32_bytes=fp32, packed_bytes=packed,
-                    codebook_bytes=codebook, entropy_bytes=entropy,
-                    quantized_fraction=quantized / total if total else 0.0)

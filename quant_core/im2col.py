@@ -38,7 +38,7 @@ def conv_patches(module, x: jax.Array) -> jax.Array:
 
   Args:
     module: an ``nn.Conv``, an ``nnx.Conv`` or an
-      :class:`inq_jax.layers.Convolution` (only its hyper-parameters are
+      :class:`quant_core.layers.Convolution` (only its hyper-parameters are
       read: ``kernel_size``, ``strides``, ``padding``, ``input_dilation``,
       ``kernel_dilation``, ``mask``).
     x: ``(*batch, *spatial, cin)`` with one spatial axis per kernel axis.

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inq_jax import validation
+from quant_core import validation
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -151,7 +151,7 @@ def in_codebook(w, bits: int, n1) -> jax.Array:
 def pow2_encode(q, bits: int, n1) -> jax.Array:
   """Encodes values of ``P`` as ``bits``-bit unsigned integer codes.
 
-  The code format, read by :mod:`inq_jax.deploy.packing` and the shift-matmul
+  The code format, read by :mod:`quant_core.deploy.codes` and the shift-matmul
   kernel::
 
     0                                  -> 0

@@ -1,28 +1,25 @@
-"""Packed inference of a quantized Flax (linen) model through ``quantized_matmul``.
+"""Packed inference of a quantized Flax model (linen or NNX) through ``quantized_matmul``.
 
-Packing (eager, once):
+Packing (eager, once) gives every kernel one representation, a
+:class:`~quant_core.deploy.packed_layers.PackedLayer`: the packed matrices of its
+2-D view (:mod:`quant_core.layers`), one per conv feature group.
 
 * :func:`pack_quantization` packs the result of ``comq_jax.quantize_model``
-  (COMQ, RTN or GPTQ): the settings it carries (bits, grid, granularity,
-  group size, which layers) are read from it, and each layer's codes and grid
-  parameters are recovered exactly from its de-quantized kernel
-  (:func:`inq_jax.deploy.packing.pack_layer_values`). Each kernel becomes a
-  :class:`~inq_jax.deploy.packing.PackedLayer`: the packed matrices of its
-  2-D view (:mod:`inq_jax.layers`), one per conv feature group.
-* :func:`pack_variables` packs an INQ model from its ``INQState``: each
-  kernel becomes one :class:`~inq_jax.deploy.packing.PackedPow2` of the
-  kernel as it is (leading axes flattened into rows).
+  (COMQ, RTN or GPTQ) from the codes each solver produced: a re-layout.
+* ``inq_jax.pack_model`` packs an INQ model from its ``INQState`` (the powers
+  of two encoded under each layer's known ``n1``).
+* :func:`pack_layers` packs float kernels whose codes are lost (a user's own
+  grid-valued weights, a checkpoint) by recovering each grid from its values.
 
-Running (:func:`packed_apply`, or :func:`jit_packed_apply` for a cached
-jitted version): ``model.apply`` under :func:`inq_jax.layers.intercept_linear_calls`.
-Every supported layer (Dense, DenseGeneral, Einsum, Conv with any feature
-groups) whose kernel is packed computes its output from its view's rows
-(``view.rows(x)``: the input's contracted features, or a conv's im2col
-patches) times the packed matrices, then adds its bias; all other modules run
-unchanged. So the row order of each layer's 2-D product has one definition,
-the view's. A kernel packed whole (:func:`pack_variables`) has its rows in
-the kernel's row-major order; the view's rows are permuted to it, the
-permutation read off ``view.matrices`` (single-matrix layers only).
+Running (:func:`packed_apply`, or :func:`jit_packed_apply` for a cached jitted
+version): the model under :func:`quant_core.layers.intercept_linear_calls` (linen)
+or :class:`quant_core.layers.intercept_nnx_linear_calls` (NNX). Every supported
+layer (Dense, DenseGeneral, Einsum, Conv with any feature groups) whose kernel is
+packed computes its output from its view's rows (``view.rows(x)``: the input's
+contracted features, or a conv's im2col patches) times the packed matrices, then
+adds its bias; all other modules run unchanged. So the row order of each layer's
+2-D product has one definition, the view's. The feature groups of a grouped or
+depthwise conv run as one kernel call.
 
 * Integer activations: an int8 input takes the kernel's exact integer path;
   the product is float32, cast to the layer's output dtype, plus the bias.
@@ -30,14 +27,11 @@ permutation read off ``view.matrices`` (single-matrix layers only).
   the layer would give (``module.dtype``, else the input promoted with the
   parameters).
 
-NNX models are not supported yet (their kernels cannot hold packed values).
-
 Reference: A. Zhou et al., "Incremental Network Quantization: Towards
 Lossless CNNs with Low-Precision Weights", ICLR 2017.
 """
 
 import functools
-import math
 import string
 from typing import Any, Callable, Optional
 
@@ -47,99 +41,104 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inq_jax import layers
-from inq_jax.deploy import kernels
-from inq_jax.deploy import packing
-from inq_jax.incremental import INQState
+from quant_core import layers
+from quant_core import paths
+from quant_core.deploy import kernels
+from quant_core.deploy import packed_layers
+from quant_core.deploy import recover
 
 PyTree = Any
 
 
-def pack_variables(variables: PyTree, state: INQState, *,
-                   k_tile: Optional[int] = None) -> PyTree:
-  """Packs the quantized kernels of ``variables["params"]`` (INQ).
-
-  Args:
-    variables: Flax variables (``{"params": ..., "batch_stats": ...}``) after
-      INQ with portion 1.
-    state: the :class:`inq_jax.INQState` of ``variables["params"]``.
-    k_tile: optional ``K`` step for every layer.
-
-  Returns:
-    ``variables`` with packed kernels; the other collections are kept.
-  """
-  out = dict(variables)
-  out["params"] = packing.pack_params(variables["params"], state,
-                                      k_tile=k_tile)
-  return out
-
-
-def _node(tree: dict, path: str) -> dict:
-  """The sub-dict of ``tree`` at the ``/``-joined module ``path``."""
+def _set_kernel(params: dict, path: str, kernel) -> None:
+  """Puts ``kernel`` at the ``/``-joined module ``path`` of a params tree."""
+  node = params
   for key in path.split("/") if path else ():  # "" is the model itself
-    tree = tree[key]
-  return tree
+    node = node[key]
+  node["kernel"] = kernel
 
 
-def pack_quantization(result, model, batch, *,
-                      k_tile: Optional[int] = None, **apply_kwargs) -> PyTree:
-  """Packs a post-training quantized model from what the quantizer returned.
+def pack_quantization(result, *, k_tile: Optional[int] = None) -> PyTree:
+  """Packs a post-training quantized model from its solvers' codes.
+
+  Each layer's codes, scales and zero points (or exponents) are the ones its
+  solver produced (``report.quantization``, scale updates included), laid out
+  over the layer's view (``report.view``): nothing is recovered from the float
+  values.
 
   Args:
-    result: a ``comq_jax.ModelQuantization`` (COMQ, RTN or GPTQ): its
-      ``variables``, its ``layers`` (paths, and view matrices checked against
-      the layers') and its ``settings`` (``bits``, ``grid``,
-      ``granularity``, ``group_size``) are used.
-    model: the linen module it quantized, or the NNX module (e.g.
-      ``result.model``; called as ``model(batch, **apply_kwargs)``).
-    batch: one model input; only its shape is used, to find each layer's 2-D
-      view.
+    result: a ``comq_jax.ModelQuantization`` (COMQ, RTN or GPTQ, any rules).
     k_tile: optional ``K`` step for every layer (default per layer).
-    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``) or to
-      the NNX module's call.
 
   Returns:
     ``result.variables`` with each quantized kernel replaced by a
-    :class:`~inq_jax.deploy.packing.PackedLayer`; other leaves are kept.
+    :class:`~quant_core.deploy.packed_layers.PackedLayer`; other leaves are kept.
     For an NNX model that is ``{"params": ...}``, the pure dict of its
     ``nnx.Param`` state.
 
   Raises:
-    ValueError: for a quantized layer the batch does not reach or whose view
-      differs from the report, or values on no grid of the stated kind (the
-      message names the layer).
+    ValueError: for a report without its codes (a result rebuilt from a record:
+      pack its float weights with :func:`pack_layers`), a grid the packed format
+      cannot hold exactly, or a kernel that is not the one its codes decode to
+      (the message names the layer).
   """
-  settings = result.settings
-  return pack_layers(
-      result.variables, model, batch,
-      {report.path: report.matrices for report in result.layers},
-      bits=settings["bits"], grid=settings["grid"],
-      granularity=settings["granularity"], group_size=settings["group_size"],
-      k_tile=k_tile, **apply_kwargs)
+  variables = jax.device_get(result.variables)
+  params = jax.tree.map(lambda leaf: leaf, variables["params"])  # new dicts
+  for report in result.layers:
+    if report.quantization is None or report.view is None:
+      raise ValueError(f"{report.path}: the report holds no codes (rebuilt from a "
+                       "record?); pack its float weights with pack_layers instead.")
+    if report.solver is not None and report.solver.scalar != 1.0:
+      raise ValueError(
+          f"{report.path}: quantized with scalar={report.solver.scalar}; the levels "
+          "scalar·(z + t)·step are not scale·(code - zero_point) to the bit, so the "
+          "packed weights would not equal the quantized ones. Pack a scalar=1 result.")
+    kernel = paths.get(params, report.path.split("/") if report.path else ())["kernel"]
+    try:
+      packed = packed_layers.pack_quantized_layer(report.quantization, report.view,
+                                                  dtype=kernel.dtype, k_tile=k_tile)
+    except ValueError as error:
+      raise ValueError(f"{report.path}: {error}") from error
+    # The codes must stand for the kernel the result holds (not one changed since).
+    if not np.array_equal(np.asarray(packed_layers.unpack_layer(packed)), np.asarray(kernel)):
+      raise ValueError(f"{report.path}: the kernel in result.variables is not the one its "
+                       "codes decode to (changed after quantization?); pack the kernels "
+                       "with pack_layers, or quantize again.")
+    _set_kernel(params, report.path, packed)
+  return dict(variables, params=params)
 
 
 def pack_layers(variables: PyTree, model, batch, layer_paths, *, bits: int,
                 grid: str, granularity: str, group_size: Optional[int] = None,
                 k_tile: Optional[int] = None, **apply_kwargs) -> PyTree:
-  """Packs the kernels of ``layer_paths``, each as its layer's view matrices.
+  """Packs float kernels that lie on a grid, recovering each grid from its values.
 
-  Each matrix's grid (scales and zero points, or exponents) is recovered
-  exactly from its quantized values (:func:`~inq_jax.deploy.packing.pack_layer_values`).
+  For weights whose codes are lost (a user's own grid-valued or power-of-two
+  tree, a checkpoint of a quantized model): each view matrix's scales and zero
+  points (or exponents) are recovered exactly from its values
+  (:func:`~quant_core.deploy.recover.pack_layer_values`). A quantization result
+  with its codes packs with :func:`pack_quantization` instead.
 
   Args:
     variables: the quantized model's variables (``{"params": ...}``).
-    model: a linen module or an NNX module, as in :func:`pack_quantization`.
-    batch: one model input (shapes only).
+    model: a linen module or an NNX module (called as ``model(batch,
+      **apply_kwargs)``).
+    batch: one model input (shapes only), to find each layer's 2-D view.
     layer_paths: the ``/``-joined paths of the quantized layers; a mapping
       from path to its expected ``(groups, d_in, d_out)`` matrices (or None)
       also checks the views.
     bits, grid, granularity, group_size: the grid the kernels are on.
     k_tile: optional ``K`` step for every layer.
-    **apply_kwargs: as in :func:`pack_quantization`.
+    **apply_kwargs: passed to the model's apply (e.g. ``train=False``).
 
   Returns:
     ``variables`` with those kernels replaced by
-    :class:`~inq_jax.deploy.packing.PackedLayer`.
+    :class:`~quant_core.deploy.packed_layers.PackedLayer`.
+
+  Raises:
+    ValueError: for a layer the batch does not reach, a view that differs from
+      the expected matrices, or values on no grid of the stated kind (the
+      message names the layer).
   """
   expected = layer_paths if isinstance(layer_paths, dict) else dict.fromkeys(layer_paths)
   variables = jax.device_get(variables)
@@ -150,18 +149,18 @@ def pack_layers(variables: PyTree, model, batch, layer_paths, *, bits: int,
     if view is None:
       raise ValueError(f"{path}: quantized, but not called as a supported layer on "
                        "the given batch.")
-    node = _node(params, path)
-    kernel = np.asarray(node["kernel"])
-    matrices = view.matrices(kernel)
-    if reported is not None and tuple(matrices.shape) != tuple(reported):
-      raise ValueError(f"{path}: the layer's view has matrices "
-                       f"{tuple(matrices.shape)}, the report says {tuple(reported)}.")
+    found = (view.groups, view.d_in, view.d_out)
+    if reported is not None and found != tuple(reported):
+      raise ValueError(f"{path}: the layer's view has matrices {found}, the report "
+                       f"says {tuple(reported)}.")
+    kernel = paths.get(params, path.split("/") if path else ())["kernel"]
     try:
-      node["kernel"] = packing.pack_layer_values(
-          matrices, kernel.shape, bits=bits, grid=grid, granularity=granularity,
-          group_size=group_size, k_tile=k_tile)
+      packed = recover.pack_layer_values(kernel, view, bits=bits, grid=grid,
+                                         granularity=granularity, group_size=group_size,
+                                         k_tile=k_tile)
     except ValueError as error:
       raise ValueError(f"{path}: {error}") from error
+    _set_kernel(params, path, packed)
   return dict(variables, params=params)
 
 
@@ -182,38 +181,22 @@ def _output_dtype(module, x: jax.Array):
 
 
 def _product(x: jax.Array, packed, dtype, kernel_options) -> jax.Array:
-  """``x @ W`` (``x``: ``(rows, K)``) through the kernel, in ``dtype``."""
+  """``x @ W`` through the kernel, in ``dtype``: ``x`` ``(rows, K)`` times one
+  matrix, or ``(rows, groups, K)`` times a layer's stacked group matrices in one
+  kernel call."""
   if x.dtype != jnp.int8 and x.dtype not in kernels.FLOAT_DTYPES:
     x = x.astype(dtype)
-  return kernels.quantized_matmul(x, packed, **kernel_options).astype(dtype)
-
-
-def _kernel_row_order(name: str, view) -> np.ndarray:
-  """For a kernel packed whole: the view's row feeding each row of the
-  kernel's ``(prod(shape[:-1]), shape[-1])`` matrix.
-
-  Read off ``view.matrices`` applied to the kernel's flat indices: the view
-  must be one matrix whose columns are the kernel's last axis.
-  """
-  shape = view.kernel_shape
-  n = shape[-1]
-  index = view.matrices(np.arange(math.prod(shape)).reshape(shape))
-  if view.groups != 1 or index.shape[-1] != n or np.any(
-      index[0] % n != np.arange(n)):
-    raise ValueError(
-        f"{name}: a kernel packed whole (pack_variables) runs only layers whose "
-        f"view is one matrix over the kernel's last axis, got {view.groups} "
-        "feature groups (feature_group_count) or other output axes; pack the "
-        "layer's view matrices instead (pack_quantization).")
-  return np.argsort(index[0, :, 0] // n)
+  matmul = kernels.quantized_matmul if x.ndim == 2 else kernels.grouped_quantized_matmul
+  return matmul(x, packed, **kernel_options).astype(dtype)
 
 
 def _view_product(name: str, view, rows: jax.Array, kernel, dtype,
                   kernel_options) -> jax.Array:
   """``(R, groups, d_out)``: each group's rows times its packed matrix."""
-  if not isinstance(kernel, packing.PackedLayer):
-    order = _kernel_row_order(name, view)
-    return _product(rows[:, 0][:, order], kernel, dtype, kernel_options)[:, None]
+  if not isinstance(kernel, packed_layers.PackedLayer):
+    raise ValueError(f"{name}: its kernel is a bare packed weight; packed_apply runs "
+                     "PackedLayer kernels, the packed matrices of the layer's view "
+                     "(pack_quantization, pack_layers, inq_jax.pack_model).")
   expected = (view.kernel_shape, view.groups, (view.d_in, view.d_out))
   found = (kernel.kernel_shape, kernel.groups, kernel.matrices.shape)
   if found != expected:
@@ -221,8 +204,7 @@ def _view_product(name: str, view, rows: jax.Array, kernel, dtype,
                      f"{found}, but the layer has {expected}.")
   if kernel.groups == 1:
     return _product(rows[:, 0], kernel.group(0), dtype, kernel_options)[:, None]
-  return jax.vmap(lambda x, packed: _product(x, packed, dtype, kernel_options),
-                  in_axes=(1, 0), out_axes=1)(rows, kernel.matrices)
+  return _product(rows, kernel.matrices, dtype, kernel_options)
 
 
 def _einsum_layout(equation: str, kernel_shape, x: jax.Array):
@@ -272,9 +254,9 @@ def _interceptor(kernel_options):
 
   def on_call(call):
     kernel = _param(call.module, "kernel")
-    if not packing.is_packed_kernel(kernel):
+    if not packed_layers.is_packed_kernel(kernel):
       return None
-    name = layers.path_name(call.path)
+    name = paths.path_name(call.path)
     if call.view is None:
       raise ValueError(f"{name} ({call.kind}) has a packed kernel but no 2-D "
                        f"view: {call.reason}.")
@@ -296,12 +278,13 @@ def packed_apply(model, packed_variables: PyTree, *args,
       ``packed_variables["params"]`` as its ``nnx.Param`` state (its other
       state, e.g. batch statistics, its own) is called; ``model`` is not
       changed.
-    packed_variables: from :func:`pack_quantization`, :func:`pack_variables`
-      or :func:`inq_jax.deploy.files.load_packed`.
+    packed_variables: from :func:`pack_quantization`, ``inq_jax.pack_model``,
+      :func:`pack_layers`
+      or :func:`quant_core.deploy.files.load_packed`.
     *args: inputs to ``model.apply`` (e.g. images; int8 inputs to a packed
       first layer take the exact integer path).
     block_m: optional kernel block override, see
-      :func:`inq_jax.deploy.quantized_matmul`.
+      :func:`quant_core.deploy.quantized_matmul`.
     block_n: optional kernel block override.
     interpret: optional interpret-mode override.
     **kwargs: passed to ``model.apply`` (e.g. ``train=False``).
@@ -310,8 +293,10 @@ def packed_apply(model, packed_variables: PyTree, *args,
     What ``model.apply`` (or the NNX module's call) returns.
 
   Raises:
-    ValueError: for a packed layer without a 2-D view, or whose packed shape
-      does not match the layer (the message names the layer).
+    ValueError: for a packed layer without a 2-D view, whose packed shape does
+      not match the layer, or a bare packed weight that is not a
+      :class:`~quant_core.deploy.packed_layers.PackedLayer` (the message names
+      the layer).
   """
   on_call = _interceptor(dict(block_m=block_m, block_n=block_n, interpret=interpret))
   if isinstance(model, nnx.Module):
@@ -373,24 +358,3 @@ def jit_packed_apply(model, *, block_m: Optional[int] = None,
   return lambda packed_variables, *args: jitted(nnx.state(model), packed_variables, *args)
 
 
-def evaluate_packed(model: nn.Module, variables: PyTree, state: INQState,
-                    *args, **kwargs):
-  """Packs an INQ-quantized model and runs it through the kernel (jitted).
-
-  The jitted apply is :func:`jit_packed_apply`'s, so repeated calls with the
-  same input shapes compile once. To pack only once as well, call
-  :func:`pack_variables` once and the function of :func:`jit_packed_apply`.
-
-  Args:
-    model: the Flax module (hashable, as linen modules are).
-    variables: its variables after INQ with portion 1.
-    state: the final :class:`inq_jax.INQState`.
-    *args: inputs for ``model.apply``.
-    **kwargs: keyword arguments for ``model.apply`` (static, e.g.
-      ``train=False``).
-
-  Returns:
-    The model outputs.
-  """
-  return jit_packed_apply(model, **kwargs)(pack_variables(variables, state),
-                                           *args)

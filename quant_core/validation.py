@@ -1,4 +1,4 @@
-"""Input checks shared by the INQ functions.
+"""Input checks shared by the libraries.
 
 Value checks (finiteness, ranges) only run on concrete arrays: under an outer
 ``jax.jit`` the values are unknown, and the checks are skipped there.
@@ -7,6 +7,8 @@ Value checks (finiteness, ranges) only run on concrete arrays: under an outer
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from quant_core import paths
 
 
 def is_concrete(x) -> bool:
@@ -36,11 +38,6 @@ def check_portion(portion) -> None:
         f"portion must be a scalar in (0, 1], got {portion!r}.")
 
 
-def path_name(path) -> str:
-  """A readable name for a pytree key path, e.g. ``params/Conv_0/kernel``."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def check_same_structure(reference, other, reference_name: str,
                          other_name: str) -> None:
   """Raises ValueError unless ``other`` has the tree and leaf shapes of
@@ -54,5 +51,5 @@ def check_same_structure(reference, other, reference_name: str,
   for (path, ref_leaf), (_, other_leaf) in zip(ref_leaves, other_leaves, strict=True):
     if jnp.shape(ref_leaf) != jnp.shape(other_leaf):
       raise ValueError(
-          f"{other_name} leaf {path_name(path)} has shape "
+          f"{other_name} leaf {paths.path_name(path)} has shape "
           f"{jnp.shape(other_leaf)}, expected {jnp.shape(ref_leaf)}.")

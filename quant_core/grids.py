@@ -15,13 +15,15 @@ with ``u`` the *level units* (fixed while COMQ runs) and ``δ`` the step
 ("torch") layout ``(d_out, d_in)``: row ``j`` is output channel ``j``.
 """
 
-from typing import NamedTuple
+import dataclasses
+import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inq_jax import pow2
+from quant_core import pow2
 
 GRIDS = ("asymmetric", "symmetric", "pow2")
 GRANULARITIES = ("channel", "group", "layer")
@@ -161,9 +163,9 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     (``2^b - 1`` levels, zero included; 2 bits is ternary). An all-zero
     channel gets ``δ = 1``.
   * ``"pow2"``: the INQ level set ``{0, ±2^n2, ..., ±2^n1}`` with
-    ``n1 = floor(log2(4 max|w| / 3))`` (:func:`inq_jax.pow2.pow2_exponents`),
+    ``n1 = floor(log2(4 max|w| / 3))`` (:func:`quant_core.pow2.pow2_exponents`),
     i.e. units ``{0, ±2^-k : k = 0..2^(b-2)-1}`` and step ``2^n1``; values
-    can be packed with :func:`inq_jax.pow2.pow2_encode` using
+    can be packed with :func:`quant_core.pow2.pow2_encode` using
     ``exponent`` as ``n1`` (per channel, or per layer).
 
   With ``granularity="layer"`` the statistics are taken over the whole
@@ -282,3 +284,56 @@ def parameter_bytes(grid: str, num_grids: int) -> int:
   if grid not in GRIDS:
     raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}.")
   return _PARAMETER_BYTES[grid] * num_grids
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["weights", "codes", "levels", "scale", "zero_point", "exponent",
+                 "error", "history"],
+    meta_fields=["group_size", "bits", "grid"])
+@dataclasses.dataclass(frozen=True)
+class LayerQuantization:
+  """A matrix quantized onto a grid: what every ``comq_jax`` solver returns
+  (``solver.quantize_layer``), its codes and grid as the solver produced them.
+
+  Layouts follow Flax: weight-shaped arrays are ``(d_in, d_out)`` and
+  per-channel arrays have length ``d_out``. With group-wise grids
+  (``group_size`` set) the per-channel arrays gain a group axis: ``(d_out,
+  groups)``, and ``levels`` is ``(d_out, groups, L)``; input ``i`` belongs
+  to group ``i // group_size`` (the last group may be shorter).
+
+  A pytree: the arrays are its leaves, and the grid's layout (``group_size``,
+  ``bits``, ``grid``) is static metadata, so a result can leave ``jax.jit``
+  whole and packs without its settings repeated
+  (:func:`quant_core.deploy.pack_layer_quantization`).
+
+  Attributes:
+    weights: de-quantized weights, shape and dtype of ``w``;
+      ``weights[i, j] == levels[j, codes[i, j]]`` (``levels[j, i //
+      group_size, codes[i, j]]`` with groups).
+    codes: int32 index of each weight into its grid's sorted ``levels``.
+    levels: ``(d_out, L)`` grid values of each channel, in ``w``'s dtype.
+    scale: ``(d_out,)`` value of one integer code step. Uniform grids decode
+      as ``scale * (codes - zero_point)`` (to 1 ulp); for pow2 this is
+      ``2^n1``.
+    zero_point: ``(d_out,)`` int32 code of zero (``-z`` of the official grid).
+    exponent: ``(d_out,)`` int32 INQ ``n1`` per channel for ``grid="pow2"``
+      (pack with :func:`quant_core.pow2.pow2_encode`), zeros otherwise.
+    error: ``||X W - X weights||_F`` from the Gram, or None without data.
+    history: errors after each sweep and, with ``scale_update``, after each
+      scale update (``iters`` or ``2 * iters`` entries); empty for RTN.
+    group_size: inputs per grid, or None for per-channel and per-layer grids.
+    bits: the bit width the weights were quantized to.
+    grid: the grid kind: ``"asymmetric"``, ``"symmetric"`` or ``"pow2"``.
+  """
+  weights: jax.Array
+  codes: jax.Array
+  levels: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array
+  exponent: jax.Array
+  error: Optional[jax.Array]
+  history: jax.Array
+  group_size: Optional[int]
+  bits: int
+  grid: str

@@ -6,8 +6,8 @@ functions; it comes with the ``experiments`` extra, ``pip install
 in the variables, plus a ``.field`` suffix for packed kernels. The header's
 ``__metadata__`` holds:
 
-* ``format``: ``"inq_jax.packed"``;
-* ``format_version``: :data:`FORMAT_VERSION` (``"1"``); a file of another
+* ``format``: ``"quant_core.packed"``;
+* ``format_version``: :data:`FORMAT_VERSION` (``"2"``); a file of another
   version is refused;
 * ``leaves``: JSON, a list with one entry per leaf of the variables, in
   tree order:
@@ -17,17 +17,19 @@ in the variables, plus a ``.field`` suffix for packed kernels. The header's
   - a packed kernel: ``{"path", "kind": "pow2" | "uniform", "form":
     "layer" | "kernel", "bits", "grid": "pow2" | "asymmetric" |
     "symmetric", "k_tile", "layout", "group_size", "shape", "kernel_shape",
-    "groups"}`` with the tensors ``path.codes`` (uint8 codes), ``path.n1``
+    "groups", "kernel_perm", "dtype"}`` with the tensors ``path.codes`` (uint8 codes), ``path.n1``
     (int32, power of two) or ``path.scale`` (float32) and, asymmetric only,
     ``path.zero_point`` (int32).
 
-    ``form`` ``"layer"`` is a :class:`~inq_jax.deploy.packing.PackedLayer`:
+    ``form`` ``"layer"`` is a :class:`~quant_core.deploy.packed_layers.PackedLayer`:
     the ``groups`` matrices of the layer's 2-D view, each of logical
-    ``shape`` ``(d_in, d_out)``, every tensor with a leading ``groups`` axis.
+    ``shape`` ``(d_in, d_out)``, every tensor with a leading ``groups`` axis;
+    ``kernel_perm`` (null for a convolution) and ``dtype`` give the float
+    kernel back (:func:`~quant_core.deploy.packed_layers.unpack_variables`).
     ``form`` ``"kernel"`` is a packed weight of logical ``shape`` equal to
     ``kernel_shape`` (leading axes flattened into rows, ``groups`` 1, no
     leading axis). ``layout`` names the code layout of
-    :mod:`inq_jax.deploy.packing`: ``"nibbles_split_halves"`` (two codes a
+    :mod:`quant_core.deploy.codes`: ``"nibbles_split_halves"`` (two codes a
     byte at ``bits <= 4``: in each block of ``k_tile`` rows, byte row ``r``
     holds row ``r`` in its low nibble and row ``r + k_tile/2`` in its high
     one) or ``"bytes"`` (one code a byte); rows are padded with zero codes to
@@ -49,29 +51,30 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from inq_jax.deploy import packing
+from quant_core import paths
+from quant_core.deploy import codes
+from quant_core.deploy import packed_layers
 
 PyTree = Any
 
-FORMAT = "inq_jax.packed"
-FORMAT_VERSION = "1"
+FORMAT = "quant_core.packed"
+FORMAT_VERSION = "2"
 LAYOUTS = {2: "nibbles_split_halves", 1: "bytes"}
-
-
-def _key(entry) -> str:
-  return str(getattr(entry, "key", getattr(entry, "idx", entry)))
 
 
 def _leaf_entry(name: str, keys: list, leaf, tensors: dict) -> dict:
   """The metadata of one leaf; its tensors are added to ``tensors``."""
-  if not packing.is_packed_kernel(leaf):
+  if not packed_layers.is_packed_kernel(leaf):
     tensors[name] = np.asarray(leaf)
     return {"path": keys, "kind": "float"}
-  if isinstance(leaf, packing.PackedLayer):
+  layer = {}
+  if isinstance(leaf, packed_layers.PackedLayer):
     form, matrices, groups = "layer", leaf.matrices, leaf.groups
+    layer = {"kernel_perm": None if leaf.kernel_perm is None else list(leaf.kernel_perm),
+             "dtype": leaf.dtype}
   else:
     form, matrices, groups = "kernel", leaf, 1
-  pow2 = isinstance(matrices, packing.PackedPow2)
+  pow2 = isinstance(matrices, codes.PackedPow2)
   if pow2:
     grid, fields = "pow2", {"n1": matrices.n1}
   else:
@@ -86,16 +89,16 @@ def _leaf_entry(name: str, keys: list, leaf, tensors: dict) -> dict:
           "bits": matrices.bits, "grid": grid, "k_tile": matrices.k_tile,
           "layout": LAYOUTS[matrices.codes_per_byte],
           "group_size": matrices.group_size, "shape": list(matrices.shape),
-          "kernel_shape": list(leaf.shape), "groups": groups}
+          "kernel_shape": list(leaf.shape), "groups": groups, **layer}
 
 
 def _serialize(packed_variables: PyTree) -> bytes:
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   tensors, entries = {}, []
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      jax.device_get(packed_variables), is_leaf=packing.is_packed_kernel)
+      jax.device_get(packed_variables), is_leaf=packed_layers.is_packed_kernel)
   for path, leaf in flat:
-    keys = [_key(entry) for entry in path]
+    keys = [str(key) for key in paths.keys_of(path)]
     entries.append(_leaf_entry("/".join(keys), keys, leaf, tensors))
   metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "leaves": json.dumps(entries)}
@@ -108,8 +111,8 @@ def save_packed(path: str, packed_variables: PyTree) -> int:
   Args:
     path: the file to write (e.g. ``packed_model.safetensors``).
     packed_variables: nested dicts whose leaves are arrays or packed kernels
-      (from :func:`inq_jax.deploy.pack_quantization` or
-      :func:`inq_jax.deploy.pack_variables`).
+      (from :func:`quant_core.deploy.pack_quantization`,
+      :func:`quant_core.deploy.pack_layers` or ``inq_jax.pack_model``).
 
   Returns:
     The file's size in bytes.
@@ -129,8 +132,8 @@ def fp32_file_bytes(variables: PyTree) -> int:
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   flat, _ = jax.tree_util.tree_flatten_with_path(
       jax.eval_shape(lambda v: v, variables))
-  tensors = {"/".join(_key(entry) for entry in path):
-             np.zeros(leaf.shape, np.float32) for path, leaf in flat}
+  tensors = {paths.path_name(path): np.zeros(leaf.shape, np.float32)
+             for path, leaf in flat}
   return len(safetensors_numpy.save(tensors))
 
 
@@ -170,9 +173,9 @@ def _packed_leaf(entry: dict, name: str, tensors: dict):
   data = grid_fields.pop("codes")
   static = dict(shape=tuple(entry["shape"]), bits=entry["bits"],
                 k_tile=entry["k_tile"], group_size=entry["group_size"])
-  cls = packing.PackedPow2 if entry["kind"] == "pow2" else packing.PackedUniform
+  cls = codes.PackedPow2 if entry["kind"] == "pow2" else codes.PackedUniform
   matrices = cls(data=data, **grid_fields, **static)
-  rows = packing.round_up(math.prod(static["shape"][:-1]), static["k_tile"])
+  rows = codes.round_up(math.prod(static["shape"][:-1]), static["k_tile"])
   expected = (rows // matrices.codes_per_byte, static["shape"][-1])
   leading = (entry["groups"],) if entry["form"] == "layer" else ()
   if data.dtype != np.uint8 or data.shape != leading + expected:
@@ -180,8 +183,11 @@ def _packed_leaf(entry: dict, name: str, tensors: dict):
                      f"metadata says uint8 {leading + expected}.")
   if entry["form"] == "kernel":
     return matrices
-  return packing.PackedLayer(matrices=matrices,
-                             kernel_shape=tuple(entry["kernel_shape"]))
+  kernel_perm = entry.get("kernel_perm")
+  return packed_layers.PackedLayer(
+      matrices=matrices, kernel_shape=tuple(entry["kernel_shape"]),
+      kernel_perm=None if kernel_perm is None else tuple(kernel_perm),
+      dtype=entry.get("dtype", "float32"))
 
 
 def _set(tree: dict, keys: list, value) -> None:
@@ -195,7 +201,7 @@ def _expected_shapes(path: str, leaves: list, like: PyTree) -> dict:
   the same leaf names."""
   flat, _ = jax.tree_util.tree_flatten_with_path(
       jax.eval_shape(lambda v: v, like))
-  expected = {"/".join(_key(e) for e in p): tuple(leaf.shape) for p, leaf in flat}
+  expected = {paths.path_name(p): tuple(leaf.shape) for p, leaf in flat}
   found = {"/".join(entry["path"]) for entry in leaves}
   missing = sorted(set(expected) - set(found))
   extra = sorted(set(found) - set(expected))
@@ -216,7 +222,7 @@ def load_packed(path: str, like: Optional[PyTree] = None) -> PyTree:
 
   Returns:
     The packed variables (nested dicts of numpy arrays and packed kernels),
-    ready for :func:`inq_jax.deploy.packed_apply`.
+    ready for :func:`quant_core.deploy.packed_apply`.
 
   Raises:
     ValueError: for a truncated or corrupt file, another format or schema

@@ -1,0 +1,380 @@
+"""Layer solvers as immutable objects that carry every setting (optax style).
+
+``comq(bits, ...)``, ``gptq(bits, ...)`` and ``rtn(bits, ...)`` each return a
+frozen solver whose settings are checked once, when it is built. The same object
+quantizes one layer (:meth:`Solver.quantize_layer`) and a whole model
+(:func:`comq_jax.quantize_model`), so its settings never travel as loose options.
+
+All three minimise (COMQ, GPTQ) or measure (round-to-nearest) the layer objective
+
+.. math:: \\|X W - X Q\\|_F^2 = \\sum_j (w_j - q_j)^\\top H (w_j - q_j),
+  \\qquad H = X^\\top X
+
+on the grids of :func:`quant_core.grids.make_grid`, from the Gram ``H`` alone.
+
+References:
+  A. Zhang et al., "COMQ: A Backpropagation-Free Algorithm for Post-Training
+  Quantization", arXiv 2403.07134 (2024); official code AozhongZhang/COMQ.
+  E. Frantar, S. Ashkboos, T. Hoefler, D. Alistarh, "GPTQ: Accurate Post-Training
+  Quantization for Generative Pre-trained Transformers", ICLR 2023, Algorithm 1.
+"""
+
+import dataclasses
+from typing import ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+
+from comq_jax import baselines
+from comq_jax import layer as layer_lib
+from comq_jax import objective
+from quant_core import capture
+from quant_core import grids
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Solver:
+  """A layer solver and the grid it quantizes onto (build with :func:`comq`,
+  :func:`gptq` or :func:`rtn`).
+
+  Attributes:
+    bits: bit width in 2..8.
+    grid: ``"asymmetric"`` (official COMQ min-max grid), ``"symmetric"`` or
+      ``"pow2"`` (INQ's power-of-two set).
+    granularity: ``"channel"``, ``"group"`` (one grid per ``group_size``
+      consecutive inputs of a channel) or ``"layer"`` (one per matrix).
+    group_size: inputs per grid with ``granularity="group"``, else None; a last
+      group of fewer inputs takes the rest. For a conv it counts inputs of its
+      im2col patches.
+    scalar: shrink factor λ in (0, 1] of the uniform grids (official
+      ``--scalar``).
+  """
+  method: ClassVar[str] = ""
+
+  bits: int
+  grid: str = "asymmetric"
+  granularity: str = "channel"
+  group_size: Optional[int] = None
+  scalar: float = 1.0
+
+  def __post_init__(self):
+    grids.check_options(bits=self.bits, grid=self.grid, granularity=self.granularity,
+                        scalar=self.scalar, group_size=self.group_size)
+    object.__setattr__(self, "scalar", float(self.scalar))
+
+  def grid_options(self) -> dict:
+    """The grid settings, as :func:`quant_core.grids.make_grid` takes them."""
+    return dict(bits=self.bits, grid=self.grid, granularity=self.granularity,
+                scalar=self.scalar, group_size=self.group_size)
+
+  def settings(self) -> dict:
+    """Every setting, with ``method``: plain values (e.g. for a JSON record)."""
+    return dict(dataclasses.asdict(self), method=self.method)
+
+  def solve(self, wt, gram, split=None):
+    """The traced solve of one matrix in channel-major layout.
+
+    Args:
+      wt: ``(d_out, d_in)`` weights in the compute dtype.
+      gram: ``(d_in, d_in)`` float Gram.
+      split: a mesh whose devices share the channels (COMQ only), or None.
+
+    Returns:
+      ``(qt, codes_t, grid, error, history, positive_definite)``: ``history``
+      is empty but for COMQ.
+    """
+    raise NotImplementedError
+
+  def quantize_layer(self, w, x=None, *, gram=None) -> grids.LayerQuantization:
+    """Quantizes one linear layer's weights.
+
+    Args:
+      w: ``(d_in, d_out)`` weights (Flax layout).
+      x: ``(N, d_in)`` calibration inputs; or give ``gram`` instead.
+      gram: ``(d_in, d_in)`` ``X^T X``, e.g. from
+        :func:`quant_core.capture.accumulate_gram`.
+
+    Returns:
+      A :class:`quant_core.grids.LayerQuantization` recording its ``bits``,
+      ``grid`` and ``group_size``.
+
+    Raises:
+      ValueError: bad shapes, neither or both of ``x``/``gram`` (round-to-nearest
+        needs neither), or (for concrete inputs) NaN/inf values.
+    """
+    w, gram = self._inputs(w, x, gram, needs_data=True)
+    return self.layer_result(w, *self.solve(self._channel_major(w), gram)[:5])
+
+  def _inputs(self, w, x, gram, *, needs_data):
+    w = jnp.asarray(w)
+    gram = objective.check_layer_inputs(w, x, gram)
+    if gram is None and needs_data:
+      raise ValueError(f"{type(self).__name__}.quantize_layer needs calibration data: "
+                       "x or gram.")
+    return w, gram
+
+  @staticmethod
+  def _channel_major(w):
+    return w.T.astype(objective.compute_dtype(w.dtype))
+
+  def layer_result(self, w, qt, codes, g, error, history=None):
+    """The :class:`quant_core.grids.LayerQuantization` of channel-major solver outputs,
+    recording this solver's grid."""
+    history = jnp.zeros((0,), qt.dtype) if history is None else history
+    return objective.layer_result(w, qt, codes, g, error, history,
+                                  group_size=self.group_size, bits=self.bits,
+                                  grid=self.grid)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RTN(Solver):
+  """Round-to-nearest on the solver grid; see :func:`rtn`."""
+  method: ClassVar[str] = "rtn"
+
+  def solve(self, wt, gram, split=None):
+    del split
+    qt, codes, g = baselines.rtn_solve(wt, **self.grid_options())
+    error = objective.reconstruction_error(wt.T, qt.T, gram.astype(wt.dtype))
+    return qt, codes, g, error, jnp.zeros((0,), wt.dtype), jnp.asarray(True)
+
+  def quantize_layer(self, w, x=None, *, gram=None) -> grids.LayerQuantization:
+    """As :meth:`Solver.quantize_layer`; the data are optional (they only give
+    ``error``, None without them)."""
+    w, gram = self._inputs(w, x, gram, needs_data=False)
+    wt = self._channel_major(w)
+    qt, codes, g = baselines.rtn_solve(wt, **self.grid_options())
+    error = None if gram is None else objective.reconstruction_error(
+        wt.T, qt.T, gram.astype(wt.dtype))
+    return self.layer_result(w, qt, codes, g, error)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class COMQ(Solver):
+  """COMQ coordinate descent; see :func:`comq`."""
+  method: ClassVar[str] = "comq"
+
+  iters: int = 1
+  order: str = "greedy"
+  scale_update: bool = False
+  init: str = "float"
+
+  def __post_init__(self):
+    super().__post_init__()
+    layer_lib.check_options(iters=self.iters, order=self.order, init=self.init)
+    object.__setattr__(self, "scale_update", bool(self.scale_update))
+
+  def _options(self) -> dict:
+    return dict(self.grid_options(), iters=self.iters, order=self.order,
+                scale_update=self.scale_update, init=self.init)
+
+  def solve(self, wt, gram, split=None):
+    devices = {} if split is None else dict(axes=split.axis_names,
+                                            devices=split.devices.size)
+    qt, codes, g, error, history = layer_lib.solve_on_devices(wt, gram, **self._options(),
+                                                              **devices)
+    return qt, codes, g, error, history, jnp.asarray(True)
+
+  def quantize_layer(self, w, x=None, *, gram=None,
+                     mesh: Optional[jax.sharding.Mesh] = None) -> grids.LayerQuantization:
+    """As :meth:`Solver.quantize_layer`, optionally with the output channels
+    split over the devices of ``mesh`` (results bitwise equal to one device;
+    see :func:`comq`)."""
+    capture.check_mesh(mesh)
+    w, gram = self._inputs(w, x, gram, needs_data=True)
+    qt, codes, g, error, history = layer_lib.solve(self._channel_major(w), gram,
+                                                   **self._options(), mesh=mesh)
+    return self.layer_result(w, qt, codes, g, error, history)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQ(Solver):
+  """GPTQ with lazy block updates; see :func:`gptq`."""
+  method: ClassVar[str] = "gptq"
+
+  block_size: int = 128
+  damp: float = 0.01
+  act_order: bool = False
+  static_groups: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    baselines.check_gptq_options(granularity=self.granularity, block_size=self.block_size,
+                                 damp=self.damp, act_order=self.act_order,
+                                 static_groups=self.static_groups)
+    for name, cast in (("damp", float), ("act_order", bool), ("static_groups", bool)):
+      object.__setattr__(self, name, cast(getattr(self, name)))
+
+  def solve(self, wt, gram, split=None):
+    del split
+    qt, codes, g, error, positive_definite = baselines.gptq_solve(
+        wt, gram, **self.grid_options(), block_size=self.block_size, damp=self.damp,
+        act_order=self.act_order, static_groups=self.static_groups)
+    return qt, codes, g, error, jnp.zeros((0,), wt.dtype), positive_definite
+
+  def quantize_layer(self, w, x=None, *, gram=None) -> grids.LayerQuantization:
+    """As :meth:`Solver.quantize_layer`. Runs eagerly, not under ``jax.jit``: it
+    reads on the host whether the damped ``H`` was positive definite, to raise
+    (saying to raise ``damp``) instead of returning NaN weights."""
+    w, gram = self._inputs(w, x, gram, needs_data=True)
+    qt, codes, g, error, _, positive_definite = self.solve(self._channel_major(w), gram)
+    if not bool(positive_definite):
+      raise ValueError(f"H is not positive definite after damping with damp={self.damp}; "
+                       "raise damp, or check the calibration data.")
+    return self.layer_result(w, qt, codes, g, error)
+
+
+def rtn(bits: int, *, grid: str = "asymmetric", granularity: str = "channel",
+        group_size: Optional[int] = None, scalar: float = 1.0) -> RTN:
+  """Round-to-nearest: every weight to its nearest grid value.
+
+  .. math:: q_{ji} = \\Pi_{G_j}(w_{ji})
+
+  The data-free baseline; calibration data, where given, only measure the error.
+
+  Args:
+    bits, grid, granularity, group_size, scalar: the grid (:class:`Solver`).
+
+  Returns:
+    An :class:`RTN` solver.
+
+  Raises:
+    ValueError: a setting outside its range (the message names it and what is
+      allowed).
+  """
+  return RTN(bits=bits, grid=grid, granularity=granularity, group_size=group_size,
+             scalar=scalar)
+
+
+def comq(bits: int, *, iters: int = 1, order: str = "greedy", scale_update: bool = False,
+         scalar: float = 1.0, grid: str = "asymmetric", granularity: str = "channel",
+         group_size: Optional[int] = None, init: str = "float") -> COMQ:
+  """COMQ: coordinate descent over the integer codes (and optionally the scales).
+
+  Output channels are independent for a fixed scale. Starting from ``Q = W``
+  (so the first sweep is GPFQ-like), each of ``iters`` sweeps visits every input
+  coordinate once per channel, in the channel's own order, and sets it to the
+  exact 1-D minimiser on the grid:
+
+  .. math::
+
+    q_{ji} \\leftarrow \\Pi_{G_j}\\Big(w_{ji} + \\frac{[H(w_j - q_j)]_i
+        - H_{ii}(w_{ji} - q_{ji})}{H_{ii}}\\Big)
+
+  (nearest grid point; ties to the lower value). ``order="greedy"`` visits
+  coordinates by descending ``sqrt(H_ii) |w_ji|`` computed once from ``W``
+  (official code); ``"cyclic"`` uses ``0..d_in-1``. With ``scale_update=True``
+  each sweep is followed by the paper's closed-form scale step (least squares in
+  ``δ_j``, or one ``δ`` for ``granularity="layer"``; with groups, one exact step
+  per group in turn), which the official code omits. No step can raise the
+  objective. The defaults reproduce the official code.
+
+  ``init="gptq"`` starts the sweeps from GPTQ's solution on the same grid (the
+  default :func:`gptq` options, static groups) instead of from ``W``: since no
+  sweep raises the objective, the result is never worse than GPTQ's. (Where
+  ``H`` is not positive definite even after GPTQ's damping, the sweeps start
+  from ``W``.)
+
+  Guards: an input with ``H_ii = 0`` (dead feature) is rounded to nearest; a
+  constant weight channel is represented exactly (see ``make_grid``).
+
+  With a mesh (:meth:`COMQ.quantize_layer`, or ``quantize_model``'s) the output
+  channels are split evenly over all its devices (``d_out`` padded to a multiple
+  of the device count and of a chunk of up to 64 channels, the padding dropped).
+  Each channel computes exactly what it computes without a mesh: the grid (its
+  per-layer reduction included) comes from the whole layer before the split,
+  matrix products run over the same fixed chunks of channels either way, and the
+  per-layer scale step and the errors gather the per-channel sums and add them in
+  one order, so every field of the result is bitwise equal to the call without a
+  mesh on the same backend. ``init="gptq"`` computes its starting point on the
+  whole layer before the split.
+
+  Args:
+    bits: bit width in 2..8.
+    iters: number of sweeps ``K >= 1``.
+    order: ``"greedy"`` or ``"cyclic"``.
+    scale_update: alternate sweeps with least-squares scale updates.
+    scalar, grid, granularity, group_size: the grid (:class:`Solver`).
+    init: ``"float"`` (start from ``W``, official) or ``"gptq"``.
+
+  Returns:
+    A :class:`COMQ` solver; its ``history`` (in each result) holds the error
+    after each sweep and, with ``scale_update``, after each scale update.
+
+  Raises:
+    ValueError: a setting outside its range.
+
+  Example:
+    >>> import jax, comq_jax
+    >>> x = jax.random.normal(jax.random.key(0), (256, 16))
+    >>> w = jax.random.normal(jax.random.key(1), (16, 8))
+    >>> result = comq_jax.comq(bits=4, iters=3).quantize_layer(w, x)
+    >>> result.bits, result.grid, result.codes.shape
+    (4, 'asymmetric', (16, 8))
+    >>> bool(result.history[-1] <= result.history[0])  # no sweep raises the error
+    True
+  """
+  return COMQ(bits=bits, iters=iters, order=order, scale_update=scale_update,
+              scalar=scalar, grid=grid, granularity=granularity, group_size=group_size,
+              init=init)
+
+
+def gptq(bits: int, *, grid: str = "asymmetric", granularity: str = "channel",
+         group_size: Optional[int] = None, scalar: float = 1.0, block_size: int = 128,
+         damp: float = 0.01, act_order: bool = False, static_groups: bool = False) -> GPTQ:
+  """GPTQ: quantizes one input after another, pushing each error onto the rest.
+
+  With ``H = X^T X + λ I`` (``λ = damp · mean(diag H)``) and ``U`` the upper
+  Cholesky factor of ``H^{-1}``, input ``i`` of every channel is rounded to the
+  grid and the remaining inputs absorb its error:
+
+  .. math::
+
+    q_{:,i} = \\Pi(w_{:,i}), \\qquad
+    w_{:,k} \\leftarrow w_{:,k} - \\frac{w_{:,i} - q_{:,i}}{U_{ii}}\\, U_{ik}
+    \\quad (k > i).
+
+  The updates run lazily in blocks of ``block_size`` inputs: inside a block column
+  by column, then one matrix product for every later input (Frantar et al.,
+  Sec. 3, "lazy batch updates"). ``act_order`` visits the inputs by decreasing
+  ``H_ii``. The grid is :func:`quant_core.grids.make_grid`'s, from the original
+  weights, except for group-wise grids without ``static_groups``: then each
+  group's grid comes from the updated weights when its first input is reached, as
+  in the paper's code. With groups the block size is rounded to a multiple of
+  ``group_size``, so that a group is never split between blocks.
+
+  It quantizes onto COMQ's grid exactly (the paper's code widens each min-max
+  range to include 0; this one does not, so GPTQ, COMQ and round-to-nearest share
+  one grid). Dead inputs (``H_ii = 0``) carry no error: they are rounded to
+  nearest, as COMQ does (the paper's code zeroes them instead). An ``H`` that is
+  not positive definite after damping is an error that says to raise ``damp``.
+
+  Args:
+    bits, grid, granularity, group_size, scalar: the grid (:class:`Solver`).
+    block_size: inputs per lazy block, >= 1.
+    damp: dampening, a fraction in (0, 1) of the mean diagonal of ``H``.
+    act_order: visit inputs by decreasing ``H_ii``.
+    static_groups: group grids from the original weights (needed with
+      ``act_order`` and groups).
+
+  Returns:
+    A :class:`GPTQ` solver.
+
+  Raises:
+    ValueError: a setting outside its range.
+  """
+  return GPTQ(bits=bits, grid=grid, granularity=granularity, group_size=group_size,
+              scalar=scalar, block_size=block_size, damp=damp, act_order=act_order,
+              static_groups=static_groups)
+
+
+SOLVERS = {"comq": comq, "gptq": gptq, "rtn": rtn}
+
+
+def from_settings(settings: dict) -> Solver:
+  """The solver of a :meth:`Solver.settings` dict (e.g. read back from a record)."""
+  settings = dict(settings)
+  method = settings.pop("method", None)
+  if method not in SOLVERS:
+    raise ValueError(f"settings['method'] must be one of {tuple(SOLVERS)}, got "
+                     f"{method!r}.")
+  return SOLVERS[method](**settings)
