@@ -4,6 +4,7 @@ import contextlib
 import pathlib
 
 import jax
+import numpy as np
 
 # Golden data travel with the repository (provenance in data/README.md).
 REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "data"
@@ -48,3 +49,10 @@ def count_compilations():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
+def assert_trees_bitwise_equal(got, expected):
+  """Same tree, same dtypes and shapes, the same bits in every leaf."""
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    assert (a.dtype, a.shape) == (b.dtype, b.shape)
+    assert a.tobytes() == b.tobytes()

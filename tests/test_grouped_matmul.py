@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-from quant_core.deploy import codes as packed_codes
 from quant_core.deploy import kernels as qm
+from tests import test_quantized_matmul
 
 ROWS = 37  # ragged for BLOCK_M
 BLOCK_M = 16
@@ -40,33 +40,6 @@ CASES = [
 ]
 
 
-def _packed_group(rng, grid, granularity, bits, k, n, k_tile, group_size):
-  """One group's packed ``(K, N)`` weight, random codes and parameters over
-  their full ranges (``group_size`` used by the "group" granularity)."""
-  param_shape = {"layer": (), "channel": (n,),
-                 "group": (-(-k // group_size), n)}[granularity]
-  group_size = group_size if granularity == "group" else None
-  if grid == "pow2":
-    n1 = rng.integers(-4, 2, param_shape).astype(np.int32)
-    n1_rows = (np.repeat(n1, group_size, axis=0)[:k] if group_size else
-               np.broadcast_to(n1, (k, n)))
-    magnitude = rng.integers(0, 2**(bits - 2) + 1, (k, n))
-    sign = rng.choice([-1.0, 1.0], (k, n))
-    w = np.where(magnitude == 0, 0.0, sign * np.ldexp(
-        1.0, n1_rows + 1 - 2**(bits - 2) + magnitude - 1))
-    return packed_codes.pack(w.astype(np.float32), bits, n1, k_tile=k_tile,
-                             group_size=group_size)
-  scale = rng.uniform(0.01, 0.1, param_shape).astype(np.float32)
-  if grid == "symmetric":
-    codes, zero_point = rng.integers(0, 2**bits - 1, (k, n)), None
-  else:
-    codes = rng.integers(0, 2**bits, (k, n))
-    zero_point = rng.integers(2**bits - 1 - packed_codes.MAX_LEVEL_MAGNITUDE,
-                              packed_codes.MAX_LEVEL_MAGNITUDE + 1, param_shape)
-  return packed_codes.pack_uniform(codes, scale, zero_point, bits=bits,
-                                   group_size=group_size, k_tile=k_tile)
-
-
 def _stacked(per_group):
   """The groups' packed weights with a leading groups axis on every array."""
   return jax.tree.map(lambda *arrays: jnp.stack(arrays), *per_group)
@@ -77,9 +50,9 @@ def _random_case(grid, granularity, bits, shape, k_tile, seed,
   """``(per-group packed weights, the same stacked)`` for ``shape = (G, K,
   N)``."""
   groups, k, n = shape
-  rng = np.random.default_rng(seed)
-  per_group = [_packed_group(rng, grid, granularity, bits, k, n, k_tile,
-                             group_size) for _ in range(groups)]
+  per_group = [test_quantized_matmul.random_packed(
+      grid, granularity, bits, k=k, n=n, group_size=group_size, k_tile=k_tile,
+      seed=1000 * seed + g) for g in range(groups)]
   return per_group, _stacked(per_group)
 
 

@@ -14,6 +14,7 @@ import inq_jax
 from quant_core import deploy
 from quant_core import paths
 from quant_core.deploy import codes as packed_codes
+from tests import helpers
 
 # Small images: interpret-mode kernels stay quick.
 X = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float32)
@@ -77,15 +78,6 @@ def _quantize(method: str):
   assert [report.path for report in result.layers] == list(LAYERS)
   assert not result.skipped
   return result
-
-
-def _assert_bitwise_equal_trees(got, expected):
-  """Same tree, same dtypes and shapes, the same bits in every leaf."""
-  assert jax.tree.structure(got) == jax.tree.structure(expected)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    assert (a.dtype, a.shape) == (b.dtype, b.shape)
-    assert a.tobytes() == b.tobytes()
 
 
 def _kernels(variables):
@@ -153,7 +145,7 @@ def _assert_one_representation(model, packed, quantized_variables, x):
   assert got.dtype == expected.dtype
   # The same products summed in another order (f32): a few ulps of the outputs.
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-  _assert_bitwise_equal_trees(deploy.unpack_variables(packed), quantized_variables)
+  helpers.assert_trees_bitwise_equal(deploy.unpack_variables(packed), quantized_variables)
 
 
 @pytest.mark.parametrize("method", ["comq", "gptq", "rtn"])
@@ -201,7 +193,7 @@ def test_nnx_comq_packs_into_the_same_representation():
   result = comq_jax.quantize_model(model, None, [X], solver)
   assert [report.path for report in result.layers] == ["conv", "depthwise", "head"]
   # The quantized variables are the pure dict of the quantized module's parameters.
-  _assert_bitwise_equal_trees(result.variables["params"],
+  helpers.assert_trees_bitwise_equal(result.variables["params"],
                               nnx.to_pure_dict(nnx.state(result.model, nnx.Param)))
   packed = deploy.pack_quantization(result)
   assert packed["params"]["depthwise"]["kernel"].groups == 4
@@ -215,7 +207,7 @@ def test_nnx_comq_packs_into_the_same_representation():
   expected = result.model(X)
   got = deploy.packed_apply(result.model, packed, X)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-  _assert_bitwise_equal_trees(deploy.unpack_variables(packed), result.variables)
+  helpers.assert_trees_bitwise_equal(deploy.unpack_variables(packed), result.variables)
 
 
 class _BF16Net(nn.Module):
@@ -248,7 +240,7 @@ def test_bfloat16_kernels_unpack_to_bfloat16_bitwise():
                for kernel in kernels.values())
     restored = deploy.unpack_variables(packed)
     assert all(kernel.dtype == jnp.bfloat16 for kernel in _kernels(restored).values())
-    _assert_bitwise_equal_trees(restored, quantized)
+    helpers.assert_trees_bitwise_equal(restored, quantized)
   # The packed model runs in bfloat16 as the quantized one does (one bf16 rounding
   # of the outputs apart, products summed in another order).
   expected = model.apply(result.variables, x)

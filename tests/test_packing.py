@@ -24,6 +24,7 @@ from quant_core.deploy import codes as packed_codes
 from quant_core.deploy import packed_layers
 from quant_core.deploy import recover
 from quant_core.deploy import sizes
+from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -126,15 +127,6 @@ def _inq_variables(bits, quantizable=None):
   return {"params": params}, state
 
 
-def _assert_bitwise_equal_trees(got, expected):
-  """Same tree, same dtypes and shapes, the same bits in every leaf."""
-  assert jax.tree.structure(got) == jax.tree.structure(expected)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    assert (a.dtype, a.shape) == (b.dtype, b.shape)
-    assert a.tobytes() == b.tobytes()
-
-
 def test_pack_model_round_trip_and_keeps_other_leaves():
   variables, state = _inq_variables(5)
   packed = inq_jax.pack_model(_INQ_MODEL, variables, state, _INQ_X)
@@ -155,7 +147,7 @@ def test_pack_model_round_trip_and_keeps_other_leaves():
   bias = packed["params"]["conv"]["bias"]
   assert bias.dtype == variables["params"]["conv"]["bias"].dtype
   np.testing.assert_array_equal(bias, variables["params"]["conv"]["bias"])
-  _assert_bitwise_equal_trees(packed_layers.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(packed_layers.unpack_variables(packed), variables)
 
 
 def test_pack_model_packs_only_what_the_states_predicate_selects():
@@ -168,7 +160,7 @@ def test_pack_model_packs_only_what_the_states_predicate_selects():
   dense = packed["params"]["dense"]["kernel"]
   assert not packed_layers.is_packed_kernel(dense)
   np.testing.assert_array_equal(dense, variables["params"]["dense"]["kernel"])
-  _assert_bitwise_equal_trees(packed_layers.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(packed_layers.unpack_variables(packed), variables)
 
 
 def test_pack_model_names_the_bad_layer():
@@ -216,7 +208,7 @@ def test_pack_model_keeps_a_kernel_without_a_view_in_float_and_logs_it(caplog):
   custom = packed["params"]["custom"]["kernel"]
   assert not packed_layers.is_packed_kernel(custom)
   np.testing.assert_array_equal(custom, params["custom"]["kernel"])
-  _assert_bitwise_equal_trees(packed_layers.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(packed_layers.unpack_variables(packed), variables)
 
 
 def test_size_report_counts_bytes():

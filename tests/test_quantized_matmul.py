@@ -21,7 +21,7 @@ KINDS = [("asymmetric", "channel"), ("asymmetric", "group"),
 K, N, GROUP_SIZE, K_TILE = 72, 37, 16, 32
 
 
-def _random_packed(grid, granularity, bits, *, k=K, n=N, group_size=GROUP_SIZE,
+def random_packed(grid, granularity, bits, *, k=K, n=N, group_size=GROUP_SIZE,
                    k_tile=K_TILE, seed=0):
   """A packed weight with random codes and parameters over their full range."""
   rng = np.random.default_rng(seed)
@@ -133,7 +133,7 @@ def test_int8_activations_are_exact(grid, granularity, bits):
   # Odd widths: groups as large as the K step (both nibble halves of a step
   # are one group); even widths: two groups a step.
   group_size = K_TILE if bits % 2 else GROUP_SIZE
-  packed = _random_packed(grid, granularity, bits, group_size=group_size,
+  packed = random_packed(grid, granularity, bits, group_size=group_size,
                           seed=bits)
   x = _activations(jnp.int8, (M, K), seed=bits)
   y = qm.quantized_matmul(x, packed, **BLOCKS)
@@ -151,7 +151,7 @@ FLOAT_CASES = [(grid, granularity, bits, FLOAT_DTYPES[bits % 2])
 
 @pytest.mark.parametrize("grid,granularity,bits,dtype", FLOAT_CASES)
 def test_float_activations_match_dense_product(grid, granularity, bits, dtype):
-  packed = _random_packed(grid, granularity, bits, seed=10 + bits)
+  packed = random_packed(grid, granularity, bits, seed=10 + bits)
   x = _activations(dtype, (2, M, K), seed=bits)  # batch axes (2, M)
   y = qm.quantized_matmul(x, packed, **BLOCKS)
   assert y.shape == (2, M, N)
@@ -163,7 +163,7 @@ def test_float_activations_match_dense_product(grid, granularity, bits, dtype):
     ("asymmetric", "group", 4, jnp.int8),
     ("pow2", "channel", 6, jnp.bfloat16)])
 def test_fori_loop_form_matches_grid_form(grid, granularity, bits, dtype):
-  packed = _random_packed(grid, granularity, bits, seed=20 + bits)
+  packed = random_packed(grid, granularity, bits, seed=20 + bits)
   x = _activations(dtype, (M, K), seed=7)
   grid_form = qm.quantized_matmul(x, packed, k_loop="grid", **BLOCKS)
   fori_form = qm.quantized_matmul(x, packed, k_loop="fori", **BLOCKS)
@@ -172,7 +172,7 @@ def test_fori_loop_form_matches_grid_form(grid, granularity, bits, dtype):
 
 
 def test_shift_matmul_is_the_exact_pow2_case():
-  packed = _random_packed("pow2", "channel", 8, seed=5)
+  packed = random_packed("pow2", "channel", 8, seed=5)
   x = _activations(jnp.int8, (M, K), seed=5)
   result = qm.shift_matmul(x, packed, **BLOCKS)
   assert result.limbs.shape == (qm.num_bands(8), M, N)
@@ -182,7 +182,7 @@ def test_shift_matmul_is_the_exact_pow2_case():
 
 
 def test_input_errors():
-  packed = _random_packed("asymmetric", "channel", 4)
+  packed = random_packed("asymmetric", "channel", 4)
   with pytest.raises(ValueError, match="last axis K=72"):
     qm.quantized_matmul(jnp.zeros((2, 71)), packed)
   with pytest.raises(ValueError, match="bfloat16, float32 or int8"):
@@ -193,7 +193,7 @@ def test_input_errors():
     qm.quantized_matmul(jnp.zeros((2, K)), packed, k_loop="scan")
   with pytest.raises(ValueError, match="must be a PackedPow2"):
     qm.shift_matmul(jnp.zeros((2, K)), packed)
-  grouped = _random_packed("pow2", "group", 4)
+  grouped = random_packed("pow2", "group", 4)
   with pytest.raises(ValueError, match="group-wise exponents"):
     qm.shift_matmul(jnp.zeros((2, K), jnp.int8), grouped)
   big_k = qm.MAX_UNIFORM_INT_K + 1
@@ -225,7 +225,7 @@ def test_kernel_lowers_for_accelerators(platform, lowering, marker, grid,
   # without the hardware; compiling the custom call needs the device.
   k, n = 640, 300
   k_tile = 128 if platform == "gpu" else 512
-  packed = _abstract(_random_packed(grid, granularity, bits, k=k, n=n,
+  packed = _abstract(random_packed(grid, granularity, bits, k=k, n=n,
                                     group_size=128, k_tile=k_tile))
   x = jax.ShapeDtypeStruct((16, k), dtype)
   run = jax.jit(lambda x, p: qm.quantized_matmul(x, p, platform=platform,

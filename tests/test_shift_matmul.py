@@ -175,15 +175,6 @@ def _quantized_model(model, x, bits):
   return {"params": params}, state
 
 
-def _assert_bitwise_equal_trees(got, expected):
-  """Same tree, same dtypes and shapes, the same bits in every leaf."""
-  assert jax.tree.structure(got) == jax.tree.structure(expected)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    assert (a.dtype, a.shape) == (b.dtype, b.shape)
-    assert a.tobytes() == b.tobytes()
-
-
 def test_packed_model_matches_float_model():
   model = _Net()
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3), jnp.float32)
@@ -221,7 +212,7 @@ def test_packed_inq_model_runs_and_unpacks_to_the_quantized_model():
   packed = inq_jax.pack_model(model, variables, state, x)
   np.testing.assert_allclose(deploy.packed_apply(model, packed, x),
                              model.apply(variables, x), rtol=1e-5, atol=1e-6)
-  _assert_bitwise_equal_trees(deploy.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(deploy.unpack_variables(packed), variables)
 
 
 def test_jitted_packed_apply_of_an_inq_model_compiles_once_per_input_shape():
@@ -254,5 +245,5 @@ def test_grouped_conv_of_an_inq_model_runs_packed():
   assert packed["params"]["kernel"].groups == 2
   np.testing.assert_allclose(deploy.packed_apply(layer, packed, x),
                              layer.apply(variables, x), rtol=1e-5, atol=1e-6)
-  _assert_bitwise_equal_trees(deploy.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(deploy.unpack_variables(packed), variables)
 
