@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from experiments import train
+from quant_core import paths
 
 # Wall-clock measurements: never equal between two runs.
 TIMING_FIELDS = ("seconds", "wall_seconds", "train_seconds", "steps_per_second")
@@ -42,7 +43,7 @@ def checkpoint_differences(dir_a, dir_b):
   leaves_b, tree_b = jax.tree_util.tree_flatten_with_path(state_b)
   if tree_a != tree_b:
     return ["<tree structure>"]
-  return [jax.tree_util.keystr(path) for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True)
+  return [paths.path_name(path) for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True)
           if np.asarray(x).dtype != np.asarray(y).dtype
           or not np.array_equal(np.asarray(x), np.asarray(y))]
 

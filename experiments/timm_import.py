@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from experiments.models import swin
+from quant_core import paths
 
 TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
 ATTENTION_PROJECTIONS = ("query", "key", "value")
@@ -153,7 +154,7 @@ def convert_state_dict(state_dict, variables):
   used = set()
 
   def convert(key_path, template):
-    path = tuple(entry.key for entry in key_path)
+    path = paths.keys_of(key_path)
     key = timm_key(path)
     if key not in state_dict:
       raise ValueError(f"Missing key {key!r} in the state dict (for params/{'/'.join(path)}).")

@@ -18,6 +18,7 @@ import re
 
 import jax
 import numpy as np
+from quant_core import paths
 
 LEAF_TO_TORCH = {
     ("params", "kernel"): "weight",
@@ -86,7 +87,7 @@ def convert_state_dict(state_dict, variables):
   used = set()
 
   def convert(collection, key_path, template):
-    path = tuple(entry.key for entry in key_path)
+    path = paths.keys_of(key_path)
     key = torch_key(collection, path)
     if key not in state_dict:
       raise ValueError(f"Missing key {key!r} in the state dict (for {collection}/"

@@ -115,7 +115,7 @@ class _LinenModel:
       _, state = self._apply(variables, batch, mutable=[_GRAMS], **self._kwargs)
     for path, leaf in jax.tree_util.tree_flatten_with_path(
         state.get(_GRAMS, {}), is_leaf=lambda x: isinstance(x, tuple))[0]:
-      keys = tuple(k.key for k in path[:-1])
+      keys = paths_lib.keys_of(path[:-1])
       for found in leaf:
         _add_gram(grams, keys, found)
 

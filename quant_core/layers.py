@@ -62,7 +62,7 @@ def default_quantizable(path, leaf) -> bool:
   paper.
   """
   last = path[-1] if path else None
-  return getattr(last, "key", None) == "kernel" and jnp.ndim(leaf) >= 2
+  return last is not None and paths_lib.key_of(last) == "kernel" and jnp.ndim(leaf) >= 2
 
 
 def quantizable_mask(params: PyTree,
