@@ -34,7 +34,8 @@ from benchmarks.kernel_timing import bandwidth_share
 from benchmarks.kernel_timing import median_seconds
 from benchmarks.kernel_timing import write_result
 from quant_core.deploy import kernels
-from quant_core.deploy import packing
+from quant_core.deploy import codes as packing
+from quant_core.deploy import sizes
 
 FULL_M = (1, 8, 16, 64, 256, 1024, 4096)
 FULL_KN = (4096, 8192)
@@ -78,7 +79,7 @@ def random_packed(grid: str, bits: int, group_size, k: int, n: int):
 def weight_bytes(packed) -> int:
   """Bytes the kernel reads for the weight: codes and grid parameters."""
   return packed.data.nbytes + sum(p.nbytes
-                                  for p in packing.grid_parameters(packed))
+                                  for p in sizes.grid_parameters(packed))
 
 
 def run(ms, kns, repeats: int):
