@@ -9,6 +9,7 @@ live in :mod:`quant_core`.
 
 from inq_jax.compensation import Compensation
 from inq_jax.compensation import LayerStatistics
+from inq_jax.compensation import layer_statistics
 from inq_jax.incremental import INQ
 from inq_jax.incremental import INQState
 from inq_jax.incremental import codebook_fraction
@@ -45,6 +46,7 @@ __all__ = [
     "in_codebook",
     "inq",
     "inq_optimizer",
+    "layer_statistics",
     "mask_frozen_updates",
     "pack_model",
     "partition",

@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quant_core import paths
+from quant_core import capture
 from quant_core import layers
+from quant_core import paths
 from quant_core import pow2
 
 PyTree = Any
@@ -60,6 +61,34 @@ class LayerStatistics(NamedTuple):
   """
   view: layers.LinearView
   gram: jax.Array
+
+
+def layer_statistics(model_or_apply: Any, variables, calibration_batches, *,
+                     row_masks=None, mesh=None, microbatch=None,
+                     **apply_kwargs) -> dict:
+  """``{path: LayerStatistics}`` of every supported layer on calibration batches.
+
+  The Grams come from :func:`quant_core.layer_grams` and the views from
+  :func:`quant_core.layer_views` (the first batch's shapes), under the current
+  ``variables``: call it before each data-aware step.
+
+  Args:
+    model_or_apply: a linen module, an ``apply_fn(variables, batch, **kwargs)``,
+      or an NNX module (``variables`` then ignored).
+    variables: the model's variables, e.g. ``{"params": params}``.
+    calibration_batches: model inputs.
+    row_masks, mesh, microbatch: as in :func:`quant_core.layer_grams`.
+    **apply_kwargs: passed to every apply (e.g. ``train=False``).
+
+  Returns:
+    ``{"/"-joined path: LayerStatistics}``, for :meth:`inq_jax.INQ.step`.
+  """
+  grams = capture.layer_grams(model_or_apply, variables, calibration_batches,
+                              row_masks=row_masks, mesh=mesh, microbatch=microbatch,
+                              **apply_kwargs)
+  first = calibration_batches[0]
+  views = layers.layer_views(model_or_apply, variables, first, **apply_kwargs)
+  return {path: LayerStatistics(views[path], acc.gram) for path, acc in grams.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -294,6 +294,12 @@ def test_compensation_over_every_view_kind_lowers_each_layer_objective():
   statistics = {path: inq_jax.LayerStatistics(views[path], acc.gram)
                 for path, acc in grams.items()}
   assert set(statistics) == {"grouped", "general", "head"}
+  # inq_jax.layer_statistics is that composition.
+  composed = inq_jax.layer_statistics(model, variables, images)
+  assert list(composed) == list(statistics)
+  for path, entry in composed.items():
+    assert entry.view == statistics[path].view
+    np.testing.assert_array_equal(entry.gram, statistics[path].gram)
   params = variables["params"]
   compensated = inq_jax.inq(3, compensation=inq_jax.Compensation())
   state = compensated.init(params)

@@ -125,11 +125,8 @@ def layer_statistics(context, variables):
   images = post_training.calibration_images(config, context.dataset,
                                             (config.seed, context.phase_index, 0))
   variables = jax.device_put(jax.device_get(variables))
-  grams = quant_core.layer_grams(model, variables, images, train=False,
-                                 **post_training.calibration_devices(config, context.mesh))
-  views = quant_core.layer_views(model, variables, images[0], train=False)
-  return {path: inq_jax.LayerStatistics(views[path], acc.gram)
-          for path, acc in grams.items()}
+  return inq_jax.layer_statistics(model, variables, images, train=False,
+                                  **post_training.calibration_devices(config, context.mesh))
 
 
 def recalibrate_batch_stats(model, variables, config, dataset, phase_index):
