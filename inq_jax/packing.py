@@ -4,7 +4,7 @@ Each quantized kernel becomes a :class:`quant_core.deploy.PackedLayer` over its
 layer's 2-D view: its powers of two encoded under the layer's ``n1`` from the
 :class:`inq_jax.INQState` (no exponent is recovered from the values), so
 :func:`quant_core.deploy.packed_apply` runs every layer kind, grouped and
-depthwise convs included, and :func:`quant_core.deploy.unpack_variables` gives
+depthwise convs included, and :func:`quant_core.deploy.unpack` gives
 the float tree back exactly.
 """
 

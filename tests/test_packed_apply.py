@@ -107,7 +107,7 @@ def test_values_off_every_grid_raise_naming_the_layer():
   options = dict(bits=3, grid="asymmetric", granularity="channel")
   # The quantized weights recover their grid exactly ...
   packed = deploy.pack_layers(result.variables, model, x, ["layers_0"], **options)
-  restored = deploy.unpack_variables(packed)["params"]["layers_0"]["kernel"]
+  restored = deploy.unpack(packed)["params"]["layers_0"]["kernel"]
   np.testing.assert_array_equal(restored, result.variables["params"]["layers_0"]["kernel"])
   # ... and weights moved off it are refused.
   params = jax.tree.map(lambda leaf: leaf, result.variables["params"])
@@ -166,7 +166,7 @@ def test_inq_kernels_packed_over_their_views_run_and_unpack_exactly():
   assert packed["params"]["layers_0"]["kernel"].kernel_perm is None
   np.testing.assert_allclose(deploy.packed_apply(_INQ_MODEL, packed, _INQ_X),
                              _INQ_MODEL.apply(variables, _INQ_X), rtol=1e-5, atol=1e-6)
-  restored = deploy.unpack_variables(packed)
+  restored = deploy.unpack(packed)
   assert jax.tree.structure(restored) == jax.tree.structure(variables)
   for got, expected in zip(jax.tree.leaves(restored), jax.tree.leaves(variables),
                            strict=True):

@@ -51,7 +51,7 @@ def test_round_trip_runs_the_same(packed_model):
     assert (read.kernel_shape, read.kernel_perm, read.dtype, read.groups) == (
         saved.kernel_shape, saved.kernel_perm, saved.dtype, saved.groups)
   # The file gives back the quantized float variables exactly.
-  restored = deploy.unpack_variables(loaded)
+  restored = deploy.unpack(loaded)
   assert jax.tree.structure(restored) == jax.tree.structure(result.variables)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(result.variables),
                        strict=True):
@@ -114,7 +114,7 @@ def test_inq_packed_model_round_trips(tmp_path):
     np.testing.assert_array_equal(read.matrices.data, saved.matrices.data)
   np.testing.assert_array_equal(deploy.packed_apply(MODEL, loaded, X),
                                 deploy.packed_apply(MODEL, packed, X))
-  restored = deploy.unpack_variables(loaded)
+  restored = deploy.unpack(loaded)
   assert jax.tree.structure(restored) == jax.tree.structure(quantized)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(quantized), strict=True):
     assert np.asarray(got).dtype == np.asarray(want).dtype

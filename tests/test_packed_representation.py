@@ -117,7 +117,7 @@ def _assert_packed_codes_are_the_solvers(result, packed):
         assert isinstance(matrix, packed_codes.PackedPow2)
         assert matrix.n1.shape == param_shape
         np.testing.assert_array_equal(matrix.n1, _solver_layout(quantization.exponent, g))
-        np.testing.assert_array_equal(packed_codes.unpack(matrix), quantization.weights[g])
+        np.testing.assert_array_equal(packed_codes.unpack_matrix(matrix), quantization.weights[g])
         continue
       assert isinstance(matrix, packed_codes.PackedUniform)
       np.testing.assert_array_equal(packed_codes.unpack_codes(matrix)[:view.d_in],
@@ -145,7 +145,7 @@ def _assert_one_representation(model, packed, quantized_variables, x):
   assert got.dtype == expected.dtype
   # The same products summed in another order (f32): a few ulps of the outputs.
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-  helpers.assert_trees_bitwise_equal(deploy.unpack_variables(packed), quantized_variables)
+  helpers.assert_trees_bitwise_equal(deploy.unpack(packed), quantized_variables)
 
 
 @pytest.mark.parametrize("method", ["comq", "gptq", "rtn"])
@@ -207,7 +207,7 @@ def test_nnx_comq_packs_into_the_same_representation():
   expected = result.model(X)
   got = deploy.packed_apply(result.model, packed, X)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-  helpers.assert_trees_bitwise_equal(deploy.unpack_variables(packed), result.variables)
+  helpers.assert_trees_bitwise_equal(deploy.unpack(packed), result.variables)
 
 
 class _BF16Net(nn.Module):
@@ -238,7 +238,7 @@ def test_bfloat16_kernels_unpack_to_bfloat16_bitwise():
     kernels = _kernels(packed)
     assert all(isinstance(kernel, deploy.PackedLayer) and kernel.dtype == "bfloat16"
                for kernel in kernels.values())
-    restored = deploy.unpack_variables(packed)
+    restored = deploy.unpack(packed)
     assert all(kernel.dtype == jnp.bfloat16 for kernel in _kernels(restored).values())
     helpers.assert_trees_bitwise_equal(restored, quantized)
   # The packed model runs in bfloat16 as the quantized one does (one bf16 rounding

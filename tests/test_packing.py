@@ -44,8 +44,8 @@ def test_pack_round_trip_is_exact(bits):
   assert packed.data.shape == (rows, 7)
   assert packed.data.dtype == jnp.uint8
   assert (packed.k, packed.n, packed.k_padded) == (15, 7, 18)
-  np.testing.assert_array_equal(packed_codes.unpack(packed), q)
-  assert packed_codes.unpack(packed, jnp.bfloat16).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(packed_codes.unpack_matrix(packed), q)
+  assert packed_codes.unpack_matrix(packed, jnp.bfloat16).dtype == jnp.bfloat16
 
 
 def test_nibble_layout_puts_half_tiles_in_low_and_high_nibbles():
@@ -142,12 +142,12 @@ def test_pack_model_round_trip_and_keeps_other_leaves():
     np.testing.assert_array_equal(layer.matrices.n1, [state.n1[name]["kernel"]])
     # The packed matrix is the view's matrix: rows in the order the layer reads them.
     np.testing.assert_array_equal(
-        packed_codes.unpack(layer.group(0)),
+        packed_codes.unpack_matrix(layer.group(0)),
         views[name].matrices(np.asarray(variables["params"][name]["kernel"]))[0])
   bias = packed["params"]["conv"]["bias"]
   assert bias.dtype == variables["params"]["conv"]["bias"].dtype
   np.testing.assert_array_equal(bias, variables["params"]["conv"]["bias"])
-  helpers.assert_trees_bitwise_equal(packed_layers.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(packed_layers.unpack(packed), variables)
 
 
 def test_pack_model_packs_only_what_the_states_predicate_selects():
@@ -160,7 +160,7 @@ def test_pack_model_packs_only_what_the_states_predicate_selects():
   dense = packed["params"]["dense"]["kernel"]
   assert not packed_layers.is_packed_kernel(dense)
   np.testing.assert_array_equal(dense, variables["params"]["dense"]["kernel"])
-  helpers.assert_trees_bitwise_equal(packed_layers.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(packed_layers.unpack(packed), variables)
 
 
 def test_pack_model_names_the_bad_layer():
@@ -208,7 +208,7 @@ def test_pack_model_keeps_a_kernel_without_a_view_in_float_and_logs_it(caplog):
   custom = packed["params"]["custom"]["kernel"]
   assert not packed_layers.is_packed_kernel(custom)
   np.testing.assert_array_equal(custom, params["custom"]["kernel"])
-  helpers.assert_trees_bitwise_equal(packed_layers.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(packed_layers.unpack(packed), variables)
 
 
 def test_size_report_counts_bytes():
@@ -258,16 +258,16 @@ def test_uniform_round_trip_is_exact(bits):
                                    packed_codes.codes_per_byte(bits), 7)
       np.testing.assert_array_equal(packed_codes.unpack_codes(packed)[:15],
                                     codes.reshape(15, 7))
-      values = packed_codes.unpack(packed)
+      values = packed_codes.unpack_matrix(packed)
       assert values.shape == (3, 5, 7)
       again = packed_codes.pack_uniform_from_values(
           values, scale, zero_point, bits=bits, group_size=group_size,
           k_tile=k_tile)
       np.testing.assert_array_equal(again.data, packed.data)
-      np.testing.assert_array_equal(packed_codes.unpack(again), values)
-      half = packed_codes.unpack(packed, jnp.bfloat16)
+      np.testing.assert_array_equal(packed_codes.unpack_matrix(again), values)
+      half = packed_codes.unpack_matrix(packed, jnp.bfloat16)
       np.testing.assert_array_equal(
-          packed_codes.unpack(packed_codes.pack_uniform_from_values(
+          packed_codes.unpack_matrix(packed_codes.pack_uniform_from_values(
               half, scale, zero_point, bits=bits, group_size=group_size,
               k_tile=k_tile), jnp.bfloat16), half)
 
@@ -276,18 +276,18 @@ def test_uniform_values_are_scale_times_code_minus_zero():
   codes = np.array([[0, 15], [7, 3], [9, 12]])
   scale, zero_point = np.float32([0.5, 0.25]), np.array([7, 3])
   packed = packed_codes.pack_uniform(codes, scale, zero_point, bits=4, k_tile=4)
-  np.testing.assert_array_equal(packed_codes.unpack(packed),
+  np.testing.assert_array_equal(packed_codes.unpack_matrix(packed),
                                 [[-3.5, 3.0], [0.0, 0.0], [1.0, 2.25]])
   symmetric = packed_codes.pack_uniform(codes[:, :1], scale[:1], None, bits=4,
                                         k_tile=4)
   # Fixed zero point 2^3 - 1 = 7.
-  np.testing.assert_array_equal(packed_codes.unpack(symmetric),
+  np.testing.assert_array_equal(packed_codes.unpack_matrix(symmetric),
                                 [[-3.5], [0.0], [1.0]])
 
 
 def test_pack_uniform_from_values_counts_and_locates_off_grid_values():
   codes, scale, zero_point = _uniform_case(4, False, 4)
-  values = packed_codes.unpack(packed_codes.pack_uniform(codes, scale, zero_point,
+  values = packed_codes.unpack_matrix(packed_codes.pack_uniform(codes, scale, zero_point,
                                                          bits=4, group_size=4))
   bad = values.at[0, 1, 2].add(1e-3).at[2, 4, 6].add(1e-3)
   bad = bad.at[1, 0, 0].set(20.0)  # beyond the largest code
@@ -342,14 +342,14 @@ def test_pow2_round_trip_per_channel_and_per_group(bits):
   q = pow2_quantize(w, bits, n1=per_channel[None, :])
   packed = packed_codes.pack(q, bits, per_channel, k_tile=6)
   assert packed.n1.shape == (7,) and packed.n2.shape == (7,)
-  np.testing.assert_array_equal(packed_codes.unpack(packed), q)
+  np.testing.assert_array_equal(packed_codes.unpack_matrix(packed), q)
   # Per group of 4 rows: exponents (4, 7), ragged last group of 3.
   groups = jnp.pad(w, ((0, 1), (0, 0))).reshape(4, 4, 7)
   per_group, _ = pow2_exponents(jnp.max(jnp.abs(groups), axis=1), bits)
   n1_rows = jnp.repeat(per_group, 4, axis=0)[:15]
   q = pow2_quantize(w, bits, n1=n1_rows)
   packed = packed_codes.pack(q, bits, per_group, group_size=4, k_tile=8)
-  np.testing.assert_array_equal(packed_codes.unpack(packed), q)
+  np.testing.assert_array_equal(packed_codes.unpack_matrix(packed), q)
   with pytest.raises(ValueError, match=r"n1 must have shape \(4, 7\)"):
     packed_codes.pack(q, bits, per_channel, group_size=4, k_tile=8)
   with pytest.raises(ValueError, match=r"for their n1.*\) and \d+ more\."):
@@ -368,13 +368,13 @@ def test_pack_layer_quantization_keeps_the_solver_weights(solver, grid, group_si
   assert (result.grid, result.bits, result.group_size) == (grid, 4, group_size)
   packed = packed_codes.pack_layer_quantization(result)
   assert packed.group_size == group_size and packed.bits == 4
-  np.testing.assert_array_equal(packed_codes.unpack(packed), result.weights)
+  np.testing.assert_array_equal(packed_codes.unpack_matrix(packed), result.weights)
   if grid != "pow2":  # The solver's own codes, re-laid.
     np.testing.assert_array_equal(packed_codes.unpack_codes(packed)[:20], result.codes)
   with pytest.raises(ValueError, match="the result's grid must be one of"):
     packed_codes.pack_layer_quantization(dataclasses.replace(result, grid="nf4"))
   same = packed_codes.pack_layer_quantization(result, grid=grid, bits=4)
-  np.testing.assert_array_equal(packed_codes.unpack(same), result.weights)
+  np.testing.assert_array_equal(packed_codes.unpack_matrix(same), result.weights)
   with pytest.raises(ValueError, match=r"bits=3 was passed, but the result was quantized "
                                        r"with bits=4"):
     packed_codes.pack_layer_quantization(result, bits=3)
@@ -398,8 +398,8 @@ def test_a_layer_result_leaves_jit_whole_with_its_grid(solver):
   assert jax.tree.structure(jitted) == jax.tree.structure(eager)
   assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(jitted))
   np.testing.assert_array_equal(
-      packed_codes.unpack(packed_codes.pack_layer_quantization(jitted)),
-      packed_codes.unpack(packed_codes.pack_layer_quantization(eager)))
+      packed_codes.unpack_matrix(packed_codes.pack_layer_quantization(jitted)),
+      packed_codes.unpack_matrix(packed_codes.pack_layer_quantization(eager)))
 
 
 def test_size_report_counts_uniform_bytes():
@@ -439,7 +439,7 @@ def test_deploy_exports_resolve_lazily_to_their_modules():
   assert quant_core.deploy.PackedUniform is packed_codes.PackedUniform
   assert quant_core.deploy.pack_layer_quantization is packed_codes.pack_layer_quantization
   assert quant_core.deploy.PackedLayer is packed_layers.PackedLayer
-  assert quant_core.deploy.unpack_variables is packed_layers.unpack_variables
+  assert quant_core.deploy.unpack is packed_layers.unpack
   assert quant_core.deploy.pack_layer_values is recover.pack_layer_values
   assert quant_core.deploy.size_report is sizes.size_report
   for name in quant_core.deploy.__all__:

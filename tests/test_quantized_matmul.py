@@ -68,7 +68,7 @@ def _integer_levels(packed):
   """Integer levels ``l_b`` per band, from the de-quantized weights:
   ``W = step · sum_b l_b · 2^(7b)`` with step ``scale`` or ``2^n2``."""
   k, n = packed.k, packed.n
-  w = np.asarray(packed_codes.unpack(packed), np.float64).reshape(k, n)
+  w = np.asarray(packed_codes.unpack_matrix(packed), np.float64).reshape(k, n)
   if isinstance(packed, packed_codes.PackedUniform):
     scale = _per_row(packed.scale, k, n, packed.group_size)
     return [np.round(w / scale).astype(np.int64)]
@@ -117,7 +117,7 @@ def _check_float(y, x, packed):
   """Float result against the f64 product with the de-quantized weights."""
   assert y.dtype == x.dtype
   x64 = np.asarray(x.astype(jnp.float32), np.float64).reshape(-1, packed.k)
-  w = np.asarray(packed_codes.unpack(packed), np.float64).reshape(packed.k, packed.n)
+  w = np.asarray(packed_codes.unpack_matrix(packed), np.float64).reshape(packed.k, packed.n)
   dense, magnitude = x64 @ w, np.abs(x64) @ np.abs(w)
   # Exact products; f32 accumulation of K terms (1e-6 ~ 17 ulp), or a final
   # rounding to bf16 (2^-8 relative to the magnitude bounds it).

@@ -212,7 +212,7 @@ def test_packed_inq_model_runs_and_unpacks_to_the_quantized_model():
   packed = inq_jax.pack_model(model, variables, state, x)
   np.testing.assert_allclose(deploy.packed_apply(model, packed, x),
                              model.apply(variables, x), rtol=1e-5, atol=1e-6)
-  helpers.assert_trees_bitwise_equal(deploy.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(deploy.unpack(packed), variables)
 
 
 def test_jitted_packed_apply_of_an_inq_model_compiles_once_per_input_shape():
@@ -245,5 +245,5 @@ def test_grouped_conv_of_an_inq_model_runs_packed():
   assert packed["params"]["kernel"].groups == 2
   np.testing.assert_allclose(deploy.packed_apply(layer, packed, x),
                              layer.apply(variables, x), rtol=1e-5, atol=1e-6)
-  helpers.assert_trees_bitwise_equal(deploy.unpack_variables(packed), variables)
+  helpers.assert_trees_bitwise_equal(deploy.unpack(packed), variables)
 

@@ -8,7 +8,7 @@ their modules on first access:
 * :mod:`~quant_core.deploy.codes`: packed code layouts for every grid, exact
   round trip of one matrix;
 * :mod:`~quant_core.deploy.packed_layers`: the one packed representation of a
-  layer (:class:`PackedLayer`) and :func:`unpack_variables`;
+  layer (:class:`PackedLayer`) and :func:`unpack`, the one way back to floats;
 * :mod:`~quant_core.deploy.recover`: codes recovered from float values, for
   weights that come from elsewhere;
 * :mod:`~quant_core.deploy.sizes`: the one size accounting;
@@ -26,11 +26,10 @@ _EXPORTS = {
     "pack_layer_quantization": "codes",
     "pack_uniform": "codes",
     "pack_uniform_from_values": "codes",
-    "unpack": "codes",
     "PackedLayer": "packed_layers",
     "pack_pow2_layer": "packed_layers",
     "pack_quantized_layer": "packed_layers",
-    "unpack_variables": "packed_layers",
+    "unpack": "packed_layers",
     "pack_layer_values": "recover",
     "pack_matrix_values": "recover",
     "SizeReport": "sizes",

@@ -349,7 +349,7 @@ def pack(w, bits: int, n1, *, k_tile: Optional[int] = None,
     group_size: input rows per exponent for ``(groups, N)`` ``n1``.
 
   Returns:
-    A :class:`PackedPow2`; :func:`unpack` gives ``w`` back exactly.
+    A :class:`PackedPow2`; :func:`unpack_matrix` gives ``w`` back exactly.
 
   Raises:
     ValueError: on bad ``bits``/``k_tile``/``group_size``/shapes, a traced
@@ -480,7 +480,7 @@ def pack_uniform_from_values(w, scale, zero_point=None, *, bits: int,
   """Packs a weight whose values lie on a uniform grid (eager).
 
   Each code is ``round(w / scale) + zero_point``; a value is on the grid when
-  that code is in range and :func:`unpack` (``float32(scale · (code -
+  that code is in range and :func:`unpack_matrix` (``float32(scale · (code -
   zero_point))`` cast to ``w.dtype``) gives the value back bit for bit.
 
   Args:
@@ -492,7 +492,7 @@ def pack_uniform_from_values(w, scale, zero_point=None, *, bits: int,
     k_tile: as :func:`pack_uniform`.
 
   Returns:
-    A :class:`PackedUniform`; ``unpack(packed, w.dtype)`` equals ``w``.
+    A :class:`PackedUniform`; ``unpack_matrix(packed, w.dtype)`` equals ``w``.
 
   Raises:
     ValueError: as :func:`pack_uniform`, and when values are off the grid
@@ -580,7 +580,7 @@ def pack_layer_quantization(result, *, k_tile: Optional[int] = None,
                       bits=bits, group_size=group_size, k_tile=k_tile)
 
 
-def unpack(packed, dtype=jnp.float32) -> jax.Array:
+def unpack_matrix(packed, dtype=jnp.float32) -> jax.Array:
   """Inverse of the packing functions: the weight with its logical shape.
 
   Args:

@@ -25,7 +25,7 @@ in the variables, plus a ``.field`` suffix for packed kernels. The header's
     the ``groups`` matrices of the layer's 2-D view, each of logical
     ``shape`` ``(d_in, d_out)``, every tensor with a leading ``groups`` axis;
     ``kernel_perm`` (null for a convolution) and ``dtype`` give the float
-    kernel back (:func:`~quant_core.deploy.packed_layers.unpack_variables`).
+    kernel back (:func:`~quant_core.deploy.packed_layers.unpack`).
     ``form`` ``"kernel"`` is a packed weight of logical ``shape`` equal to
     ``kernel_shape`` (leading axes flattened into rows, ``groups`` 1, no
     leading axis). ``layout`` names the code layout of

@@ -5,11 +5,10 @@ Every method packs to it: a PTQ result re-lays its solver's codes
 known ``n1`` (:func:`pack_pow2_layer`), and float weights of unknown grid
 recover theirs (:func:`quant_core.deploy.recover.pack_layer_values`).
 :func:`quant_core.deploy.packed_apply` runs it for every layer kind (grouped and
-depthwise convs included), and :func:`unpack_variables` turns a packed tree
+depthwise convs included), and :func:`unpack` turns a packed tree
 back into the exact float tree.
 """
 
-import math
 from typing import Any, Optional, Tuple
 
 from flax import struct
@@ -161,12 +160,12 @@ def pack_pow2_layer(kernel, view, *, bits: int, n1, k_tile: Optional[int] = None
 def unpack_layer(packed: PackedLayer, dtype=None) -> jax.Array:
   """The float kernel of a :class:`PackedLayer` (its own dtype by default)."""
   dtype = packed.dtype if dtype is None else dtype
-  matrices = jnp.stack([codes.unpack(packed.group(g), dtype)
+  matrices = jnp.stack([codes.unpack_matrix(packed.group(g), dtype)
                         for g in range(packed.groups)])
   return kernel_from_matrices(matrices, packed.kernel_shape, packed.kernel_perm)
 
 
-def unpack_variables(packed_variables: PyTree, dtype=None) -> PyTree:
+def unpack(packed_variables: PyTree, dtype=None) -> PyTree:
   """Every packed kernel of a tree back to its float kernel: the inverse of the
   packing functions, exact for a tree packed from a quantized model.
 
@@ -185,12 +184,7 @@ def unpack_variables(packed_variables: PyTree, dtype=None) -> PyTree:
     if isinstance(leaf, PackedLayer):
       return unpack_layer(leaf, dtype)
     if codes.is_packed(leaf):
-      return codes.unpack(leaf, jnp.float32 if dtype is None else dtype)
+      return codes.unpack_matrix(leaf, jnp.float32 if dtype is None else dtype)
     return leaf
 
   return jax.tree.map(unpack_leaf, packed_variables, is_leaf=is_packed_kernel)
-
-
-def packed_size(leaf) -> int:
-  """Weights a packed kernel stands for."""
-  return math.prod(leaf.shape)
