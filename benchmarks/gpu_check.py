@@ -73,6 +73,8 @@ if REPO not in sys.path:
 import jax  # noqa: E402 (after the checkout is on the path)
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.kernel_timing import median_seconds  # noqa: E402
+
 SCHEMA_VERSION = 1
 
 FULL = dict(copy_bytes=2 << 30, matmul_kn=(4096, 8192),
@@ -85,16 +87,6 @@ DRY_RUN = dict(copy_bytes=16 << 20, matmul_kn=(256,), matmul_m=(1, 16), matmul_r
 
 # name -> (grid, bits): the formats of the matmul sweep, group-wise along K.
 MATMUL_FORMATS = {"int4_g128": ("asymmetric", 4), "pow2_4bit_g128": ("pow2", 4)}
-
-
-def _median_seconds(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def environment(sizes):
@@ -112,7 +104,7 @@ def copy_bandwidth(sizes):
   elements = sizes["copy_bytes"] // 4
   source = jnp.ones((elements,), jnp.float32)
   copy = jax.jit(lambda a: a + 0.0)  # reads and writes every byte once
-  seconds = _median_seconds(copy, source, repeats=10)
+  seconds = median_seconds(copy, source, repeats=10)
   return {"bytes": 2 * source.nbytes, "bandwidth": 2 * source.nbytes / seconds}
 
 
@@ -143,10 +135,10 @@ def quantized_matmul(sizes, peak=None):
                for name, (grid, bits) in MATMUL_FORMATS.items()}
     for m in sizes["matmul_m"]:
       x = jax.random.normal(jax.random.key(1), (m, kn), jnp.bfloat16)
-      dense = _median_seconds(dense_dot, x, dense_w, repeats=sizes["matmul_repeats"])
+      dense = median_seconds(dense_dot, x, dense_w, repeats=sizes["matmul_repeats"])
       row = {"m": m, "k": kn, "n": kn, "bf16_s": dense}
       for name, packed in weights.items():
-        seconds = _median_seconds(kernel, x, packed, repeats=sizes["matmul_repeats"])
+        seconds = median_seconds(kernel, x, packed, repeats=sizes["matmul_repeats"])
         bandwidth = sweep.weight_bytes(packed) / seconds
         row.update({f"{name}_s": seconds, f"{name}_speedup": dense / seconds,
                     f"{name}_weight_bw": bandwidth,
