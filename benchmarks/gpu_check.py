@@ -12,6 +12,7 @@ within ``--budget_seconds`` (default 480 s, so that one rerun fits in a 15-minut
 4. ``quantized_matmul``: the kernel against a bf16 ``jnp.dot`` at K = N in {4096, 8192},
    M in {1, 16, 64, 256, 1024, 4096}, uniform 4-bit g128 and 4-bit power of two: time,
    speedup, and the weight bytes read per second as a share of the copy bandwidth;
+   on sm_90 also the Hopper (Mosaic GPU) kernel on the 4-bit g128 weights;
 5. ``layer_solves``: a COMQ and a GPTQ layer solve, 4-bit g128, at d_in x d_out =
    4096 x 4096 and 4096 x 11008, from a Gram of 2048 rows (compilation excluded);
 6. ``model_comq``: ``comq_jax.quantize_model`` of the digits CNN on 256 random images;
@@ -42,7 +43,9 @@ with the figures of each step:
 * ``kernel_tests``: ``passed``, ``failed``, ``summary`` (pytest's last line);
 * ``quantized_matmul``: ``rows``, one per (M, K=N): ``m``, ``k``, ``n``, ``bf16_s``, and
   per format ``<format>_s``, ``<format>_speedup`` (bf16 time over the kernel's),
-  ``<format>_weight_bw`` (B/s), ``<format>_bw_share`` (of ``copy_bandwidth``);
+  ``<format>_weight_bw`` (B/s), ``<format>_bw_share`` (of ``copy_bandwidth``), the
+  Hopper kernel as format ``int4_g128_mosaic``; ``mosaic`` says whether and how it
+  ran (compiled on sm_90, interpreted in a dry run on CPU, else not timed);
 * ``layer_solves``: ``rows``: ``solver``, ``d_in``, ``d_out``, ``seconds`` (median),
   ``compile_seconds``, ``error`` (the layer objective);
 * ``model_comq``: ``models``: ``name``, ``layers``, ``wall_seconds``,
@@ -82,11 +85,13 @@ FULL = dict(copy_bytes=2 << 30, matmul_kn=(4096, 8192),
             solves=((4096, 4096), (4096, 11008)), solve_rows=2048, solve_repeats=3,
             group_size=128, model_images=256)
 DRY_RUN = dict(copy_bytes=16 << 20, matmul_kn=(256,), matmul_m=(1, 16), matmul_repeats=2,
-               solves=((64, 48),), solve_rows=128, solve_repeats=1, group_size=32,
+               solves=((64, 48),), solve_rows=128, solve_repeats=1, group_size=64,
                model_images=16)
 
 # name -> (grid, bits): the formats of the matmul sweep, group-wise along K.
 MATMUL_FORMATS = {"int4_g128": ("asymmetric", 4), "pow2_4bit_g128": ("pow2", 4)}
+# The format the Hopper (Mosaic GPU) kernel is timed on, as "<format>_mosaic".
+MOSAIC_FORMAT = "int4_g128"
 
 
 def environment(sizes):
@@ -128,6 +133,7 @@ def quantized_matmul(sizes, peak=None):
   dense_dot = jax.jit(lambda x, w: jnp.dot(
       x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
   kernel = jax.jit(kernels.quantized_matmul)
+  mosaic, mosaic_status = _mosaic_kernel()
   rows = []
   for kn in sizes["matmul_kn"]:
     dense_w = jax.random.normal(jax.random.key(0), (kn, kn), jnp.bfloat16)
@@ -137,14 +143,31 @@ def quantized_matmul(sizes, peak=None):
       x = jax.random.normal(jax.random.key(1), (m, kn), jnp.bfloat16)
       dense = median_seconds(dense_dot, x, dense_w, repeats=sizes["matmul_repeats"])
       row = {"m": m, "k": kn, "n": kn, "bf16_s": dense}
-      for name, packed in weights.items():
-        seconds = median_seconds(kernel, x, packed, repeats=sizes["matmul_repeats"])
+      timed = [(name, kernel, packed) for name, packed in weights.items()]
+      if mosaic is not None:
+        timed.append((f"{MOSAIC_FORMAT}_mosaic", mosaic, weights[MOSAIC_FORMAT]))
+      for name, function, packed in timed:
+        seconds = median_seconds(function, x, packed, repeats=sizes["matmul_repeats"])
         bandwidth = sweep.weight_bytes(packed) / seconds
         row.update({f"{name}_s": seconds, f"{name}_speedup": dense / seconds,
                     f"{name}_weight_bw": bandwidth,
                     f"{name}_bw_share": bandwidth / peak if peak else None})
       rows.append(row)
-  return {"rows": rows, "group_size": sizes["group_size"]}
+  return {"rows": rows, "group_size": sizes["group_size"], "mosaic": mosaic_status}
+
+
+def _mosaic_kernel():
+  """The Hopper kernel to time beside Triton, and why it is or is not timed:
+  compiled on sm_90, interpreted on CPU (dry run), absent elsewhere."""
+  from quant_core.deploy import hopper  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  capability = str(getattr(device, "compute_capability", ""))
+  if device.platform == "cpu":
+    return (jax.jit(lambda x, p: hopper.hopper_quantized_matmul(x, p, interpret=True)),
+            "interpreted (CPU)")
+  if device.platform == "gpu" and capability.startswith("9"):
+    return jax.jit(hopper.hopper_quantized_matmul), f"compiled for sm_{capability}"
+  return None, f"not timed: needs sm_90, the device is {device.platform} {capability}"
 
 
 def layer_solves(sizes):

@@ -28,7 +28,8 @@ def test_the_dry_run_goes_through_every_step_and_writes_its_json(tmp_path):
   assert steps["kernel_tests"]["failed"] == 0 and steps["kernel_tests"]["passed"] >= 20
   assert steps["copy_bandwidth"]["bandwidth"] > 0
   row = steps["quantized_matmul"]["rows"][0]
-  for name in ("int4_g128", "pow2_4bit_g128"):
+  assert steps["quantized_matmul"]["mosaic"] == "interpreted (CPU)"
+  for name in ("int4_g128", "pow2_4bit_g128", "int4_g128_mosaic"):
     assert row[f"{name}_s"] > 0 and row[f"{name}_speedup"] > 0
     assert 0 < row[f"{name}_bw_share"]
   assert [(r["solver"], r["d_in"], r["d_out"]) for r in steps["layer_solves"]["rows"]] == [

@@ -1,18 +1,22 @@
 """The kernel family compiled for the machine's backend, against the jnp reference.
 
 Marked ``gpu``: outside the default suite. ``benchmarks/gpu_check.py`` runs it on a
-GPU, where the kernels compile for real (Triton), and its ``--dry-run`` (run by
+GPU, where the kernels compile for real (Triton; Mosaic GPU on sm_90), and its
+``--dry-run`` (run by
 ``tests/test_gpu_check.py`` in CI) runs it on CPU, in interpret mode, so that it
 cannot rot. Every case compares ``quantized_matmul`` (and the grouped product) with
 ``quantized_matmul_reference``: exactly for int8 activations (int32 sums), to f32
 summation order for float ones.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from quant_core.deploy import hopper
 from quant_core.deploy import kernels
 from tests import test_quantized_matmul
 
@@ -74,3 +78,22 @@ def test_grouped_product_matches_the_reference(dtype):
 def test_the_backend_is_the_one_checked():
   # The check reports which backend ran the kernels: compiled on GPU, interpreted on CPU.
   assert jax.default_backend() in kernels.PLATFORMS
+
+
+@pytest.mark.parametrize("grid, granularity, bits, group_size", [
+    ("asymmetric", "group", 4, 128),
+    ("symmetric", "channel", 4, None),
+    ("asymmetric", "group", 8, 128),
+])
+def test_hopper_kernel_matches_the_reference(grid, granularity, bits, group_size):
+  # Compiled on sm_90; interpreted on CPU (the dry run); other GPUs lack wgmma.
+  backend = jax.default_backend()
+  capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+  if backend == "gpu" and not capability.startswith("9"):
+    pytest.skip(f"the Hopper kernel needs sm_90, this GPU is sm_{capability}")
+  packed = test_quantized_matmul.random_packed(grid, granularity, bits, k=K, n=128,
+                                               group_size=group_size, k_tile=128)
+  x = _activations(jnp.bfloat16, (M, K), seed=bits)
+  got = jax.jit(functools.partial(hopper.hopper_quantized_matmul,
+                                  interpret=backend == "cpu"))(x, packed)
+  _close(got, kernels.quantized_matmul_reference(x, packed), jnp.bfloat16)

@@ -65,16 +65,13 @@ Backends:
   a multiple of 128 there, so that a group's activation slice is
   lane-aligned (only that case is lowered in the tests).
 * GPU: the Triton lowering with a ``fori_loop`` over ``K`` inside each
-  program (Triton programs cannot accumulate across grid steps). Mosaic GPU,
-  the default GPU lowering of ``pl.pallas_call`` in jax 0.10.2, cannot
-  express the tile product; lowering this kernel through it raises
-  ``NotImplementedError: Unimplemented primitive in Pallas Mosaic GPU
-  lowering: dot_general for lowering semantics LoweringSemantics.Lane and
-  user thread semantics PrimitiveSemantics.Warpgroup`` (the same with
-  ``LoweringSemantics.Warpgroup``). A Mosaic GPU version needs ``plgpu.kernel``
-  with explicit shared-memory pipelining and ``plgpu.wgmma``, a different
-  skeleton. Triton dots need chunk sizes (``k_tile/2``, ``group_size``) of
-  at least 16.
+  program (Triton programs cannot accumulate across grid steps). Triton dots
+  need chunk sizes (``k_tile/2``, ``group_size``) of at least 16. This
+  skeleton cannot go through Mosaic GPU, the default GPU lowering of
+  ``pl.pallas_call`` in jax 0.10 (it has no ``dot_general`` there);
+  :mod:`quant_core.deploy.hopper` is the Mosaic GPU kernel for sm_90
+  (``plgpu.kernel``, a TMA pipeline and ``wgmma``), chosen by
+  :func:`quantized_matmul` when :func:`hopper.selected` says so.
 * CPU: either loop form with ``interpret=True``. Other backends use the
   reference.
 
@@ -91,6 +88,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from quant_core.deploy import decode
+from quant_core.deploy import hopper
 from quant_core.deploy.codes import PackedPow2
 from quant_core.deploy.decode import BAND_EXPONENTS  # noqa: F401 (public)
 from quant_core.deploy.decode import FLOAT_DTYPES  # noqa: F401 (public)
@@ -110,8 +108,6 @@ _K_STEP_AXIS = 3
 # Elements of an activation block (rows x K step) that the interpreter's
 # default grouped blocks aim for (8 MiB of f32); see default_grouped_blocks.
 _INTERPRET_BLOCK_ELEMENTS = 1 << 21
-
-
 
 
 # --- kernel -----------------------------------------------------------------
@@ -453,6 +449,9 @@ def quantized_matmul(x, packed, *, block_m: Optional[int] = None,
     ValueError: on bad shapes, dtypes, block sizes or ``k_loop``, or int8
       ``x`` with more rows per int32 sum than the overflow bound allows.
   """
+  if hopper.selected(x, packed, platform=platform, interpret=interpret,
+                     block_m=block_m, block_n=block_n):
+    return hopper.hopper_quantized_matmul(x, packed)
   out, plan, x = _accumulators(x, packed, use_kernel=True, block_m=block_m,
                                block_n=block_n, platform=platform,
                                k_loop=k_loop, interpret=interpret)
