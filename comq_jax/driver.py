@@ -249,9 +249,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
             f"(pattern, None) for it, or pass on_unsupported='skip', to leave it in "
             f"float.")
 
-    discover, seen = capture.capture_fn(target, None, check_unsupported)
-    jax.eval_shape(discover, params, batches[0], masks[0])
-    todo, skipped = _plan(seen, params, target.module_kinds, solver_of)
+    seen = capture.discover_layers(target, batches, masks, check_unsupported)
+    todo, skipped = _plan(seen, params, target, solver_of)
     capture_seconds = 0.0
     solve_fns = {}
 
@@ -294,6 +293,11 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
       outs, seconds = solved.result()
       result, rtn_err = jax.tree.map(lambda *parts: np.concatenate(parts)[:groups],
                                      *[out[:2] for out in outs])
+      if not np.all(np.isfinite(rtn_err)):
+        raise ValueError(
+            f"{name}: its calibration inputs hold NaN or inf although the calibration "
+            f"batches are finite: the model produces them before this layer (e.g. an "
+            f"overflow in a low-precision dtype).")
       if not all(out[2] for out in outs):
         raise ValueError(f"{name}: H is not positive definite after damping with "
                          f"damp={layer_solver.damp}; raise damp.")
@@ -357,9 +361,10 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
                            inputs=inputs, timings=timings, model=new_model)
 
 
-def _plan(seen, params, module_kinds, solver_of):
+def _plan(seen, params, target, solver_of):
   """``(todo, skipped)``: the layers to quantize in forward order, each with its
   solver, and those left in float."""
+  module_kinds = target.module_kinds
   todo, skipped = [], []
   for layer in seen.values():
     name = paths.path_name(layer.path)
@@ -380,6 +385,9 @@ def _plan(seen, params, module_kinds, solver_of):
         reason = ("its kernel was not used by a supported layer's __call__ on the "
                   "calibration batches")
       skipped.append(SkippedLayer(paths.path_name(path), kind, reason))
+  for path in target.tied_embeddings:
+    skipped.append(SkippedLayer(paths.path_name(path), "embedding",
+                                "tied to the embedding table"))
   if not todo and not skipped:
     raise ValueError("The model has no linear layer to quantize (supported: "
                      + ", ".join(kind.name for kind in layers.KINDS) + ").")

@@ -41,11 +41,20 @@ class LayerReport(NamedTuple):
   quantization: Optional[grids.LayerQuantization] = None
   view: Any = None
 
+  @property
+  def group_size(self) -> Optional[int]:
+    """Inputs per scale as used: the solver's ``group_size``, or ``d_in`` when
+    the layer has fewer inputs (one group, i.e. per channel); None without
+    groups."""
+    if self.solver is None or self.solver.group_size is None:
+      return None
+    return min(self.solver.group_size, self.matrices[1])
+
   def record(self) -> dict:
     """The report as JSON types (the codes left out; the solver as its settings)."""
     return dict(path=self.path, shape=list(self.shape), bits=self.bits,
                 error=self.error, rtn_error=self.rtn_error, seconds=self.seconds,
-                matrices=list(self.matrices))
+                matrices=list(self.matrices), group_size=self.group_size)
 
 
 class SkippedLayer(NamedTuple):

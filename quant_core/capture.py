@@ -88,6 +88,8 @@ class _LinenModel:
     self._kwargs = apply_kwargs
     self.params = flax.core.unfreeze(variables["params"])
     self.module_kinds = {}
+    # Embedding tables used as output layers (``attend``): they stay in float.
+    self.tied_embeddings = {}
 
   def forward(self, params, batch, on_call, grams):
     """The model on ``batch`` with ``params``, ``on_call(call)`` at every linear
@@ -96,6 +98,8 @@ class _LinenModel:
 
     def record_kind(next_fun, args, kwargs, context):
       kinds.setdefault(context.module.path, type(context.module))
+      if context.method_name == "attend" and isinstance(context.module, nn.Embed):
+        self.tied_embeddings.setdefault(tuple(context.module.path), "nn.Embed")
       return next_fun(*args, **kwargs)
 
     def store(call):
@@ -147,6 +151,7 @@ class _NNXModel:
     self.params = nnx.to_pure_dict(self._param_state)
     self.module_kinds = {tuple(path): type(module)
                          for path, module in nnx.iter_modules(model)}
+    self.tied_embeddings = {}
 
   def _merge(self, params):
     state = jax.tree.map(lambda leaf: leaf, self._param_state)
@@ -162,8 +167,20 @@ class _NNXModel:
       if found is not None:
         _add_gram(grams, call.path, found)
 
-    with layers.intercept_nnx_linear_calls(model, store):
-      model(batch, **self._kwargs)
+    paths_of = {id(module): tuple(path) for path, module in nnx.iter_modules(model)}
+    attend = nnx.Embed.attend
+
+    def recording_attend(module, *args, **kwargs):
+      if id(module) in paths_of:
+        self.tied_embeddings.setdefault(paths_of[id(module)], "nnx.Embed")
+      return attend(module, *args, **kwargs)
+
+    nnx.Embed.attend = recording_attend
+    try:
+      with layers.intercept_nnx_linear_calls(model, store):
+        model(batch, **self._kwargs)
+    finally:
+      nnx.Embed.attend = attend
 
   def result(self, params):
     return {"params": params}, self._merge(params)
@@ -260,6 +277,54 @@ def as_sequence(calibration_batches):
   if not batches:
     raise ValueError("calibration_batches is empty.")
   return batches
+
+
+def _shapes_text(batch) -> str:
+  shapes = [tuple(np.shape(leaf)) for leaf in jax.tree.leaves(batch)]
+  return str(shapes[0]) if len(shapes) == 1 else str(shapes)
+
+
+# Errors of a batch that does not fit the model: ours (a layer's input axes do
+# not fit its kernel) and Flax's (a parameter made with another shape).
+_MISFIT_ERRORS = (layers.InputShapeMismatch, flax.errors.ScopeParamShapeError)
+
+
+def misfit_error(index: int, batch, error: Exception) -> ValueError:
+  """The ValueError for calibration batch ``index`` that does not fit the model."""
+  return ValueError(f"calibration batch {index} has shape {_shapes_text(batch)}, which "
+                    f"does not fit the model: {error}")
+
+
+def check_batch(index: int, batch, first, first_layer: Optional[str] = None) -> None:
+  """Raises ValueError when calibration batch ``index`` is another pytree than
+  batch 0 (``first``), or holds NaN or inf."""
+  if index and jax.tree.structure(batch) != jax.tree.structure(first):
+    raise ValueError(f"calibration batch {index} has structure "
+                     f"{jax.tree.structure(batch)}, batch 0 has {jax.tree.structure(first)}; "
+                     f"every batch must be the same pytree.")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+    host = np.asarray(leaf)
+    if np.issubdtype(host.dtype, np.inexact) or host.dtype == jnp.bfloat16:
+      bad = int(np.size(host) - np.count_nonzero(np.isfinite(host.astype(np.float32))))
+      if bad:
+        layer = f" (the inputs of {first_layer} and of every layer after it)" if (
+            first_layer) else ""
+        raise ValueError(
+            f"calibration batch {index} has {bad} non-finite values (NaN or inf) at "
+            f"{jax.tree_util.keystr(path) or 'batch'}{layer}; calibration data must be "
+            f"finite.")
+
+
+def discover_layers(target, batches, masks, on_unsupported=None):
+  """Traces the model on calibration batch 0 and returns the layers it calls
+  (``{path: SeenLayer}`` in call order); a batch that does not fit the model
+  raises ValueError naming the batch, the shape given and what the layer expects."""
+  discover, seen = capture_fn(target, None, on_unsupported)
+  try:
+    jax.eval_shape(discover, target.params, batches[0], masks[0])
+  except _MISFIT_ERRORS as error:
+    raise misfit_error(0, batches[0], error) from None
+  return seen
 
 
 def check_data_options(mesh, microbatch) -> None:
@@ -403,12 +468,17 @@ def accumulate_grams(target, params, paths, batches, masks, programs, mesh=None,
     params = jax.device_put(params, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
   acc, seconds = None, 0.0
-  for batch, mask in zip(batches, masks, strict=True):
+  first_layer = paths_lib.path_name(paths[0]) if paths else None
+  for index, (batch, mask) in enumerate(zip(batches, masks, strict=True)):
+    check_batch(index, batch, batches[0] if index else batch, first_layer)
     for step in _steps(batch, mask, microbatch, mesh):
       if acc is None:
         acc = _zero_grams(jax.eval_shape(capture, params, *step[:2]), mesh)
-      program = programs.get(_fold_key(paths, mesh, acc, step), fold, acc, params, *step,
-                             donate_argnums=(0,))
+      try:
+        program = programs.get(_fold_key(paths, mesh, acc, step), fold, acc, params, *step,
+                               donate_argnums=(0,))
+      except _MISFIT_ERRORS as error:
+        raise misfit_error(index, batch, error) from None
       start = time.perf_counter()
       acc = jax.block_until_ready(program(acc, params, *step))
       seconds += time.perf_counter() - start
@@ -467,8 +537,7 @@ def layer_grams(model_or_apply: Any, variables, calibration_batches: Sequence[An
   target = model_adapter(model_or_apply, variables, apply_kwargs)
   batches = as_sequence(calibration_batches)
   masks = check_row_masks(row_masks, batches)
-  discover, seen = capture_fn(target, None)
-  jax.eval_shape(discover, target.params, batches[0], masks[0])
+  seen = discover_layers(target, batches, masks)
   paths = [layer.path for layer in seen.values() if layer.view is not None]
   with programs_lib.Programs() as programs:
     grams, _ = accumulate_grams(target, target.params, paths, batches, masks, programs, mesh,

@@ -86,6 +86,10 @@ class UnsupportedLayer(ValueError):
   """A layer of a supported kind whose configuration has no 2-D view."""
 
 
+class InputShapeMismatch(ValueError):
+  """A layer called on inputs whose contracted axes do not fit its kernel."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Contraction:
   """A layer computing ``inputs`` contracted with its kernel (Dense, DenseGeneral,
@@ -249,10 +253,14 @@ def _general_view(kind, inputs_shape, kernel_shape, axis, batch_axes):
   if len(kernel_shape) <= len(axes):
     _check_rank(kind, kernel_shape, len(axes) + 1)
   contracted = tuple(kernel_shape[:len(axes)])
-  if contracted != tuple(inputs_shape[a] for a in axes):
-    raise UnsupportedLayer(
-        f"{kind} kernel shape {tuple(kernel_shape)} does not contract input axes {axes} "
-        f"of an input of shape {tuple(inputs_shape)}")
+  given = tuple(inputs_shape[a] for a in axes)
+  if contracted != given:
+    expected = (f"{contracted[0]} input features" if len(axes) == 1 else
+                f"input axes {axes} of sizes {contracted}")
+    raise InputShapeMismatch(
+        f"{kind} with kernel {tuple(kernel_shape)}: expected {expected}, got "
+        f"{given[0] if len(axes) == 1 else given} (an input of shape "
+        f"{tuple(inputs_shape)})")
   return Contraction(input_axes=axes, kernel_perm=tuple(range(len(kernel_shape))),
                      kernel_shape=tuple(kernel_shape), num_contracted=len(axes))
 
@@ -424,6 +432,8 @@ def _linear_call(path, module, kind, args, kwargs, kernel_shape):
     reason = None
   except UnsupportedLayer as error:
     view, reason = None, str(error)
+  except InputShapeMismatch as error:
+    raise InputShapeMismatch(f"{paths_lib.path_name(path)}: {error}") from None
   return LinearCall(path=tuple(path), module=module, kind=kind.name, inputs=args[0],
                     view=view, reason=reason)
 

@@ -1,9 +1,11 @@
 """The libraries install and import on their own: no experiment dependency, no Pallas."""
 
+import importlib
 import os
 import shutil
 import subprocess
 import sys
+import types
 import venv
 
 import comq_jax
@@ -22,7 +24,7 @@ import comq_jax, inq_jax, quant_core
 for heavy in ("jax.experimental.pallas", "quant_core.deploy.kernels"):
   assert heavy not in sys.modules, heavy
 for extra in ("tensorflow", "tensorflow_datasets", "ml_collections", "sklearn",
-              "matplotlib", "safetensors", "pandas"):
+              "matplotlib", "pandas"):
   assert importlib.util.find_spec(extra) is None, extra
 w = 0.1 * jax.random.normal(jax.random.key(0), (16, 8))
 x = jax.random.normal(jax.random.key(1), (64, 16))
@@ -32,6 +34,17 @@ quantizer = inq_jax.inq(bits=5)
 params = {"dense": {"kernel": w}}
 params, state = quantizer.step(params, quantizer.init(params), 1.0)
 assert inq_jax.codebook_fraction(params, state) == 1.0
+# The packed file is a library feature: save, load and run a packed model.
+import flax.linen as nn
+from quant_core import deploy
+net = nn.Dense(8)
+variables = net.init(jax.random.key(2), x)
+result = comq_jax.quantize_model(net, variables, [x], comq_jax.comq(bits=4))
+deploy.save_packed("packed.safetensors", deploy.pack_quantization(result))
+loaded = deploy.load_packed("packed.safetensors", like=variables)
+y = deploy.packed_apply(net, loaded, x)
+expected = net.apply(result.variables, x)
+assert float(jnp.max(jnp.abs(y - expected))) <= 1e-4 * float(jnp.max(jnp.abs(expected)))
 print("bare install ok")
 """
 
@@ -47,11 +60,31 @@ def test_importing_the_libraries_does_not_import_pallas():
   assert out[:2] == ["[]", "True"]  # loaded on first use of a kernel, not before
 
 
+LIBRARIES = ("quant_core", "inq_jax", "comq_jax")
+
+
 def test_all_lists_resolvable_public_names():
   for package in (inq_jax, comq_jax, quant_core.deploy):
-    assert package.__all__ == sorted(package.__all__)
-    for name in package.__all__:
-      assert getattr(package, name) is not None, (package.__name__, name)
+    names = package.__all__
+    assert names == sorted(set(names)), package.__name__  # sorted, no duplicates
+    # A star import binds exactly the listed names, to the package's own objects.
+    namespace = {}
+    exec(f"from {package.__name__} import *", namespace)  # noqa: S102
+    del namespace["__builtins__"]
+    assert sorted(namespace) == names, package.__name__
+    for name in names:
+      value = namespace[name]
+      assert value is getattr(package, name), (package.__name__, name)
+      assert not name.startswith("_") and not isinstance(value, types.ModuleType), name
+      if callable(value):
+        # Functions and classes are the libraries' own, defined under that name in
+        # the module they name, and documented.
+        module = value.__module__
+        assert module.split(".")[0] in LIBRARIES, (package.__name__, name, module)
+        assert getattr(importlib.import_module(module), value.__name__) is value, name
+        assert value.__name__ == name and (value.__doc__ or "").strip(), name
+      else:
+        assert name.isupper() and value is not None, (package.__name__, name)
 
 
 def test_bare_library_installs_into_a_fresh_venv_and_imports(tmp_path):

@@ -116,12 +116,27 @@ def save_packed(path: str, packed_variables: PyTree) -> int:
 
   Returns:
     The file's size in bytes.
+
+  Raises:
+    FileNotFoundError: when the folder of ``path`` does not exist (nothing is
+      written).
   """
   data = _serialize(packed_variables)
   directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist.")
   with tempfile.NamedTemporaryFile(dir=directory, delete=False,
                                    suffix=".tmp") as f:
-    f.write(data)
+    try:
+      f.write(data)
+      # A temporary file is private (0600); the packed file gets the mode any
+      # new file gets under the umask, like the other files of a workdir.
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(f.name, 0o666 & ~umask)
+    except BaseException:
+      os.unlink(f.name)
+      raise
   os.replace(f.name, path)
   return len(data)
 
@@ -199,9 +214,7 @@ def _set(tree: dict, keys: list, value) -> None:
 def _expected_shapes(path: str, leaves: list, like: PyTree) -> dict:
   """``{leaf name: shape}`` of ``like``; ValueError unless the file holds
   the same leaf names."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      jax.eval_shape(lambda v: v, like))
-  expected = {paths.path_name(p): tuple(leaf.shape) for p, leaf in flat}
+  expected = packed_layers.logical_shapes(like)
   found = {"/".join(entry["path"]) for entry in leaves}
   missing = sorted(set(expected) - set(found))
   extra = sorted(set(found) - set(expected))
@@ -216,9 +229,10 @@ def load_packed(path: str, like: Optional[PyTree] = None) -> PyTree:
 
   Args:
     path: the file.
-    like: optional, the model's variables (or their shapes, e.g.
-      ``jax.eval_shape(model.init, ...)``): the file must hold the same leaf
-      paths with the same (logical) shapes.
+    like: optional, what the file must match, leaf path by leaf path and
+      (logical) shape: a linen model's variables (or their shapes, e.g.
+      ``jax.eval_shape(model.init, ...)``), an NNX module (its ``nnx.Param``
+      state), or packed variables.
 
   Returns:
     The packed variables (nested dicts of numpy arrays and packed kernels),

@@ -268,6 +268,45 @@ def _interceptor(kernel_options):
   return on_call
 
 
+def _check_tree(model, packed_variables, args, kwargs) -> None:
+  """Raises ValueError unless the packed params have the module's parameter
+  paths and (logical) shapes: an NNX module's own ``nnx.Param`` state, or what
+  a linen module's ``init`` makes for these inputs."""
+  if not isinstance(packed_variables, dict) or "params" not in packed_variables:
+    raise ValueError("packed_variables must be a dict with a 'params' collection (from "
+                     "pack_quantization, pack_layers, inq_jax.pack_model or load_packed), "
+                     f"got {type(packed_variables).__name__}.")
+  if isinstance(model, nnx.Module):
+    expected = packed_layers.logical_shapes(model)
+  else:
+    try:
+      rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+      shapes = jax.eval_shape(lambda *inputs: model.init(rngs, *inputs, **kwargs), *args)
+    except Exception:  # pylint: disable=broad-except
+      # init differs from apply for some modules (extra rngs, init-only
+      # arguments); the per-layer checks of the interceptor still apply.
+      return
+    expected = packed_layers.logical_shapes({"params": shapes["params"]})
+  found = packed_layers.logical_shapes({"params": packed_variables["params"]})
+  missing = sorted(set(expected) - set(found))
+  extra = sorted(set(found) - set(expected))
+  if missing or extra:
+    raise ValueError(f"the packed variables do not hold this module's parameters: "
+                     f"missing {missing[:5]}, unexpected {extra[:5]}.")
+  differ = [f"{name} is {found[name]} in the packed variables, the module's is "
+            f"{expected[name]}" for name in sorted(expected) if found[name] != expected[name]]
+  if differ:
+    try:  # inputs that do not fit the packed layers: say that rather
+      jax.eval_shape(lambda *inputs: _run(model, packed_variables, inputs, kwargs,
+                                          _interceptor({})), *args)
+    except layers.InputShapeMismatch as error:
+      raise ValueError(str(error)) from None
+    except Exception:  # pylint: disable=broad-except
+      pass  # the mismatch below is the error to report
+    raise ValueError("the packed variables do not fit this module: " + "; ".join(differ[:5])
+                     + ".")
+
+
 def packed_apply(model, packed_variables: PyTree, *args,
                  block_m: Optional[int] = None, block_n: Optional[int] = None,
                  interpret: Optional[bool] = None, **kwargs):
@@ -299,6 +338,12 @@ def packed_apply(model, packed_variables: PyTree, *args,
       the layer).
   """
   on_call = _interceptor(dict(block_m=block_m, block_n=block_n, interpret=interpret))
+  _check_tree(model, packed_variables, args, kwargs)
+  return _run(model, packed_variables, args, kwargs, on_call)
+
+
+def _run(model, packed_variables, args, kwargs, on_call):
+  """The module on ``args`` with its packed layers routed through ``on_call``."""
   if isinstance(model, nnx.Module):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(lambda leaf: leaf, params)  # the user's module keeps its own

@@ -19,6 +19,7 @@ import numpy as np
 from quant_core import grids
 from quant_core import im2col
 from quant_core import layers
+from quant_core import paths
 from quant_core.deploy import codes
 
 PyTree = Any
@@ -67,6 +68,18 @@ class PackedLayer:
 def is_packed_kernel(leaf) -> bool:
   """True for a packed kernel: :class:`PackedLayer`, or a bare packed weight."""
   return isinstance(leaf, PackedLayer) or codes.is_packed(leaf)
+
+
+def logical_shapes(tree) -> dict:
+  """``{"/"-joined leaf path: shape}`` of variables, packed or float; a packed
+  kernel counts as the float kernel it stands for. An ``nnx.Module`` counts as
+  ``{"params": its nnx.Param state}``, the tree its packed variables have."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if isinstance(tree, nnx.Module):
+    tree = {"params": nnx.state(tree, nnx.Param).to_pure_dict()}
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_packed_kernel)
+  return {paths.path_name(path): tuple(np.shape(leaf) if not hasattr(leaf, "shape")
+                                       else leaf.shape) for path, leaf in flat}
 
 
 def kernel_perm_of(view) -> Optional[tuple]:
