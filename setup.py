@@ -1,8 +1,9 @@
 """Installs the libraries quant_core, inq_jax and comq_jax.
 
-`pip install .` installs what the libraries import: jax, flax, optax and numpy.
+`pip install .` installs what the libraries import: jax, flax, optax, numpy and
+safetensors (the packed model file).
 The experiments (run from a checkout: `python -m experiments.digits`) need the extra
-`.[experiments]`; the tests need `.[dev]`.
+`.[experiments]`; the tests and the documentation site need `.[dev]`.
 """
 
 import setuptools
@@ -13,11 +14,18 @@ EXPERIMENTS = [
     "ml-collections>=1.1",
     "orbax-checkpoint>=0.12",
     "pandas",
-    "safetensors",
     "scikit-learn",
     "tabulate",  # pandas DataFrame.to_markdown
     "tensorflow-cpu>=2.21",
     "tensorflow-datasets>=4.9.10",
+]
+
+# The documentation site (mkdocs.yml; `mkdocs build --strict` runs in .ci/run).
+DOCS = [
+    "mkdocs>=1.6,<2",
+    "mkdocs-material>=9.5",
+    "mkdocstrings>=1.0",
+    "mkdocstrings-python>=2.0",
 ]
 
 setuptools.setup(
@@ -34,10 +42,11 @@ setuptools.setup(
         "flax>=0.12",
         "optax>=0.2.8",
         "numpy",
+        "safetensors",  # the packed model file (quant_core.deploy.files)
     ],
     extras_require={
         "experiments": EXPERIMENTS,
         "dev": EXPERIMENTS + ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
-                            "ruff"],
+                            "ruff"] + DOCS,
     },
 )

@@ -51,7 +51,7 @@ with the figures of each step:
 * ``model_comq``: ``models``: ``name``, ``layers``, ``wall_seconds``,
   ``capture_seconds``, ``solve_seconds``, ``compilations``.
 
-Targets (checked by reading the JSON; the README says whether they were met):
+Targets (checked by reading the JSON; docs/benchmarks.md says whether they were met):
 4-bit g128 at K = N = 8192 at least 3x bf16 at M <= 16 and 0.9x at M >= 1024, weight
 bandwidth at least 70% of the measured peak at M = 1; a COMQ solve at 4096 x 11008 in
 at most 1 s on one H100.

@@ -12,7 +12,7 @@ Several processes (one per host, or per GPU) train one run together through
   --coordinator_address=HOST:PORT   process 0's host and a free port, the same everywhere
                                     (or JAX_COORDINATOR_ADDRESS=HOST:PORT)
   --num_processes=N --process_id=I  I from 0 (on HOST) to N - 1
-See "Running on many devices and hosts" in README.md.
+See docs/multi-host.md.
 """
 
 import os
