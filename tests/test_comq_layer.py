@@ -98,12 +98,24 @@ def test_objective_never_increases_and_beats_rtn(grid, granularity, bits):
 
 def test_pow2_levels_are_inq_codebook():
   w, x = _data(4)
-  r = comq_jax.comq(bits=4, grid="pow2", iters=2, scale_update=True).quantize_layer(w, x)
-  from quant_core import pow2
+  plain = comq_jax.comq(bits=4, grid="pow2", iters=2).quantize_layer(w, x)
+  scaled = comq_jax.comq(bits=4, grid="pow2", iters=2, scale_update=True).quantize_layer(w, x)
+  w64 = np.asarray(w, np.float64)
   for j in range(w.shape[1]):
-    col = r.weights[:, j]
-    assert bool(jnp.all(pow2.in_codebook(col, 4, r.exponent[j])))
-  assert r.levels.shape[1] == 2**3 + 1
+    # The INQ set of channel j, from scratch (Zhou et al., ICLR 2017, Eqs. 2-3): n1 with
+    # 0.75 * 2^n1 <= max|w_j| < 1.5 * 2^n1, 4 bits: {0, +-2^k : n1 - 3 <= k <= n1}.
+    top = np.abs(w64[:, j]).max()
+    n1 = int(np.floor(np.log2(top / 0.75)))
+    assert 0.75 * 2.0**n1 <= top < 1.5 * 2.0**n1
+    codebook = {0.0} | {sign * 2.0**k for k in range(n1 - 3, n1 + 1) for sign in (1, -1)}
+    assert set(np.asarray(plain.weights[:, j], np.float64).tolist()) <= codebook, j
+    # The scale step moves the set by whole octaves: the nonzero magnitudes stay
+    # powers of two within a window of 4 octaves.
+    col = np.asarray(scaled.weights[:, j], np.float64)
+    mantissa, exponent = np.frexp(np.abs(col[col != 0]))
+    assert np.all(mantissa == 0.5), j
+    assert exponent.max() - exponent.min() <= 3, j
+  assert plain.levels.shape[1] == scaled.levels.shape[1] == 2**3 + 1
 
 
 def test_greedy_order_is_stable_argsort_of_scores():
@@ -135,10 +147,41 @@ def test_symmetric_grid_is_symmetric_with_zero():
   assert v.shape[1] == 7 and np.all(v[:, 3] == 0)
 
 
-def test_cyclic_and_greedy_differ_and_layer_scale_is_shared():
+def _numpy_comq_sweep(w, x, bits, greedy):
+  """One COMQ sweep from Q = W (comq.md; Zhang et al., arXiv 2403.07134), from scratch
+  in float64: channel j visits its inputs in order (greedy: by descending
+  ||x_i|| |w_ij|, ties by index), setting q_ij to the min-max grid level nearest to
+  the 1-D minimiser w_ij + x_i^T X (w_j - q_j) / ||x_i||^2, ties to the lower level.
+  The grid is the official float32 one (as in test_matches_official_outputs_exactly)."""
+  w32 = np.asarray(w, np.float32)
+  hi, lo = w32.max(axis=0), w32.min(axis=0)
+  step = (hi - lo) / np.float32(2**bits - 1)
+  z = np.round(lo / step)
+  levels = ((z[:, None] + np.arange(2**bits, dtype=np.float32)) * step[:, None]).astype(
+      np.float64)
+  w, x = w32.astype(np.float64), np.asarray(x, np.float64)
+  gram = x.T @ x
+  q = w.copy()
+  codes = np.zeros(w.shape, np.int64)
+  for j in range(w.shape[1]):
+    order = (np.argsort(-np.sqrt(np.diag(gram)) * np.abs(w[:, j]), kind="stable")
+             if greedy else range(w.shape[0]))
+    for i in order:
+      residual = gram[i] @ (w[:, j] - q[:, j]) - gram[i, i] * (w[i, j] - q[i, j])
+      target = w[i, j] + residual / gram[i, i]
+      codes[i, j] = np.argmin(np.abs(levels[j] - target))
+      q[i, j] = levels[j, codes[i, j]]
+  return codes, q
+
+
+def test_cyclic_and_greedy_sweeps_match_a_numpy_coordinate_descent_and_layer_scale_is_shared():
   w, x = _data(6)
   g = comq_jax.comq(bits=3, order="greedy").quantize_layer(w, x)
   c = comq_jax.comq(bits=3, order="cyclic").quantize_layer(w, x)
+  for result, greedy in ((g, True), (c, False)):
+    codes, q = _numpy_comq_sweep(w, x, 3, greedy)
+    np.testing.assert_array_equal(np.asarray(result.codes), codes, err_msg=f"{greedy=}")
+    np.testing.assert_allclose(np.asarray(result.weights), q, rtol=0, atol=1e-7)
   assert not np.array_equal(g.codes, c.codes)
   lay = comq_jax.comq(bits=3, granularity="layer", scale_update=True).quantize_layer(w, x)
   assert np.unique(np.asarray(lay.scale)).size == 1

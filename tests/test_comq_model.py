@@ -122,12 +122,37 @@ def test_rtn_method_rounds_each_kernel_on_the_same_grid():
   variables = model.init(jax.random.key(1), batches[0])
   result = comq_jax.quantize_model(model, variables, batches, comq_jax.rtn(bits=4))
   assert all(r.solver == comq_jax.rtn(bits=4) for r in result.layers)
+  params = {path: {k: np.asarray(v) for k, v in leaf.items()}
+            for path, leaf in variables["params"].items()}
+  # Each layer's inputs in the FP model (inputs="fp"), computed here in float64.
+  x = np.concatenate([np.asarray(b, np.float64) for b in batches])
+  hidden = np.maximum(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"], 0.0)
+  layer_inputs = {"Dense_0": x, "Dense_1": hidden}
+  assert [r.path for r in result.layers] == ["Dense_0", "Dense_1"]
   for r in result.layers:
-    kernel = variables["params"][r.path]["kernel"]
-    np.testing.assert_array_equal(
-        result.variables["params"][r.path]["kernel"],
-        comq_jax.rtn(bits=4).quantize_layer(kernel).weights)
-    assert r.error == r.rtn_error
+    kernel = params[r.path]["kernel"]
+    expected = _numpy_rtn_asymmetric(kernel, 4)
+    got = np.asarray(result.variables["params"][r.path]["kernel"])
+    np.testing.assert_array_equal(got, expected)
+    # The reported errors are ||X W - X Q||_F of the rounded kernel on the layer's
+    # calibration inputs (RTN is its own baseline, so both match).
+    direct = np.linalg.norm(layer_inputs[r.path] @ (kernel.astype(np.float64) - expected))
+    assert direct > 0
+    np.testing.assert_allclose(r.error, direct, rtol=1e-4)
+    np.testing.assert_allclose(r.rtn_error, direct, rtol=1e-4)
+
+
+def _numpy_rtn_asymmetric(w, bits):
+  """Round-to-nearest on the official COMQ min-max grid of each column, in float32
+  numpy: step (max - min) / (2^b - 1), z = round_half_even(min / step), levels
+  (z + t) * step for t = 0..2^b-1 (comq.md); ties to the lower level."""
+  w = np.asarray(w, np.float32)
+  hi, lo = w.max(axis=0), w.min(axis=0)
+  step = (hi - lo) / np.float32(2**bits - 1)
+  z = np.round(lo / step)
+  levels = (z[:, None] + np.arange(2**bits, dtype=np.float32)) * step[:, None]
+  index = np.argmin(np.abs(w.T[:, :, None] - levels[:, None, :]), axis=-1)
+  return np.take_along_axis(levels, index, axis=1).T
 
 
 def test_size_report_counts_codes_and_grid_parameters():
@@ -152,11 +177,31 @@ def test_layers_are_logged(caplog):
   batches = _batches((8, 12), n=1)
   variables = model.init(jax.random.key(1), batches[0])
   with caplog.at_level(logging.INFO, logger="comq_jax"):
-    comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4),
-                            rules=[("Dense_0", None)])
-  text = caplog.text
-  assert "Dense_0 (nn.Dense) left in float: rule 'Dense_0'" in text
-  assert "Dense_1" in text and "error" in text
+    result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4),
+                                     rules=[("Dense_0", None)])
+  records = [r for r in caplog.records if r.name.startswith("comq_jax")]
+  skips = [r for r in records if "left in float" in r.getMessage()]
+  assert [(r.levelno, r.getMessage()) for r in skips] == [
+      (logging.INFO, "Dense_0 (nn.Dense) left in float: rule 'Dense_0'")]
+  solves = [r for r in records if r not in skips]
+  # One record per solved layer, and its numbers are the layer's: the method, its
+  # position, the kernel shape, then the errors checked against a direct computation.
+  assert len(solves) == 1
+  method, index, total, path, shape, error, rtn_error, seconds = solves[0].args
+  assert (method, index, total, path, tuple(shape)) == ("COMQ", 1, 1, "Dense_1", (16, 5))
+  (report,) = result.layers
+  assert (error, rtn_error, seconds) == (report.error, report.rtn_error, report.seconds)
+  # Dense_0 stays in float, so Dense_1's inputs are the FP hidden activations.
+  params = variables["params"]
+  x = np.concatenate([np.asarray(b, np.float64) for b in batches])
+  hidden = np.maximum(x @ np.asarray(params["Dense_0"]["kernel"], np.float64)
+                      + np.asarray(params["Dense_0"]["bias"]), 0.0)
+  w = np.asarray(params["Dense_1"]["kernel"], np.float64)
+  q = np.asarray(result.variables["params"]["Dense_1"]["kernel"], np.float64)
+  np.testing.assert_allclose(error, np.linalg.norm(hidden @ (w - q)), rtol=1e-4)
+  rtn = _numpy_rtn_asymmetric(params["Dense_1"]["kernel"], 4).astype(np.float64)
+  np.testing.assert_allclose(rtn_error, np.linalg.norm(hidden @ (w - rtn)), rtol=1e-4)
+  assert f"error {error:.4g} (RTN {rtn_error:.4g})" in solves[0].getMessage()
 
 
 def test_cnn_with_batchnorm_grouped_and_depthwise():

@@ -162,16 +162,40 @@ def test_dynamic_group_grids_are_reported_with_their_codes():
   assert np.asarray(result.scale).shape == (D_OUT, 3)
 
 
-def test_jitted_without_python_loop_over_inputs():
-  w, x = layer_data(5)
-  gram = jnp.asarray(x.T @ x)
-  lowered = jax.jit(lambda w, h: baselines.gptq_solve(
-      w.T, h, bits=4, grid="asymmetric", granularity="channel", group_size=None,
-      scalar=1.0, block_size=32, damp=0.01, act_order=False,
-      static_groups=False)[0]).lower(jnp.asarray(w), gram)
-  text = lowered.as_text()
-  # One scan over 3 blocks and one loop over the 32 inputs of a block, not 96 copies.
-  assert text.count("stablehlo.while") == 2
+def test_jitted_without_python_loop_over_inputs(monkeypatch):
+  # Every input is rounded by grid_lib.nearest. Traced inside a loop over the inputs
+  # of a block (and a scan over the blocks), it is traced a fixed number of times,
+  # whatever the number of inputs; a Python loop would trace it once per input.
+  calls = []
+  nearest = grid_lib.nearest
+
+  def counting_nearest(values, target):
+    calls.append(target.shape)
+    return nearest(values, target)
+
+  monkeypatch.setattr(grid_lib, "nearest", counting_nearest)
+  traces = {}
+  for d_in in (96, 192):
+    w, x = layer_data(5)
+    w, x = np.tile(w, (d_in // D_IN, 1)), np.tile(x, (1, d_in // D_IN))
+    gram = x.T @ x + np.eye(d_in, dtype=np.float32)
+    calls.clear()
+    # The unjitted function: the jit cache of gptq_solve would hide a second trace.
+    jax.make_jaxpr(lambda w, h: baselines.gptq_solve.__wrapped__(
+        w.T, h, bits=4, grid="asymmetric", granularity="channel", group_size=None,
+        scalar=1.0, block_size=32, damp=0.01, act_order=False,
+        static_groups=False)[0])(jnp.asarray(w), jnp.asarray(gram))
+    traces[d_in] = list(calls)
+  # One input of all 24 channels per traced call, the same few calls at 3 and 6 blocks.
+  assert traces[96] == traces[192] and 1 <= len(traces[96]) <= 2, traces
+  assert all(shape == (D_OUT,) for shape in traces[96]), traces
+  # And one compiled program serves new values of the same shapes.
+  w, x = layer_data(7)
+  solve = lambda w, h: comq_jax.gptq(bits=4, block_size=32).quantize_layer(w, gram=h)
+  jax.block_until_ready(solve(w, x.T @ x).weights)
+  with helpers.count_compilations() as compiled:
+    jax.block_until_ready(solve(1.5 * w, 2.0 * x.T @ x).weights)
+  assert compiled[0] == 0
 
 
 @pytest.mark.parametrize("kwargs,message", [

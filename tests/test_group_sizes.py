@@ -8,6 +8,7 @@ RTN solution, so it is not bound to beat RTN (on random 5-input layers at 2 bits
 sometimes does not); the report lists such cases instead.
 """
 
+import json
 import math
 import os
 
@@ -64,13 +65,57 @@ def test_every_method_bits_and_granularity_has_one_row(study):
     assert sorted(settings) == sorted(expected), (part, layer)
 
 
-def test_errors_are_finite_and_positive(study):
+def numpy_rtn(w, bits, group_size):
+  """Round-to-nearest of ``(d_in, d_out)`` weights on the official COMQ min-max grid
+  (comq.md: step (max - min) / (2^b - 1), z = round_half_even(min / step), levels
+  (z + t) * step), one grid per column or per ``group_size`` consecutive inputs of a
+  column; float32 as the official code, independent of quant_core.grids."""
+  d_in = w.shape[0]
+  size = group_size or d_in
+  q = np.empty_like(w)
+  for start in range(0, d_in, size):
+    part = w[start:start + size]
+    hi, lo = part.max(axis=0), part.min(axis=0)
+    step = (hi - lo) / np.float32(2**bits - 1)
+    z = np.round(lo / step)
+    levels = (z[:, None] + np.arange(2**bits, dtype=np.float32)) * step[:, None]
+    index = np.argmin(np.abs(part.T[:, :, None] - levels[:, None, :]), axis=-1)
+    q[start:start + size] = np.take_along_axis(levels, index, axis=1).T
+  return q
+
+
+def test_rtn_errors_of_the_random_layer_match_a_numpy_rounding(study):
   table, _ = study
+  (d_in, d_out), = TINY.shapes
+  x, w = group_sizes.random_layer(d_in, d_out, TINY.rows, TINY.outliers, TINY.layer_seed)
+  x64 = x.astype(np.float64)
+  output_norm = np.linalg.norm(x64 @ w)
+  rows = table[(table["part"] == "random") & (table["method"] == "rtn")]
+  assert len(rows) == len(BITS) * len(GRANULARITIES)
+  for _, row in rows.iterrows():
+    size = None if row["granularity"] == "channel" else int(row["group_size"])
+    q = numpy_rtn(w, int(row["bits"]), size)
+    expected = np.linalg.norm(x64 @ (w.astype(np.float64) - q)) / output_norm
+    assert 0 < expected < 1
+    np.testing.assert_allclose(row["relative_error"], expected, rtol=1e-4,
+                               err_msg=str(row["granularity"]))
+
+
+def test_accuracies_are_counts_over_the_450_test_images(study):
+  table, workdir = study
+  model_rows = table[table["layer"] == group_sizes.ALL_LAYERS]
+  assert len(model_rows) == 2 * len(BITS) * len(GRANULARITIES)
+  for column in ("accuracy", "fp_accuracy"):
+    correct = model_rows[column].to_numpy() * 450
+    np.testing.assert_allclose(correct, np.round(correct), atol=1e-6)
+  # The FP accuracy is the one the FP run reported for itself, and the 4-bit models
+  # stay well above chance (0.1).
+  with open(os.path.join(workdir, "fp", "TinyConv_seed0", "results.json")) as f:
+    fp_accuracy = json.load(f)["fp_accuracy"]
+  assert (model_rows["fp_accuracy"] == fp_accuracy).all()
+  assert (model_rows[model_rows["bits"] == 4]["accuracy"] > 0.5).all()
   errors = table["relative_error"].to_numpy()
   assert np.all(np.isfinite(errors)) and np.all(errors > 0)
-  model_rows = table[table["layer"] == group_sizes.ALL_LAYERS]
-  for column in ("accuracy", "fp_accuracy"):
-    assert model_rows[column].between(0, 1).all()
 
 
 def test_storage_grows_as_groups_shrink(study):
@@ -84,9 +129,15 @@ def test_storage_grows_as_groups_shrink(study):
 def test_model_storage_is_what_size_report_counts(study):
   table, _ = study
   model_rows = table[table["layer"] == group_sizes.ALL_LAYERS]
-  # The 640 kernel weights as counted here, plus the 10 float32 biases.
-  np.testing.assert_array_equal(model_rows["packed_bytes"],
-                                model_rows["bits_per_weight"] * 640 / 8 + 4 * 10)
+  # Counted by hand for the 8x8 conv, 64 inputs x 10 channels = 640 weights: codes
+  # 640 * bits / 8 bytes, 8 bytes (float32 scale and zero point) per grid with 10 grids
+  # per channel and g64 and 40 at g16, and 10 float32 biases (40 bytes).
+  expected = {(4, "channel"): 320 + 80 + 40, (4, "g64"): 320 + 80 + 40,
+              (4, "g16"): 320 + 320 + 40, (2, "channel"): 160 + 80 + 40,
+              (2, "g64"): 160 + 80 + 40, (2, "g16"): 160 + 320 + 40}
+  assert len(model_rows) == 2 * len(expected)
+  for _, row in model_rows.iterrows():
+    assert row["packed_bytes"] == expected[row["bits"], row["granularity"]], dict(row)
 
 
 def test_a_group_as_large_as_the_channel_gives_the_channel_error(study):

@@ -115,8 +115,36 @@ def test_decode_keeps_requested_dtype():
                                 [0.0, 0.5, 1.0, -0.5])
 
 
-def test_quantize_is_jittable():
-  w = jax.random.normal(jax.random.key(0), (16, 8))
-  np.testing.assert_array_equal(
-      jax.jit(inq_jax.pow2_quantize, static_argnums=1)(w, 4),
-      inq_jax.pow2_quantize(w, 4))
+def numpy_pow2_rule(w, bits):
+  """The INQ rule (Zhou et al., ICLR 2017, Eqs. 2-4) from scratch in float64 numpy:
+  n1 the integer with 0.75 * 2^n1 <= max|w| < 1.5 * 2^n1, n2 = n1 + 1 - 2^(b-2);
+  |w| < 2^(n2-1) goes to 0, else to the signed power 2^k, k in [n2, n1], with
+  0.75 * 2^k <= |w| < 1.5 * 2^k (clipped to n1 above)."""
+  a = np.abs(np.asarray(w, np.float64))
+  n1 = int(np.floor(np.log2(a.max() / 0.75)))
+  assert 0.75 * 2.0**n1 <= a.max() < 1.5 * 2.0**n1
+  n2 = n1 + 1 - 2 ** (bits - 2)
+  k = np.clip(np.floor(np.log2(np.maximum(a, 1e-300) / 0.75)), n2, n1)
+  return np.where(a < 2.0 ** (n2 - 1), 0.0, np.sign(w) * 2.0**k)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 7])
+def test_quantize_under_jit_follows_the_rule(bits):
+  # Weights spread over about as many octaves as the set has magnitudes, so that
+  # several levels and the zero band are used.
+  rng = np.random.default_rng(bits)
+  spread = 2.0 ** rng.uniform(-(2 ** (bits - 2)) - 1, 0, (16, 8))
+  w = (rng.standard_normal((16, 8)) * spread).astype(np.float32)
+  got = jax.jit(inq_jax.pow2_quantize, static_argnums=1)(jnp.asarray(w), bits)
+  expected = numpy_pow2_rule(w, bits)
+  np.testing.assert_array_equal(np.asarray(got, np.float64), expected)
+  assert len(np.unique(expected)) >= 3 and np.any(expected == 0)
+  # The golden cases (tests/data/README.md), jitted too.
+  cases = np.load(helpers.reference_file("inq_pow2_cases.npz"))
+  quantize = jax.jit(inq_jax.pow2_quantize, static_argnums=1, static_argnames="n1")
+  for k in range(int(cases["n_cases"])):
+    case_bits, n1, _ = (int(v) for v in cases[f"case{k}_params"])
+    given = {"n1": n1} if k == int(cases["n_cases"]) - 1 else {}
+    np.testing.assert_array_equal(
+        np.asarray(quantize(cases[f"case{k}_w"], case_bits, **given)),
+        cases[f"case{k}_q"], err_msg=f"case {k}")

@@ -53,10 +53,51 @@ def weight_error(q, w):
   return float(jnp.sum((q.astype(jnp.float32) - w.astype(jnp.float32)) ** 2))
 
 
+def numpy_levels(w, bits, grid, per_channel=True):
+  """``(d_out, L)`` levels of each column of ``w``, from scratch in numpy, as comq.md
+  and inq.md define them; uniform grids are computed in float32 (the solvers' dtype
+  for 16-bit weights, comq_jax.objective.compute_dtype) and rounded to ``w``'s dtype:
+
+  * asymmetric (official COMQ): step (max - min) / (2^b - 1), z = round_half_even(
+    min / step), levels (z + t) * step, t = 0..2^b-1;
+  * symmetric: step max|w| / (2^(b-1) - 1), levels t * step, |t| <= 2^(b-1) - 1;
+  * pow2 (INQ, Zhou et al., ICLR 2017, Eqs. 2-3): n1 with 0.75 * 2^n1 <= max|w| <
+    1.5 * 2^n1, levels {0, +-2^k : n1 + 1 - 2^(b-2) <= k <= n1}; with
+    ``per_channel=False`` one n1 from the whole tensor (INQ's per-layer set).
+  """
+  w = np.asarray(w)
+  dtype = w.dtype
+  if grid == "pow2":
+    top = np.abs(w.astype(np.float64)).max(axis=0 if per_channel else None)
+    top = np.broadcast_to(top, (w.shape[1],))
+    n1 = np.floor(np.log2(top / 0.75)).astype(int)
+    assert np.all((0.75 * 2.0**n1 <= top) & (top < 1.5 * 2.0**n1))
+    k = n1[:, None] - np.arange(2 ** (bits - 2))[None, :]
+    levels = np.concatenate([-(2.0**k), np.zeros((len(n1), 1)), 2.0**k], axis=1)
+    return levels.astype(dtype)
+  if np.finfo(dtype).bits < 32:
+    return numpy_levels(w.astype(np.float32), bits, grid).astype(dtype)
+  if grid == "asymmetric":
+    hi, lo = w.max(axis=0), w.min(axis=0)
+    step = (hi - lo) / np.asarray(2**bits - 1, dtype)
+    units = np.round(lo / step)[:, None] + np.arange(2**bits).astype(dtype)[None, :]
+  else:
+    half = 2 ** (bits - 1) - 1
+    step = np.abs(w).max(axis=0) / np.asarray(half, dtype)
+    units = np.broadcast_to(np.arange(-half, half + 1).astype(dtype), (w.shape[1], 2 * half + 1))
+  return (units * step[:, None]).astype(dtype)
+
+
+def on_levels(q, levels):
+  """Per weight of ``q`` (d_in, d_out): whether it equals one of its column's levels."""
+  q = np.asarray(q)
+  return np.any(q.T[:, :, None] == levels[:, None, :], axis=-1).T
+
+
 def run_pow2(w, bits):
   q = inq_jax.pow2_quantize(w, bits)
-  n1, _ = inq_jax.pow2_exponents(jnp.max(jnp.abs(w)), bits)
-  return Outcome(q, inq_jax.in_codebook(q, bits, n1), [], weight_error(q, w))
+  return Outcome(q, on_levels(q, numpy_levels(w, bits, "pow2", per_channel=False)), [],
+                 weight_error(q, w))
 
 
 def make_run_inq(strategy):
@@ -71,7 +112,7 @@ def make_run_inq(strategy):
                                      key=jax.random.key(i))
       masks.append((portion, state.frozen["layer"]["kernel"]))
     q = params["layer"]["kernel"]
-    return Outcome(q, inq_jax.in_codebook(q, bits, state.n1["layer"]["kernel"]),
+    return Outcome(q, on_levels(q, numpy_levels(w, bits, "pow2", per_channel=False)),
                    masks, weight_error(q, w))
   return run
 
@@ -83,10 +124,9 @@ def calibration_inputs(w):
 def make_run_layer_solver(make_solver, grid):
   def run(w, bits):
     result = make_solver(bits, grid=grid).quantize_layer(w, calibration_inputs(w))
-    # weights[i, j] must be one of channel j's levels.
-    on_level = jnp.any(result.weights.T[:, :, None] == result.levels[:, None, :],
-                       axis=-1).T
-    return Outcome(result.weights, on_level, [], float(result.error))
+    # weights[i, j] must be one of channel j's levels, rebuilt here from w.
+    return Outcome(result.weights, on_levels(result.weights, numpy_levels(w, bits, grid)),
+                   [], float(result.error))
   return run
 
 
@@ -129,6 +169,16 @@ def test_values_lie_in_codebook(entry, bits):
   assert bool(jnp.all(outcome.in_codebook))
   for channel in np.asarray(outcome.quantized).T:
     assert len(np.unique(channel)) <= entry.num_levels(bits)
+
+
+@pytest.mark.parametrize("grid", ["asymmetric", "symmetric", "pow2"])
+def test_codebook_check_catches_weights_off_the_grid(grid):
+  # The membership check above is not vacuous: float weights, or weights rounded onto
+  # a grid one step too fine, are mostly off the levels built from the weights.
+  w = np.asarray(weights(seed=4))
+  assert np.mean(on_levels(w, numpy_levels(w, 4, grid))) < 0.5
+  finer = np.asarray(comq_jax.rtn(bits=5, grid=grid).quantize_layer(w).weights)
+  assert not np.all(on_levels(finer, numpy_levels(w, 4, grid)))
 
 
 # Min-max grids are rebuilt from the quantized range (see Quantizer).

@@ -77,11 +77,31 @@ def test_inq_run_writes_results_metrics_and_config(tmp_path):
   assert not np.any(frozen["fc"]["bias"])
 
 
+# SmallCNN's variables, counted by hand from experiments/models/cnn.py: bias-free 3x3
+# convs 9*1*16 + 9*16*32 + 9*32*64 = 23184, three BatchNorms with scale, bias, mean and
+# var 4*(16+32+64) = 448, the dense head 64*10 + 10 = 650; 24282 in all.
+SMALL_CNN_VALUES = 24282
+
+
 def test_fp_method_reports_full_precision(tmp_path):
   results = train.train_and_evaluate(tiny_config("fp"), str(tmp_path))
   assert results["bits"] == 32 and results["codebook_fraction"] is None
-  assert results["packed_bytes"] == results["fp32_bytes"]
-  assert results["final_accuracy"] == results["fp_accuracy"]
+  # Nothing is packed: float32 storage of every variable, batch statistics included.
+  assert results["fp32_bytes"] == results["packed_bytes"] == 4 * SMALL_CNN_VALUES
+  assert results["packed_file_bytes"] is None and results["portion_accuracies"] == []
+  state, _ = train.latest_checkpoint(str(tmp_path))
+  assert all(np.asarray(leaf).dtype == np.float32
+             for leaf in jax.tree.leaves(state["variables"]))
+  # Both accuracies are those of the final weights, evaluated here independently of
+  # train.evaluate (one phase: the FP model is the final model).
+  config = tiny_config("fp")
+  dataset = input_pipeline.create_dataset(config)
+  model = models.create_model(config.model.name, config.model.num_classes)
+  logits = model.apply(state["variables"], dataset.test_images, train=False)
+  correct = int(np.sum(np.argmax(logits, -1) == dataset.test_labels))
+  assert len(dataset.test_labels) == 450
+  assert results["final_accuracy"] == results["fp_accuracy"] == correct / 450
+  assert results["fp_accuracy"] > 0.5  # chance is 0.1: the run did train
 
 
 def test_resume_mid_inq_step_is_bitwise_identical(tmp_path):
