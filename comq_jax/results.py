@@ -50,6 +50,15 @@ class LayerReport(NamedTuple):
       return None
     return min(self.solver.group_size, self.matrices[1])
 
+  @classmethod
+  def from_record(cls, record: dict, solver=None) -> "LayerReport":
+    """The report rebuilt from :meth:`record` (without codes); ``group_size`` is
+    derived, so it is not read back."""
+    fields = {key: record[key] for key in ("path", "bits", "error", "rtn_error",
+                                           "seconds")}
+    return cls(**fields, shape=tuple(record["shape"]), matrices=tuple(record["matrices"]),
+               solver=solver)
+
   def record(self) -> dict:
     """The report as JSON types (the codes left out; the solver as its settings)."""
     return dict(path=self.path, shape=list(self.shape), bits=self.bits,

@@ -159,9 +159,7 @@ class PostTrainingMethod(base.Method):
     has only the record)."""
     record = progress["records"][phases[-1].name]
     layer_solver = solvers.from_settings(record["settings"])
-    layers = [comq_jax.LayerReport(**dict(layer, shape=tuple(layer["shape"]),
-                                          matrices=tuple(layer["matrices"])),
-                                   solver=layer_solver)
+    layers = [comq_jax.LayerReport.from_record(layer, layer_solver)
               for layer in record["layers"]]
     return comq_jax.ModelQuantization(
         variables=jax.device_get(state["variables"]), layers=layers,
