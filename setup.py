@@ -1,7 +1,7 @@
 """Installs the libraries quant_core, inq_jax and comq_jax.
 
-`pip install .` installs what the libraries import: jax, flax, optax, numpy and
-safetensors (the packed model file).
+`pip install .` installs what the libraries import: jax, flax, optax, numpy,
+safetensors (the packed model file) and tqdm (progress bars).
 The experiments (run from a checkout: `python -m experiments.digits`) need the extra
 `.[experiments]`; the tests and the documentation site need `.[dev]`.
 """
@@ -43,6 +43,7 @@ setuptools.setup(
         "optax>=0.2.8",
         "numpy",
         "safetensors",  # the packed model file (quant_core.deploy.files)
+        "tqdm",  # progress=True bars (quant_core.progress)
     ],
     extras_require={
         "experiments": EXPERIMENTS,

@@ -35,6 +35,7 @@ from quant_core import capture
 from quant_core import layers
 from quant_core import paths
 from quant_core import programs as programs_lib
+from quant_core import progress as progress_lib
 
 INPUTS = ("fp", "sequential")
 ON_UNSUPPORTED = ("error", "skip")
@@ -115,7 +116,9 @@ def _group_chunks(mats, gram):
           for i in range(0, len(mats), _GROUP_CHUNK)]
 
 
-def _check_call(solver, inputs, on_unsupported):
+def _check_call(solver, inputs, on_unsupported, progress):
+  if not isinstance(progress, bool):
+    raise ValueError(f"progress must be True or False, got {progress!r}.")
   if not isinstance(solver, solvers.Solver):
     raise ValueError("solver must be built by comq_jax.comq, comq_jax.gptq or "
                      f"comq_jax.rtn, got {type(solver).__name__}.")
@@ -131,7 +134,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
                    row_masks: Optional[Sequence[Any]] = None,
                    on_unsupported: str = "error", inputs: str = "fp",
                    mesh: Optional[jax.sharding.Mesh] = None,
-                   microbatch: Optional[int] = None, **apply_kwargs) -> ModelQuantization:
+                   microbatch: Optional[int] = None, progress: bool = False,
+                   **apply_kwargs) -> ModelQuantization:
   """Quantizes every linear layer of a Flax model (linen or NNX).
 
   The layer kinds and their 2-D views are those of :mod:`quant_core.layers`:
@@ -217,6 +221,9 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
     microbatch: examples per microbatch, dividing every batch's size (all
       arrays of a batch, and its row mask, have examples on axis 0); None for
       whole batches (no mesh, or a mesh of one device on ``"batch"``).
+    progress: show a ``tqdm`` bar over the layers. Either way the phases
+      (plan, capture, solve) and every layer (its error against RTN and its
+      solve time) are logged at INFO on the ``comq_jax.driver`` logger.
     **apply_kwargs: passed to every apply call (e.g. ``train=False``).
 
   Returns:
@@ -231,7 +238,7 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
       (raise ``damp``), or a model with no layer left to quantize; messages
       name the layer path.
   """
-  _check_call(solver, inputs, on_unsupported)
+  _check_call(solver, inputs, on_unsupported, progress)
   checked_rules = rules_lib.check_rules(rules)
   capture.check_data_options(mesh, microbatch)
   target = capture.model_adapter(model_or_apply, variables, apply_kwargs)
@@ -251,6 +258,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
 
     seen = capture.discover_layers(target, batches, masks, check_unsupported)
     todo, skipped = _plan(seen, params, target, solver_of)
+    _LOG.info("plan: %d layers to quantize, %d left in float; %d calibration batches, "
+              "inputs=%s", len(todo), len(skipped), len(batches), inputs)
     capture_seconds = 0.0
     solve_fns = {}
 
@@ -276,9 +285,14 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
       return grams
 
     grams = grams_of([layer.path for layer, _ in todo]) if inputs == "fp" else {}
+    if inputs == "fp":
+      _LOG.info("capture: Grams of %d layers in %.2fs (compilation waited %.2fs)",
+                len(todo), capture_seconds, programs.wait_seconds)
     reports = []
     compile_wait_seconds = programs.wait_seconds
     solve_start = time.perf_counter()
+    _LOG.info("solve: %d layers%s", len(todo),
+              ", each after its own capture" if inputs == "sequential" else "")
 
     def run_solve(layer_solver, chunks):
       """``(outputs per chunk, seconds)``, compilation wait excluded."""
@@ -311,9 +325,11 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
           error=total(result.error), rtn_error=total(rtn_err), seconds=seconds,
           matrices=(layer.view.groups, layer.view.d_in, layer.view.d_out),
           solver=layer_solver, quantization=result, view=layer.view))
-      _LOG.info("%s %d/%d %s %s: error %.4g (RTN %.4g), %.2fs", layer_solver.method.upper(),
-                index + 1, len(todo), name, tuple(kernel.shape), reports[-1].error,
-                reports[-1].rtn_error, seconds)
+      report = reports[-1]
+      bar.layer_done("%s %d/%d %s %s: error %.4g (RTN %.4g), %.2fs",
+                     layer_solver.method.upper(), index + 1, len(todo), name,
+                     tuple(kernel.shape), report.error, report.rtn_error, seconds,
+                     label=f"{name} error {report.error:.4g} (RTN {report.rtn_error:.4g})")
 
     # A solve runs on one core: with inputs from the FP model, layers are
     # independent and _SOLVES_IN_FLIGHT of them run at a time; results are
@@ -321,7 +337,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
     # process) must launch the sharded solves in the same order.
     in_flight = _SOLVES_IN_FLIGHT if inputs == "fp" and mesh is None else 1
     pending = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool, \
+        progress_lib.LayerProgress(_LOG, len(todo), solver.method.upper(), progress) as bar:
       for index, (layer, layer_solver) in enumerate(todo):
         name = paths.path_name(layer.path)
         if inputs == "sequential":
@@ -348,6 +365,9 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
       while pending:
         finish(*pending.popleft())
     solve_seconds = time.perf_counter() - solve_start
+    _LOG.info("done: %d layers quantized, %d left in float; capture %.2fs, solve %.2fs, "
+              "%d compilations (%.2fs)", len(reports), len(skipped), capture_seconds,
+              solve_seconds, compilations[0], programs.compile_seconds)
     if not reports:
       raise ValueError("No layer was quantized: every linear layer was skipped ("
                        + "; ".join(f"{s.path}: {s.reason}" for s in skipped) + ").")

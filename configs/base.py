@@ -108,6 +108,9 @@ def get_config(dataset):
   # batch_size and eval_batch_size are global: each device gets batch_size / devices.
   config.num_devices = 0
   config.log_every_steps = 50
+  # A progress bar over long per-layer work (the post-training quantization's layers),
+  # on the first process; every layer is logged either way.
+  config.progress = True
   config.checkpoint_every_steps = 500
   config.max_checkpoints_to_keep = 2
   # Stop cleanly (after a checkpoint) once this many training steps ran in this process;

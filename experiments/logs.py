@@ -1,5 +1,7 @@
 """Logging set-up shared by the absl entry points."""
 
+import logging as std_logging
+
 from absl import logging
 import jax
 
@@ -10,6 +12,15 @@ def hide_orbax_logs():
   Orbax logs every checkpoint write at INFO; this keeps the log to our progress lines.
   """
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+
+
+def hide_backend_probe_logs():
+  """Quiets JAX's backend discovery, whose INFO line about a missing ``libtpu`` opens
+  every CPU or GPU run; its warnings and errors still show.
+
+  Call before the first JAX call that picks the backends.
+  """
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
 
 def label_processes():

@@ -102,6 +102,7 @@ def run(dataset):
     distributed = dict(coordinator_address=flags.FLAGS.coordinator_address,
                        num_processes=flags.FLAGS.num_processes,
                        process_id=flags.FLAGS.process_id)
+    logs.hide_backend_probe_logs()
     if launched_as_several_processes(**distributed):
       # Before anything else touches JAX: the backends start with the distributed client.
       jax.distributed.initialize(**distributed)

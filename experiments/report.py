@@ -80,7 +80,8 @@ def format_results(results):
           f"{results['fp32_file_bytes']:,} bytes, "
           f"{results['fp32_file_bytes'] / results['packed_file_bytes']:.2f}x smaller)")
   title = f"{results['config_name']} on {results['dataset']} ({results['model']})"
-  lines = [title, "-" * len(title), pd.Series(rows).to_string()]
+  with pd.option_context("display.max_colwidth", None, "display.width", None):
+    lines = [title, "-" * len(title), pd.Series(rows).to_string()]
   if results["layers"]:
     label = method_label(results["method"])
     layers = pd.DataFrame([{

@@ -16,6 +16,7 @@ import jax
 from inq_jax.incremental import INQState
 from quant_core import layers
 from quant_core import paths
+from quant_core import progress as progress_lib
 from quant_core import validation
 from quant_core.deploy import packed_layers
 
@@ -25,7 +26,8 @@ _LOG = logging.getLogger(__name__)
 
 
 def pack_model(model, variables: PyTree, state: INQState, batch, *,
-               k_tile: Optional[int] = None, **apply_kwargs) -> PyTree:
+               k_tile: Optional[int] = None, progress: bool = False,
+               **apply_kwargs) -> PyTree:
   """Packs the quantized kernels of an INQ model (after the portion-1 step).
 
   Args:
@@ -36,6 +38,8 @@ def pack_model(model, variables: PyTree, state: INQState, batch, *,
     state: the :class:`inq_jax.INQState` of ``variables["params"]``.
     batch: one model input (shapes only), to find each layer's 2-D view.
     k_tile: optional ``K`` step for every layer.
+    progress: show a ``tqdm`` bar over the quantized kernels; each packed
+      layer is also logged at INFO on the ``inq_jax.packing`` logger.
     **apply_kwargs: passed to the model's apply (e.g. ``train=False``).
 
   Returns:
@@ -65,11 +69,15 @@ def pack_model(model, variables: PyTree, state: INQState, batch, *,
                    "batch; stored in float.", paths.path_name(path))
       return leaf
     try:
-      return packed_layers.pack_pow2_layer(leaf, view, bits=state.bits, n1=n1,
-                                           k_tile=k_tile)
+      packed = packed_layers.pack_pow2_layer(leaf, view, bits=state.bits, n1=n1,
+                                             k_tile=k_tile)
     except ValueError as error:
       raise ValueError(f"{module}: {error}") from error
+    bar.layer_done("packed %s", module, label=module)
+    return packed
 
-  params = jax.tree_util.tree_map_with_path(pack_leaf, variables["params"], state.n1,
-                                            selected)
+  total = sum(bool(quantized) for quantized in jax.tree.leaves(selected))
+  with progress_lib.LayerProgress(_LOG, total, "packing", progress) as bar:
+    params = jax.tree_util.tree_map_with_path(pack_leaf, variables["params"], state.n1,
+                                              selected)
   return dict(variables, params=params)

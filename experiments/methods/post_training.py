@@ -147,6 +147,7 @@ class PostTrainingMethod(base.Method):
     inputs = config[self.name].inputs
     result = comq_jax.quantize_model(context.model, variables, images,
                                      solver(config, self.name), rules=rules, inputs=inputs,
+                                     progress=config.progress and jax.process_index() == 0,
                                      train=False, **calibration_devices(config, context.mesh))
     # JSON types, so that a run resumed from its checkpoint reports the same.
     record = {"layers": [report.record() for report in result.layers],

@@ -32,6 +32,7 @@ Lossless CNNs with Low-Precision Weights", ICLR 2017.
 """
 
 import functools
+import logging
 import string
 from typing import Any, Callable, Optional
 
@@ -43,9 +44,12 @@ import numpy as np
 
 from quant_core import layers
 from quant_core import paths
+from quant_core import progress as progress_lib
 from quant_core.deploy import kernels
 from quant_core.deploy import packed_layers
 from quant_core.deploy import recover
+
+_LOG = logging.getLogger(__name__)
 
 PyTree = Any
 
@@ -58,7 +62,8 @@ def _set_kernel(params: dict, path: str, kernel) -> None:
   node["kernel"] = kernel
 
 
-def pack_quantization(result, *, k_tile: Optional[int] = None) -> PyTree:
+def pack_quantization(result, *, k_tile: Optional[int] = None,
+                      progress: bool = False) -> PyTree:
   """Packs a post-training quantized model from its solvers' codes.
 
   Each layer's codes, scales and zero points (or exponents) are the ones its
@@ -69,6 +74,8 @@ def pack_quantization(result, *, k_tile: Optional[int] = None) -> PyTree:
   Args:
     result: a ``comq_jax.ModelQuantization`` (COMQ, RTN or GPTQ, any rules).
     k_tile: optional ``K`` step for every layer (default per layer).
+    progress: show a ``tqdm`` bar over the layers; each packed layer is also
+      logged at INFO on the ``quant_core.deploy.inference`` logger.
 
   Returns:
     ``result.variables`` with each quantized kernel replaced by a
@@ -84,33 +91,42 @@ def pack_quantization(result, *, k_tile: Optional[int] = None) -> PyTree:
   """
   variables = jax.device_get(result.variables)
   params = jax.tree.map(lambda leaf: leaf, variables["params"])  # new dicts
-  for report in result.layers:
-    if report.quantization is None or report.view is None:
-      raise ValueError(f"{report.path}: the report holds no codes (rebuilt from a "
-                       "record?); pack its float weights with pack_layers instead.")
-    if report.solver is not None and report.solver.scalar != 1.0:
-      raise ValueError(
-          f"{report.path}: quantized with scalar={report.solver.scalar}; the levels "
-          "scalar·(z + t)·step are not scale·(code - zero_point) to the bit, so the "
-          "packed weights would not equal the quantized ones. Pack a scalar=1 result.")
-    kernel = paths.get(params, report.path.split("/") if report.path else ())["kernel"]
-    try:
-      packed = packed_layers.pack_quantized_layer(report.quantization, report.view,
-                                                  dtype=kernel.dtype, k_tile=k_tile)
-    except ValueError as error:
-      raise ValueError(f"{report.path}: {error}") from error
-    # The codes must stand for the kernel the result holds (not one changed since).
-    if not np.array_equal(np.asarray(packed_layers.unpack_layer(packed)), np.asarray(kernel)):
-      raise ValueError(f"{report.path}: the kernel in result.variables is not the one its "
-                       "codes decode to (changed after quantization?); pack the kernels "
-                       "with pack_layers, or quantize again.")
-    _set_kernel(params, report.path, packed)
+  with progress_lib.LayerProgress(_LOG, len(result.layers), "packing", progress) as bar:
+    for index, report in enumerate(result.layers):
+      _pack_reported_layer(params, report, k_tile)
+      bar.layer_done("packed %d/%d %s", index + 1, len(result.layers), report.path,
+                     label=report.path)
   return dict(variables, params=params)
+
+
+def _pack_reported_layer(params, report, k_tile) -> None:
+  """Replaces the report's kernel in ``params`` by its packed codes."""
+  if report.quantization is None or report.view is None:
+    raise ValueError(f"{report.path}: the report holds no codes (rebuilt from a "
+                     "record?); pack its float weights with pack_layers instead.")
+  if report.solver is not None and report.solver.scalar != 1.0:
+    raise ValueError(
+        f"{report.path}: quantized with scalar={report.solver.scalar}; the levels "
+        "scalar·(z + t)·step are not scale·(code - zero_point) to the bit, so the "
+        "packed weights would not equal the quantized ones. Pack a scalar=1 result.")
+  kernel = paths.get(params, report.path.split("/") if report.path else ())["kernel"]
+  try:
+    packed = packed_layers.pack_quantized_layer(report.quantization, report.view,
+                                                dtype=kernel.dtype, k_tile=k_tile)
+  except ValueError as error:
+    raise ValueError(f"{report.path}: {error}") from error
+  # The codes must stand for the kernel the result holds (not one changed since).
+  if not np.array_equal(np.asarray(packed_layers.unpack_layer(packed)), np.asarray(kernel)):
+    raise ValueError(f"{report.path}: the kernel in result.variables is not the one its "
+                     "codes decode to (changed after quantization?); pack the kernels "
+                     "with pack_layers, or quantize again.")
+  _set_kernel(params, report.path, packed)
 
 
 def pack_layers(variables: PyTree, model, batch, layer_paths, *, bits: int,
                 grid: str, granularity: str, group_size: Optional[int] = None,
-                k_tile: Optional[int] = None, **apply_kwargs) -> PyTree:
+                k_tile: Optional[int] = None, progress: bool = False,
+                **apply_kwargs) -> PyTree:
   """Packs float kernels that lie on a grid, recovering each grid from its values.
 
   For weights whose codes are lost (a user's own grid-valued or power-of-two
@@ -129,6 +145,7 @@ def pack_layers(variables: PyTree, model, batch, layer_paths, *, bits: int,
       also checks the views.
     bits, grid, granularity, group_size: the grid the kernels are on.
     k_tile: optional ``K`` step for every layer.
+    progress: as for :func:`pack_quantization`.
     **apply_kwargs: passed to the model's apply (e.g. ``train=False``).
 
   Returns:
@@ -144,24 +161,30 @@ def pack_layers(variables: PyTree, model, batch, layer_paths, *, bits: int,
   variables = jax.device_get(variables)
   views = layers.layer_views(model, variables, batch, **apply_kwargs)
   params = jax.tree.map(lambda leaf: leaf, variables["params"])  # new dicts
-  for path, reported in expected.items():
-    view = views.get(path)
-    if view is None:
-      raise ValueError(f"{path}: quantized, but not called as a supported layer on "
-                       "the given batch.")
-    found = (view.groups, view.d_in, view.d_out)
-    if reported is not None and found != tuple(reported):
-      raise ValueError(f"{path}: the layer's view has matrices {found}, the report "
-                       f"says {tuple(reported)}.")
-    kernel = paths.get(params, path.split("/") if path else ())["kernel"]
-    try:
-      packed = recover.pack_layer_values(kernel, view, bits=bits, grid=grid,
-                                         granularity=granularity, group_size=group_size,
-                                         k_tile=k_tile)
-    except ValueError as error:
-      raise ValueError(f"{path}: {error}") from error
-    _set_kernel(params, path, packed)
+  with progress_lib.LayerProgress(_LOG, len(expected), "packing", progress) as bar:
+    for index, (path, reported) in enumerate(expected.items()):
+      _pack_layer_values(params, path, reported, views.get(path),
+                         dict(bits=bits, grid=grid, granularity=granularity,
+                              group_size=group_size, k_tile=k_tile))
+      bar.layer_done("packed %d/%d %s", index + 1, len(expected), path, label=path)
   return dict(variables, params=params)
+
+
+def _pack_layer_values(params, path, reported, view, grid_options) -> None:
+  """Replaces the kernel at ``path`` by codes recovered from its values."""
+  if view is None:
+    raise ValueError(f"{path}: quantized, but not called as a supported layer on "
+                     "the given batch.")
+  found = (view.groups, view.d_in, view.d_out)
+  if reported is not None and found != tuple(reported):
+    raise ValueError(f"{path}: the layer's view has matrices {found}, the report "
+                     f"says {tuple(reported)}.")
+  kernel = paths.get(params, path.split("/") if path else ())["kernel"]
+  try:
+    packed = recover.pack_layer_values(kernel, view, **grid_options)
+  except ValueError as error:
+    raise ValueError(f"{path}: {error}") from error
+  _set_kernel(params, path, packed)
 
 
 def _param(module, name: str):
