@@ -52,6 +52,8 @@ def check_layer_inputs(w, x, gram):
     if x.ndim != 2 or x.shape[1] != d_in:
       raise ValueError(
           f"x must have shape (N, d_in={d_in}), got {x.shape}.")
+    if x.shape[0] == 0:
+      raise ValueError("x has no rows: the layer objective needs calibration inputs.")
     validation.check_floating(x, "x")
     validation.check_finite(x, "x")
     return capture.gram_matrix(x)

@@ -190,6 +190,14 @@ def model_adapter(model_or_apply, variables, apply_kwargs):
   """The model to quantize, linen or NNX."""
   if isinstance(model_or_apply, nnx.Module):
     return _NNXModel(model_or_apply, apply_kwargs)
+  if not isinstance(model_or_apply, nn.Module) and not callable(model_or_apply):
+    raise ValueError("the model must be a linen Module, an apply_fn(variables, batch, "
+                     "**kwargs) or an nnx.Module, got "
+                     f"{type(model_or_apply).__name__}.")
+  if not isinstance(variables, collections.abc.Mapping):
+    raise ValueError("variables must be the linen model's variables, a dict with a 'params' "
+                     f"collection, got {type(variables).__name__} (variables=None is for an "
+                     "nnx.Module).")
   return _LinenModel(model_or_apply, variables, apply_kwargs)
 
 
@@ -272,6 +280,10 @@ def kernel_paths(params):
 def as_sequence(calibration_batches):
   """The batches as a sequence: a ``Sequence`` as it is (a lazy one stays
   lazy), any other iterable as a list. Raises ValueError when empty."""
+  if isinstance(calibration_batches, (np.ndarray, jax.Array)):
+    raise ValueError(
+        f"calibration_batches must be a sequence of batches, got one array of shape "
+        f"{tuple(calibration_batches.shape)} (it would be read row by row); pass [batch].")
   batches = (calibration_batches if isinstance(calibration_batches, collections.abc.Sequence)
              else list(calibration_batches))
   if not batches:

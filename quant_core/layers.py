@@ -232,7 +232,8 @@ def _normalize_axes(axes, ndim, what):
   normalized = []
   for axis in axes:
     if not -ndim <= axis < ndim:
-      raise UnsupportedLayer(f"{what} {axis} is out of range for an input of rank {ndim}")
+      # The layer contracts that axis: the input lacks it.
+      raise InputShapeMismatch(f"{what} {axis} is out of range for an input of rank {ndim}")
     normalized.append(axis % ndim)
   return tuple(normalized)
 

@@ -188,3 +188,53 @@ def test_a_group_larger_than_the_layer_is_recorded_as_used(mlp):
   result = comq_jax.quantize_model(*mlp, _batches(1), solver)
   used = {layer.path: layer.record()["group_size"] for layer in result.layers}
   assert used == {"Dense_1": 64, "Dense_0": 32}  # d_in of each layer: one group
+
+
+# --- the wider pass: other entry points a careless user reaches -----------------------
+
+
+def test_one_array_instead_of_a_list_of_batches_is_refused(mlp):
+  with pytest.raises(ValueError, match=r"a sequence of batches, got one array of shape "
+                     r"\(16, 64\).*pass \[batch\]"):
+    comq_jax.quantize_model(*mlp, _batches()[0], comq_jax.comq(bits=4))
+
+
+def test_a_scalar_batch_is_named_as_not_fitting(mlp):
+  with pytest.raises(ValueError, match=r"calibration batch 0 has shape \(\), which does not "
+                     r"fit the model: Dense_1: axis -1 is out of range"):
+    comq_jax.quantize_model(*mlp, [np.float32(1.0)], comq_jax.comq(bits=4))
+
+
+def test_a_linen_model_without_variables_or_a_non_model_is_refused(mlp):
+  model, variables = mlp
+  with pytest.raises(ValueError, match="variables=None is for an nnx.Module"):
+    comq_jax.quantize_model(model, None, _batches(1), comq_jax.comq(bits=4))
+  with pytest.raises(ValueError, match="the model must be a linen Module.*got str"):
+    comq_jax.quantize_model("mlp", variables, _batches(1), comq_jax.comq(bits=4))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_layer_solve_without_rows_is_refused(solver):
+  w = np.ones((16, 8), np.float32)
+  with pytest.raises(ValueError, match="x has no rows"):
+    SOLVERS[solver].quantize_layer(w, np.zeros((0, 16), np.float32))
+
+
+def test_save_packed_refuses_a_folder_and_a_non_dict_writing_nothing(packed_mlp, tmp_path):
+  with pytest.raises(IsADirectoryError, match="it is a folder; give a file name"):
+    deploy.save_packed(str(tmp_path), packed_mlp[2])
+  with pytest.raises(ValueError, match="must be a dict of variables.*got int"):
+    deploy.save_packed(str(tmp_path / "x.safetensors"), 3)
+  assert list(tmp_path.iterdir()) == [] and not list(tmp_path.parent.glob("*.tmp"))
+
+
+def test_pack_quantization_names_what_it_takes(mlp):
+  with pytest.raises(ValueError, match="takes what comq_jax.quantize_model returns"):
+    deploy.pack_quantization(mlp[1])
+
+
+def test_packed_apply_on_float_variables_says_nothing_is_packed(mlp, caplog):
+  model, variables = mlp
+  with caplog.at_level("WARNING", logger="quant_core.deploy.inference"):
+    deploy.packed_apply(model, variables, jnp.ones((2, 64)))
+  assert "hold no packed kernel; the model runs in float" in caplog.text

@@ -121,10 +121,15 @@ def save_packed(path: str, packed_variables: PyTree) -> int:
     FileNotFoundError: when the folder of ``path`` does not exist (nothing is
       written).
   """
-  data = _serialize(packed_variables)
+  if not isinstance(packed_variables, dict):
+    raise ValueError("packed_variables must be a dict of variables (e.g. from "
+                     f"pack_quantization), got {type(packed_variables).__name__}.")
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist.")
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name.")
+  data = _serialize(packed_variables)
   with tempfile.NamedTemporaryFile(dir=directory, delete=False,
                                    suffix=".tmp") as f:
     try:
@@ -137,7 +142,11 @@ def save_packed(path: str, packed_variables: PyTree) -> int:
     except BaseException:
       os.unlink(f.name)
       raise
-  os.replace(f.name, path)
+  try:
+    os.replace(f.name, path)
+  except BaseException:
+    os.unlink(f.name)
+    raise
   return len(data)
 
 

@@ -89,6 +89,10 @@ def pack_quantization(result, *, k_tile: Optional[int] = None,
       cannot hold exactly, or a kernel that is not the one its codes decode to
       (the message names the layer).
   """
+  if not hasattr(result, "layers") or not hasattr(result, "variables"):
+    raise ValueError("pack_quantization takes what comq_jax.quantize_model returns (a "
+                     f"ModelQuantization), got {type(result).__name__}; float weights on a "
+                     "grid pack with pack_layers.")
   variables = jax.device_get(result.variables)
   params = jax.tree.map(lambda leaf: leaf, variables["params"])  # new dicts
   with progress_lib.LayerProgress(_LOG, len(result.layers), "packing", progress) as bar:
@@ -362,6 +366,10 @@ def packed_apply(model, packed_variables: PyTree, *args,
   """
   on_call = _interceptor(dict(block_m=block_m, block_n=block_n, interpret=interpret))
   _check_tree(model, packed_variables, args, kwargs)
+  if not any(packed_layers.is_packed_kernel(leaf) for leaf in jax.tree.leaves(
+      packed_variables["params"], is_leaf=packed_layers.is_packed_kernel)):
+    _LOG.warning("packed_apply: packed_variables hold no packed kernel; the model runs "
+                 "in float.")
   return _run(model, packed_variables, args, kwargs, on_call)
 
 
