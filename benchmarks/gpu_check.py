@@ -6,7 +6,7 @@ within ``--budget_seconds`` (default 480 s, so that one rerun fits in a 15-minut
 1. ``environment``: device, platform, jax and jaxlib versions, the commit;
 2. ``copy_bandwidth``: a device-to-device copy, the measured peak (bytes read plus
    written per second), against which every bandwidth below is a share;
-3. ``kernel_tests``: ``tests/test_gpu_kernels.py`` (pytest marker ``gpu``): every
+3. ``kernel_tests``: ``tests/quant_core/deploy/test_gpu_kernels.py`` (pytest marker ``gpu``): every
    kernel format and activation dtype compiled for the backend against the jnp
    reference;
 4. ``quantized_matmul``: the kernel against a bf16 ``jnp.dot`` at K = N in {4096, 8192},
@@ -24,7 +24,7 @@ next one runs. After every step the JSON is rewritten whole (temporary file, the
 rename), so a run stopped at its limit still leaves the steps it finished.
 
 ``--dry_run`` goes through every step at tiny sizes on any backend (the kernels in
-interpret mode on CPU); CI runs it (``tests/test_gpu_check.py``), so that the script
+interpret mode on CPU); CI runs it (``tests/benchmarks/test_gpu_check.py``), so that the script
 cannot rot. Its figures say nothing about any accelerator.
 
 Output in ``--out``: ``gpu_check_<device kind>.json`` and ``gpu_check_<device
@@ -116,7 +116,8 @@ def copy_bandwidth(sizes):
 def kernel_tests(sizes):
   del sizes
   command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
-             "addopts=", "-m", "gpu", os.path.join("tests", "test_gpu_kernels.py")]
+             "addopts=", "-m", "gpu",
+             os.path.join("tests", "quant_core", "deploy", "test_gpu_kernels.py")]
   run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
   lines = [line for line in run.stdout.splitlines() if line.strip()]
   summary = lines[-1] if lines else run.stderr[-500:]

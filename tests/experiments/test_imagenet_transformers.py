@@ -18,8 +18,8 @@ from experiments import input_pipeline
 from experiments import models
 from experiments import train
 from experiments.methods import post_training
-from tests import test_input_pipeline
-from tests import test_timm_import
+from tests.experiments import test_input_pipeline
+from tests.experiments import test_timm_import
 
 
 def imagenet_config(name="comq_4bit", **overrides):
@@ -146,6 +146,7 @@ def xla_optimizations(enabled):
 
 # Times on a shared 2-core CPU (load average 4-6): DeiT-S COMQ 53-67 s, Swin-T RTN 68-73 s,
 # Swin-T COMQ 110 s (75 layers of 40 shapes to compile and solve, up to 3072x768), hence slow.
+@pytest.mark.integration
 @pytest.mark.parametrize("name, method", [
     ("deit_small", "comq"), ("swin_tiny", "rtn"),
     pytest.param("swin_tiny", "comq", marks=pytest.mark.slow)])
@@ -180,6 +181,7 @@ def test_smoke_run_on_mock_imagenet(name, method, tmp_path):
   np.testing.assert_array_equal(kernel, state_dict[f"{timm_head}.weight"].T)
 
 
+@pytest.mark.integration
 def test_bad_timm_checkpoint_fails_before_anything_is_written(tmp_path):
   checkpoint = str(tmp_path / "deit.safetensors")
   state_dict = random_timm_checkpoint("deit_small", checkpoint)

@@ -1,7 +1,7 @@
 """The Hopper (Mosaic GPU) W4A16 kernel: lowered for sm_90 on this host, run in the
 Mosaic GPU interpreter against the jnp reference, its scope and its selection.
 
-The compiled kernel runs only on an sm_90 GPU (``tests/test_gpu_kernels.py``,
+The compiled kernel runs only on an sm_90 GPU (``tests/quant_core/deploy/test_gpu_kernels.py``,
 marker ``gpu``, through ``benchmarks/gpu_check.py``).
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 from quant_core.deploy import hopper
 from quant_core.deploy import kernels
-from tests.test_quantized_matmul import random_packed
+from tests.quant_core.deploy.test_quantized_matmul import random_packed
 
 
 def _abstract(tree):

@@ -180,13 +180,17 @@ def test_layers_are_logged(caplog):
     result = comq_jax.quantize_model(model, variables, batches, comq_jax.comq(bits=4),
                                      rules=[("Dense_0", None)])
   records = [r for r in caplog.records if r.name.startswith("comq_jax")]
-  skips = [r for r in records if "left in float" in r.getMessage()]
+  skips = [r for r in records if "left in float:" in r.getMessage()]
   assert [(r.levelno, r.getMessage()) for r in skips] == [
       (logging.INFO, "Dense_0 (nn.Dense) left in float: rule 'Dense_0'")]
-  solves = [r for r in records if r not in skips]
+  # The phase lines (plan, capture, solve, done) frame the per-layer records.
+  phases = [r.getMessage().split(":")[0] for r in records
+            if r.getMessage().split(":")[0] in ("plan", "capture", "solve", "done")]
+  assert phases == ["plan", "capture", "solve", "done"]
+  solves = [r for r in records if r not in skips and r.getMessage().startswith("COMQ ")]
   # One record per solved layer, and its numbers are the layer's: the method, its
   # position, the kernel shape, then the errors checked against a direct computation.
-  assert len(solves) == 1
+  assert len(solves) == 1 and len(records) == len(skips) + len(phases) + len(solves)
   method, index, total, path, shape, error, rtn_error, seconds = solves[0].args
   assert (method, index, total, path, tuple(shape)) == ("COMQ", 1, 1, "Dense_1", (16, 5))
   (report,) = result.layers

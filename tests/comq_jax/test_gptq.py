@@ -12,7 +12,7 @@ from experiments import input_pipeline
 from experiments import models
 from experiments import train
 from tests import helpers
-from tests import test_comq_experiments
+from tests.experiments import test_comq_experiments
 
 D_IN, D_OUT, N = 96, 24, 384
 
@@ -123,6 +123,7 @@ def test_gptq_beats_round_to_nearest_and_comq_from_gptq_beats_gptq(
   assert np.all(np.diff(np.asarray(comq_from_gptq.history)) <= 1e-6 * float(rtn.error))
 
 
+@pytest.mark.integration
 def test_on_the_trained_digits_cnn_every_layer(tmp_path):
   """Per layer of a trained digits CNN: GPTQ < RTN, and COMQ from GPTQ <= GPTQ."""
   train.train_and_evaluate(test_comq_experiments.tiny_config("fp"), str(tmp_path))

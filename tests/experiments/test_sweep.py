@@ -13,7 +13,7 @@ from experiments import report
 from experiments import sweep
 from experiments import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A tiny INQ run on digits: 90% of the data held out, so ~4 training steps per epoch.
 TINY_SWEEP = """
@@ -147,6 +147,7 @@ def test_point_stopped_early_is_reported_and_run_again(tmp_path):
   assert len(calls) == 1
 
 
+@pytest.mark.integration
 def test_killed_sweep_reruns_only_missing_points_and_resumes(tmp_path):
   """The second point trains 3 real steps and is killed; the rerun resumes it.
 
@@ -193,6 +194,7 @@ def test_killed_sweep_reruns_only_missing_points_and_resumes(tmp_path):
   assert (results["seed"], results["method"], results["bits"]) == (1, "fp", 32)
 
 
+@pytest.mark.integration
 def test_command_line_records_a_failing_point_and_exits_nonzero(tmp_path):
   path = write_sweep_config(str(tmp_path), """
       add(**{"inq.strategy": "bogus", "seed": 0})
@@ -299,6 +301,7 @@ def shortened_run(config, workdir):
 
 
 # One to two minutes each on 2 cores: run with `-m slow`.
+@pytest.mark.integration
 @pytest.mark.parametrize("name", [
     pytest.param("ablation_inq_partition", marks=pytest.mark.slow),
     pytest.param("ablation_comq", marks=pytest.mark.slow),

@@ -15,7 +15,7 @@ from experiments import report
 from experiments import train
 import inq_jax
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def config_datasets(name):
@@ -92,6 +92,7 @@ def test_vit_recipe_changes_only_training_fields():
   assert fp_vit.VIT["fp.lr_decay_epoch"] < fp_vit.VIT["fp.num_epochs"]
 
 
+@pytest.mark.integration
 def test_comq_on_unprepared_imagenet_fails_fast(tmp_path):
   config = configs.apply_overrides(configs.get_config("comq_4bit", "imagenet"),
                                    {"data.data_dir": str(tmp_path), "num_devices": 1})
@@ -144,6 +145,7 @@ def test_apply_overrides():
     configs.apply_overrides(config, {"inq.bitz": 4})
 
 
+@pytest.mark.integration
 def test_command_line_override_typo_names_the_field():
   result = subprocess.run(
       [sys.executable, "-m", "experiments.digits", "--config=inq_5bit",

@@ -58,6 +58,7 @@ def comq_run(tmp_path_factory):
   return train.train_and_evaluate(tiny_config("comq_4bit"), workdir), workdir
 
 
+@pytest.mark.integration
 def test_comq_results_keys_and_accuracy(comq_run):
   results, workdir = comq_run
   # Every quantized run writes its packed model file, well under the FP32 file.
@@ -77,6 +78,7 @@ def test_comq_results_keys_and_accuracy(comq_run):
   assert results["final_accuracy"] >= results["fp_accuracy"] - 0.05
 
 
+@pytest.mark.integration
 def test_comq_layers_beat_round_to_nearest(comq_run):
   results, _ = comq_run
   layers = results["layers"]
@@ -87,6 +89,7 @@ def test_comq_layers_beat_round_to_nearest(comq_run):
     assert 0 < layer["error"] <= layer["rtn_error"], layer
 
 
+@pytest.mark.integration
 def test_comq_kernels_on_4bit_grid_and_sizes(comq_run):
   results, workdir = comq_run
   params, batch_stats = final_params(workdir)
@@ -103,6 +106,7 @@ def test_comq_kernels_on_4bit_grid_and_sizes(comq_run):
   assert all(name in table for name in KERNELS)
 
 
+@pytest.mark.integration
 def test_comq_skip_first_last_keeps_them_float(tmp_path):
   config = tiny_config("comq_2bit", **{"comq.skip_first_last": True,
                                        "calibration.num_examples": 32})
@@ -120,6 +124,7 @@ def test_comq_skip_first_last_keeps_them_float(tmp_path):
   assert results["packed_bytes"] == expected
 
 
+@pytest.mark.integration
 def test_comq_on_the_job_mesh_equals_one_device(tmp_path, comq_run, monkeypatch):
   # With calibration.microbatch set, the job's mesh (the suite's 4 CPU devices) takes
   # the Grams and the solves; one device with the same microbatch gives the same bits.
@@ -160,6 +165,7 @@ def test_calibration_size_must_divide_into_batches():
         "calibration.num_examples": 1376}), data, (0, 1, 0))
 
 
+@pytest.mark.integration
 def test_rtn_pow2_weights_are_in_the_inq_codebook(tmp_path):
   config = tiny_config("rtn_3bit", **{"rtn.grid": "pow2"})
   results = train.train_and_evaluate(config, str(tmp_path))
@@ -183,6 +189,7 @@ def test_rtn_pow2_weights_are_in_the_inq_codebook(tmp_path):
   assert all(name in table for name in KERNELS)
 
 
+@pytest.mark.integration
 def test_eval_packed_needs_a_quantization_method(tmp_path):
   with pytest.raises(ValueError, match=r"eval_packed needs a quantization method "
                      r"\(inq, comq, gptq, rtn\), got 'fp'"):
@@ -190,6 +197,7 @@ def test_eval_packed_needs_a_quantization_method(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.integration
 def test_digits_layers_more_sweeps_and_scale_updates_never_hurt(tmp_path):
   """On a trained digits CNN, per layer: COMQ <= RTN, K=3 <= K=1, scale update <= none."""
   train.train_and_evaluate(tiny_config("fp"), str(tmp_path))

@@ -3,7 +3,7 @@
 Marked ``gpu``: outside the default suite. ``benchmarks/gpu_check.py`` runs it on a
 GPU, where the kernels compile for real (Triton; Mosaic GPU on sm_90), and its
 ``--dry-run`` (run by
-``tests/test_gpu_check.py`` in CI) runs it on CPU, in interpret mode, so that it
+``tests/benchmarks/test_gpu_check.py`` in CI) runs it on CPU, in interpret mode, so that it
 cannot rot. Every case compares ``quantized_matmul`` (and the grouped product) with
 ``quantized_matmul_reference``: exactly for int8 activations (int32 sums), to f32
 summation order for float ones.
@@ -18,7 +18,7 @@ import pytest
 
 from quant_core.deploy import hopper
 from quant_core.deploy import kernels
-from tests import test_quantized_matmul
+from tests.quant_core.deploy import test_quantized_matmul
 
 pytestmark = pytest.mark.gpu
 

@@ -11,6 +11,9 @@ import pytest
 import configs
 from experiments import train
 
+# Integration (and slow): full digits runs of train_and_evaluate.
+pytestmark = pytest.mark.integration
+
 SEEDS = (0, 1, 2)
 
 

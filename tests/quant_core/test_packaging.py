@@ -8,11 +8,13 @@ import sys
 import types
 import venv
 
+import pytest
+
 import comq_jax
 import inq_jax
 import quant_core
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # What a bare install must be able to do: import both packages without Pallas or any
 # experiment dependency, then quantize a layer with each library. (orbax-checkpoint
@@ -49,6 +51,7 @@ print("bare install ok")
 """
 
 
+@pytest.mark.integration
 def test_importing_the_libraries_does_not_import_pallas():
   check = ("import sys, comq_jax, inq_jax, quant_core\n"
            "print(sorted(m for m in ('jax.experimental.pallas', 'quant_core.deploy.kernels')"
@@ -87,6 +90,7 @@ def test_all_lists_resolvable_public_names():
         assert name.isupper() and value is not None, (package.__name__, name)
 
 
+@pytest.mark.integration
 def test_bare_library_installs_into_a_fresh_venv_and_imports(tmp_path):
   source = tmp_path / "source"
   source.mkdir()

@@ -13,7 +13,7 @@ import pytest
 import comq_jax
 from comq_jax import rules as rules_lib
 from comq_jax import solvers
-from tests import test_packaging
+from tests.quant_core import test_packaging
 
 
 def test_a_solver_is_immutable_hashable_and_carries_every_setting():
@@ -138,6 +138,7 @@ def test_the_layer_solve_equals_the_model_solve():
   assert jnp.dtype(report.quantization.codes.dtype) == jnp.int32
 
 
+@pytest.mark.integration
 def test_each_library_loads_only_the_core_and_never_pallas():
   for library, other in (("comq_jax", "inq_jax"), ("inq_jax", "comq_jax"),
                          ("quant_core", "comq_jax")):

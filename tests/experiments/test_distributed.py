@@ -22,7 +22,7 @@ import pytest
 from experiments import input_pipeline
 from experiments import main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Digits INQ 5-bit, short: batches of 64 (21 steps per epoch), two FP epochs, then the
 # 50% INQ step trains one epoch and the final step quantizes the rest: 63 training steps.
 SHORT_FLAGS = ["--config=inq_5bit", "--config.batch_size=64", "--config.fp.num_epochs=2",
@@ -158,6 +158,7 @@ def two_processes(tmp_path_factory):
   return two, one
 
 
+@pytest.mark.integration
 def test_two_processes_match_one_process_with_four_devices(two_processes):
   two, one = two_processes
   # The same global batches, mesh and program; only the all-reduce of the gradients and
@@ -190,6 +191,7 @@ def test_two_processes_match_one_process_with_four_devices(two_processes):
     assert "[process 1/2] inq_0.5 step 10/21" in log.read()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_two_processes_killed_inside_an_inq_step_resume_bitwise(two_processes, tmp_path):
   uninterrupted, _ = two_processes

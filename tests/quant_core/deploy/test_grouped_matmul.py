@@ -10,7 +10,7 @@ import pytest
 from jax.extend import core as jex_core
 
 from quant_core.deploy import kernels as qm
-from tests import test_quantized_matmul
+from tests.quant_core.deploy import test_quantized_matmul
 
 ROWS = 37  # ragged for BLOCK_M
 BLOCK_M = 16

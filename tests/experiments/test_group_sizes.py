@@ -54,6 +54,7 @@ def by_granularity(rows, column):
   return rows.set_index("granularity").loc[list(GRANULARITIES), column].to_numpy()
 
 
+@pytest.mark.integration
 def test_every_method_bits_and_granularity_has_one_row(study):
   table, _ = study
   expected = {(method, bits, granularity) for method in ("comq", "rtn") for bits in BITS
@@ -84,6 +85,7 @@ def numpy_rtn(w, bits, group_size):
   return q
 
 
+@pytest.mark.integration
 def test_rtn_errors_of_the_random_layer_match_a_numpy_rounding(study):
   table, _ = study
   (d_in, d_out), = TINY.shapes
@@ -101,6 +103,7 @@ def test_rtn_errors_of_the_random_layer_match_a_numpy_rounding(study):
                                err_msg=str(row["granularity"]))
 
 
+@pytest.mark.integration
 def test_accuracies_are_counts_over_the_450_test_images(study):
   table, workdir = study
   model_rows = table[table["layer"] == group_sizes.ALL_LAYERS]
@@ -118,6 +121,7 @@ def test_accuracies_are_counts_over_the_450_test_images(study):
   assert np.all(np.isfinite(errors)) and np.all(errors > 0)
 
 
+@pytest.mark.integration
 def test_storage_grows_as_groups_shrink(study):
   table, _ = study
   for (_, _, _, bits), rows in table.groupby(["part", "layer", "method", "bits"]):
@@ -126,6 +130,7 @@ def test_storage_grows_as_groups_shrink(study):
                                   [bits + 8 * 8 * grids / 64 for grids in (1, 1, 4)])
 
 
+@pytest.mark.integration
 def test_model_storage_is_what_size_report_counts(study):
   table, _ = study
   model_rows = table[table["layer"] == group_sizes.ALL_LAYERS]
@@ -140,6 +145,7 @@ def test_model_storage_is_what_size_report_counts(study):
     assert row["packed_bytes"] == expected[row["bits"], row["granularity"]], dict(row)
 
 
+@pytest.mark.integration
 def test_a_group_as_large_as_the_channel_gives_the_channel_error(study):
   table, _ = study
   layers = table[table["layer"] != group_sizes.ALL_LAYERS]
@@ -160,6 +166,7 @@ def test_output_norms_are_those_of_the_kernel_product():
   np.testing.assert_allclose(norms["conv"], np.linalg.norm(x @ kernel), rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_outputs_are_written(study):
   table, workdir = study
   saved = pd.read_csv(os.path.join(workdir, group_sizes.CSV_NAME))

@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 PAGES = sorted(path for path in DOCS.glob("**/*.md")
                if DOCS / "results" not in path.parents)

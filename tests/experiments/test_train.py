@@ -20,6 +20,9 @@ from experiments import models
 from experiments import train
 from experiments.methods import base
 
+# Integration: every test runs train_and_evaluate (one in a subprocess).
+pytestmark = pytest.mark.integration
+
 
 def tiny_config(name="inq_5bit", **overrides):
   """One FP epoch, one epoch per INQ step, schedule 0.5 -> 0.75 -> 1 (42 steps/epoch)."""
@@ -120,7 +123,7 @@ def test_resume_mid_inq_step_is_bitwise_identical(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny_config() as command-line overrides, logging and checkpointing every 2 steps so
 # that a kill can be timed from metrics.jsonl and lands well after a finished checkpoint.
 TINY_FLAGS = ["--config=inq_5bit", "--config.fp.num_epochs=1", "--config.inq.epochs_per_step=1",

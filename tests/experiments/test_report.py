@@ -10,7 +10,7 @@ import pytest
 
 from experiments import report
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCHEDULES = {5: [0.5, 0.75, 0.875, 1.0], 4: [0.3, 0.5, 0.8, 1.0]}
 # (bits, strategy) -> final accuracy per seed 0, 1, 2; FP accuracy is 0.95 for every run.
@@ -137,6 +137,7 @@ def test_missing_inputs_are_clear_errors(tmp_path):
     report.load_runs(str(tmp_path))
 
 
+@pytest.mark.integration
 def test_command_line_writes_the_report(tmp_path):
   make_workdir(str(tmp_path))
   result = subprocess.run(

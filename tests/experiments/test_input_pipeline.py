@@ -16,7 +16,7 @@ from experiments import input_pipeline
 from experiments import train
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_digits_split_sizes_and_range():
@@ -59,6 +59,7 @@ def test_unprepared_imagenet_fails_fast_with_instructions(tmp_path):
   assert not (tmp_path / "imagenet2012").exists()
 
 
+@pytest.mark.integration
 def test_imagenet_command_fails_fast_without_a_traceback_or_a_workdir(tmp_path):
   workdir = tmp_path / "workdir"
   result = subprocess.run(
@@ -101,6 +102,7 @@ def test_imagenet_pipeline_on_mock_data():
   assert np.all(np.isfinite(batches[0]["image"]))
 
 
+@pytest.mark.integration
 def test_resnet18_inq_on_mock_imagenet(tmp_path):
   """The real ImageNet path end to end: FP eval -> portion 0.5 (2 SGD steps) -> 1.0.
 

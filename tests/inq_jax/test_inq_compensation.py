@@ -14,7 +14,7 @@ import quant_core
 from experiments import models
 from experiments import train
 from inq_jax import compensation
-from tests.test_train import tiny_config
+from tests.experiments.test_train import tiny_config
 
 
 def random_layer(seed, d_in, d_out, groups=1, rows=400):
@@ -204,6 +204,7 @@ def test_share_meets_the_total_within_room(total, demand, room):
   assert np.all(free == np.round(free))
 
 
+@pytest.mark.integration
 def test_frozen_weights_stay_bit_identical_through_distillation(tmp_path):
   config = tiny_config(**{"inq.distill_alpha": 1.0, "inq.distill_temperature": 4.0})
   workdir = str(tmp_path)
@@ -261,6 +262,7 @@ def test_distillation_term_is_the_scaled_kl():
   np.testing.assert_allclose(losses[0.5] - losses[0.0], 0.5 * 16 * kl, rtol=1e-4)
 
 
+@pytest.mark.integration
 def test_ternary_options_run_end_to_end(tmp_path):
   config = tiny_config("inq_2bit", **{
       "fp.num_epochs": 0, "inq.schedule": (0.5, 1.0), "inq.compensation.choose": True,

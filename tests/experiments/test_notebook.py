@@ -9,8 +9,12 @@ from jupyter_client import kernelspec
 from jupyter_client import manager
 import nbclient
 import nbformat
+import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Integration: runs the notebook in a kernel subprocess.
+pytestmark = pytest.mark.integration
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOK = os.path.join(REPO, "notebooks", "quickstart.ipynb")
 KERNEL_NAME = "quickstart-python"
 

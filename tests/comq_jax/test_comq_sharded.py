@@ -12,7 +12,7 @@ import pytest
 import comq_jax
 import quant_core
 from experiments import models
-from tests import test_distributed
+from tests.experiments import test_distributed
 
 _FIELDS = ("weights", "codes", "levels", "scale", "zero_point", "exponent", "error",
            "history")
@@ -87,6 +87,7 @@ def _quantize_in_process(out, port, num_processes, process_id):
                      for name in ("conv1", "conv2", "conv3", "fc")})
 
 
+@pytest.mark.integration
 def test_quantize_model_over_two_processes_equals_one_device(tmp_path):
   # Calibration batches split over 2 processes x 2 CPU devices (gloo collectives).
   model, variables, batches = _digits_cnn()
@@ -96,7 +97,7 @@ def test_quantize_model_over_two_processes_equals_one_device(tmp_path):
              JAX_NUM_CPU_DEVICES="2",
              JAX_DISABLE_MOST_OPTIMIZATIONS="true")  # as conftest.py, for bitwise equality
   processes = [subprocess.Popen(
-      [sys.executable, "-m", "tests.test_comq_sharded", str(out), str(port), "2", str(i)],
+      [sys.executable, "-m", "tests.comq_jax.test_comq_sharded", str(out), str(port), "2", str(i)],
       cwd=test_distributed.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for i in range(2)]
   try:

@@ -26,7 +26,7 @@ from quant_core.deploy import recover
 from quant_core.deploy import sizes
 from tests import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 
 
 def _quantized(shape, bits, seed=0):
@@ -456,6 +456,7 @@ def test_deploy_exports_resolve_lazily_to_their_modules():
   assert not hasattr(inq_jax, "deploy")
 
 
+@pytest.mark.integration
 def test_importing_the_libraries_does_not_load_the_kernel():
   # A fresh interpreter: this one has imported the kernel already.
   # The packed representation, the recovery of codes and the size accounting hold no

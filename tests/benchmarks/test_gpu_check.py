@@ -5,7 +5,12 @@ import os
 import subprocess
 import sys
 
-from tests import test_packaging
+import pytest
+
+from tests.quant_core import test_packaging
+
+# Integration: runs benchmarks/gpu_check.py in a subprocess.
+pytestmark = pytest.mark.integration
 
 STEPS = ["environment", "copy_bandwidth", "kernel_tests", "quantized_matmul",
          "layer_solves", "model_comq"]

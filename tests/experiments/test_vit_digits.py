@@ -16,6 +16,9 @@ import configs
 from experiments import train
 import quant_core
 
+# Integration: every test runs train_and_evaluate.
+pytestmark = pytest.mark.integration
+
 BLOCK_LAYERS = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/fc1", "mlp/fc2")
 # ViTDigits' linear layers in forward order: what COMQ quantizes and INQ's predicate picks.
 LAYERS = (["patch_embed/proj"] + [f"blocks_{block}/{layer}" for block in range(4)

@@ -2,13 +2,13 @@
 
 The blocks run in order in one namespace, as a reader pastes them into one session, so
 the documented API cannot drift from the code. The documentation pages under docs/ are
-checked the same way, one page at a time, by tests/test_docs.py.
+checked the same way, one page at a time, by tests/experiments/test_docs.py.
 """
 
 import pathlib
 import re
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
