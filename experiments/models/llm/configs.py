@@ -13,9 +13,8 @@ from experiments.models.llm.layers import RopeSpec
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """A Llama-style decoder (Llama 2/3, SmolLM2, Qwen2): RMSNorm before attention and MLP,
-  RoPE, grouped-query attention and a SwiGLU MLP.
+class DecoderShape:
+  """The sizes every decoder family has.
 
   Attributes:
     vocab_size: tokens in the vocabulary.
@@ -25,13 +24,6 @@ class LlamaConfig:
     num_heads: query heads.
     num_kv_heads: key/value heads (grouped-query attention when fewer than num_heads).
     head_dim: features per head.
-    rope_theta: RoPE base.
-    rope_scaling: optional Llama 3 RoPE scaling.
-    rms_norm_eps: epsilon of every RMSNorm.
-    qkv_bias: biases on the q/k/v projections (Qwen2).
-    tie_embeddings: the output layer is the embedding table (``embed.attend``); otherwise
-      a separate ``lm_head`` nnx.Linear.
-    max_position_embeddings: the longest context the model was trained for (informative).
   """
   vocab_size: int
   hidden_size: int
@@ -40,6 +32,22 @@ class LlamaConfig:
   num_heads: int
   num_kv_heads: int
   head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(DecoderShape):
+  """A Llama-style decoder (Llama 2/3, SmolLM2, Qwen2): RMSNorm before attention and MLP,
+  RoPE, grouped-query attention and a SwiGLU MLP.
+
+  Attributes (besides those of :class:`DecoderShape`):
+    rope_theta: RoPE base.
+    rope_scaling: optional Llama 3 RoPE scaling.
+    rms_norm_eps: epsilon of every RMSNorm.
+    qkv_bias: biases on the q/k/v projections (Qwen2).
+    tie_embeddings: the output layer is the embedding table (``embed.attend``); otherwise
+      a separate ``lm_head`` nnx.Linear.
+    max_position_embeddings: the longest context the model was trained for (informative).
+  """
   rope_theta: float = 10_000.0
   rope_scaling: Optional[Llama3RopeScaling] = None
   rms_norm_eps: float = 1e-5
@@ -54,19 +62,12 @@ class LlamaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Config:
+class Gemma3Config(DecoderShape):
   """A Gemma 3 text decoder (Gemma Team, 2025, Gemma 3 Technical Report): QK-norm, norms
   before and after attention and MLP, a GeGLU MLP, and local sliding-window layers
   interleaved with global ones, each kind with its own RoPE base. The head is tied.
 
-  Attributes:
-    vocab_size: tokens in the vocabulary.
-    hidden_size: model width.
-    intermediate_size: width of the MLP's gate and up projections.
-    num_layers: decoder blocks.
-    num_heads: query heads.
-    num_kv_heads: key/value heads.
-    head_dim: features per head.
+  Attributes (besides those of :class:`DecoderShape`):
     sliding_window: positions a local layer sees (its own included).
     query_pre_attn_scalar: queries are scaled by its inverse square root.
     sliding_window_pattern: every this-many-th layer is global, the others local
@@ -78,13 +79,6 @@ class Gemma3Config:
     rms_norm_eps: epsilon of every RMSNorm.
     max_position_embeddings: the longest context the model was trained for (informative).
   """
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
   sliding_window: int
   query_pre_attn_scalar: float
   sliding_window_pattern: int = 6

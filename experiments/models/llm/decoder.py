@@ -26,9 +26,18 @@ class CausalLM(nnx.Module):
   blocks called as ``block(x, positions, layer_cache) -> (x, layer_cache)``),
   ``final_norm`` and ``lm_head`` (an nnx.Linear, or None for a head tied to ``embed``).
 
-  Subclasses build those attributes and set ``config``, ``dtype``; they may override
-  :meth:`embed_tokens`.
+  Subclasses build them with :meth:`_build`; they may override :meth:`embed_tokens`.
   """
+
+  def _build(self, config, blocks, final_norm, lm_head, *, dtype, param_dtype, rngs):
+    """Sets ``config``, ``dtype``, the embedding table and the given parts."""
+    self.config = config
+    self.dtype = dtype
+    self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List(blocks)
+    self.final_norm = final_norm
+    self.lm_head = lm_head
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """The ``(batch, length, hidden_size)`` input embeddings of ``tokens``."""
@@ -127,14 +136,12 @@ class Llama(CausalLM):
       param_dtype: parameter dtype.
       rngs: initializer randomness.
     """
-    self.config = config
-    self.dtype = dtype
-    self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
-    self.layers = nnx.List([LlamaBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                            for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-                              param_dtype=param_dtype)
-    self.lm_head = None if config.tie_embeddings else nnx.Linear(
+    blocks = [LlamaBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+              for _ in range(config.num_layers)]
+    final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                         param_dtype=param_dtype)
+    lm_head = None if config.tie_embeddings else nnx.Linear(
         config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
+    self._build(config, blocks, final_norm, lm_head, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs)

@@ -79,16 +79,12 @@ class Gemma3(CausalLM):
       param_dtype: parameter dtype.
       rngs: initializer randomness.
     """
-    self.config = config
-    self.dtype = dtype
-    self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
-    self.layers = nnx.List([
-        Gemma3Block(config, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for layer in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, unit_offset=True,
-                              dtype=dtype, param_dtype=param_dtype)
-    self.lm_head = None
+    blocks = [Gemma3Block(config, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+              for layer in range(config.num_layers)]
+    final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, unit_offset=True,
+                         dtype=dtype, param_dtype=param_dtype)
+    self._build(config, blocks, final_norm, None, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs)
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """Embeddings times ``sqrt(hidden_size)``, the factor rounded to the compute dtype
