@@ -117,8 +117,7 @@ def _group_chunks(mats, gram):
 
 
 def _check_call(solver, inputs, on_unsupported, progress):
-  if not isinstance(progress, bool):
-    raise ValueError(f"progress must be True or False, got {progress!r}.")
+  progress_lib.check_enabled(progress)
   if not isinstance(solver, solvers.Solver):
     raise ValueError("solver must be built by comq_jax.comq, comq_jax.gptq or "
                      f"comq_jax.rtn, got {type(solver).__name__}.")
@@ -277,10 +276,15 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
       shapes = _solve_shapes(layer.view, paths.get(params, layer.path)["kernel"].dtype)
       programs.submit(*solve_program(layer_solver, shapes), *shapes)
 
+    passes = 0
+
     def grams_of(layer_paths):
-      nonlocal capture_seconds
+      nonlocal capture_seconds, passes
+      # The calibration data are checked on the first pass over them only.
       grams, seconds = capture.accumulate_grams(target, params, layer_paths, batches, masks,
-                                                programs, mesh, microbatch)
+                                                programs, mesh, microbatch,
+                                                check_batches=passes == 0)
+      passes += 1
       capture_seconds += seconds
       return grams
 

@@ -470,10 +470,12 @@ def _steps(batch, mask, microbatch, mesh):
 
 
 def accumulate_grams(target, params, paths, batches, masks, programs, mesh=None,
-                microbatch=None):
+                microbatch=None, check_batches=True):
   """``({path: (gram, count)}, seconds)``: the Grams of ``paths`` over all batches
   (see :func:`_fold_fn`), one compiled step per signature (compilation not in
-  ``seconds``). With a mesh the result is replicated over it."""
+  ``seconds``). With a mesh the result is replicated over it. ``check_batches``
+  runs :func:`check_batch` on each batch as it is read (the first pass over the
+  batches needs it; later passes read the same data)."""
   capture, _ = capture_fn(target, set(paths))
   fold = _fold_fn(capture, mesh)
   if mesh is not None:
@@ -482,7 +484,8 @@ def accumulate_grams(target, params, paths, batches, masks, programs, mesh=None,
   acc, seconds = None, 0.0
   first_layer = paths_lib.path_name(paths[0]) if paths else None
   for index, (batch, mask) in enumerate(zip(batches, masks, strict=True)):
-    check_batch(index, batch, batches[0] if index else batch, first_layer)
+    if check_batches:
+      check_batch(index, batch, batches[0] if index else batch, first_layer)
     for step in _steps(batch, mask, microbatch, mesh):
       if acc is None:
         acc = _zero_grams(jax.eval_shape(capture, params, *step[:2]), mesh)

@@ -10,6 +10,13 @@ import logging
 from typing import Optional
 
 
+def check_enabled(progress) -> bool:
+  """``progress`` if it is a bool, else ValueError."""
+  if not isinstance(progress, bool):
+    raise ValueError(f"progress must be True or False, got {progress!r}.")
+  return progress
+
+
 class LayerProgress:
   """Counts finished layers: logs each and, when enabled, advances a bar.
 
@@ -25,11 +32,9 @@ class LayerProgress:
 
   def __init__(self, logger: logging.Logger, total: int, description: str,
                enabled: bool = False):
-    if not isinstance(enabled, bool):
-      raise ValueError(f"progress must be True or False, got {enabled!r}.")
     self._logger = logger
     self._bar = None
-    if enabled:
+    if check_enabled(enabled):
       import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total, desc=description, unit="layer", leave=True)
 

@@ -238,3 +238,10 @@ def test_packed_apply_on_float_variables_says_nothing_is_packed(mlp, caplog):
   with caplog.at_level("WARNING", logger="quant_core.deploy.inference"):
     deploy.packed_apply(model, variables, jnp.ones((2, 64)))
   assert "hold no packed kernel; the model runs in float" in caplog.text
+
+
+def test_non_finite_data_is_refused_with_sequential_inputs_too(mlp):
+  batches = _batches()
+  batches[2][0, 0] = np.nan
+  with pytest.raises(ValueError, match="calibration batch 2 has 1 non-finite values"):
+    comq_jax.quantize_model(*mlp, batches, comq_jax.comq(bits=4), inputs="sequential")
