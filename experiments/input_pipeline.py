@@ -119,7 +119,7 @@ def process_block(num_examples, process_index, process_count):
 
 def pad_batch(batch, batch_size):
   """Pads every array of `batch` to `batch_size` rows and adds a float32 "mask"."""
-  num_real = len(batch["label"])
+  num_real = len(next(iter(batch.values())))
   pad = batch_size - num_real
   padded = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
             for k, v in batch.items()}

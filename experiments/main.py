@@ -1,4 +1,5 @@
-"""Shared absl entry point of `python -m experiments.digits` and `experiments.imagenet`.
+"""Shared absl entry point of `python -m experiments.digits`, `experiments.imagenet` and
+`experiments.llm`.
 
   --config=NAME_OR_PATH   a config in configs/ (e.g. inq_5bit, comq_4bit, rtn_4bit) or a
                           path to a .py file
@@ -28,7 +29,11 @@ import configs
 from experiments import input_pipeline
 from experiments import logs
 from experiments import report
+from experiments import text
 from experiments import train
+
+# The config of each entry point when --config is not given.
+DEFAULT_CONFIGS = {"digits": "inq_5bit", "imagenet": "inq_5bit", "text": "llm_comq_4bit"}
 
 # How the launchers that `jax.distributed.initialize()` recognises by itself
 # (jax/_src/clusters) announce a job step: every variable is set, the last one holding the
@@ -68,7 +73,8 @@ def parse_flags(argv, dataset):
                  "a config file; override fields with --config.FIELD=VALUE.")
   name_flags = flags.FlagValues()
   name_flags.set_gnu_getopt(True)  # look past positional values ("--workdir DIR")
-  flags.DEFINE_string("config", "inq_5bit", help_string, flag_values=name_flags)
+  flags.DEFINE_string("config", DEFAULT_CONFIGS.get(dataset, "inq_5bit"), help_string,
+                      flag_values=name_flags)
   try:
     argv = name_flags(argv, known_only=True)  # every argument but --config
     config = configs.get_config(name_flags.config, dataset)
@@ -114,8 +120,12 @@ def run(dataset):
                  jax.device_count(), jax.local_devices(), workdir)
     try:
       results = train.train_and_evaluate(config, workdir)
-    except input_pipeline.ImageNetNotPreparedError as error:
-      sys.exit(f"Error: {error}")  # the message says what to do; a traceback would not
+    except (input_pipeline.ImageNetNotPreparedError, text.TfdsNotPreparedError,
+            ValueError, FileNotFoundError) as error:
+      # The message names the bad input and what is allowed; a traceback would not add to
+      # it (it is logged at verbosity 1: --verbosity=1).
+      logging.debug("The run stopped:", exc_info=True)
+      sys.exit(f"Error: {error}")
     if results is not None:
       print(report.format_results(results))
       print(f"Results written to {os.path.join(workdir, 'results.json')}")

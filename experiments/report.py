@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import files
+from experiments import llm_report
 from experiments import methods
 
 REPORT_DIR = "report"
@@ -49,19 +50,24 @@ def method_label(method):
 def format_results(results):
   """Formats the results dict of one run as a plain-text table.
 
-  Accuracies and sizes for every method, the INQ portions, and the per-layer errors of
+  The task's metric (test accuracy, or perplexity for a language model) and sizes for
+  every method, the INQ portions, the time of each phase, and the per-layer errors of
   post-training methods against round-to-nearest on the same grid.
   """
   bits = results["bits"]
-  rows = {"Full-precision test accuracy": f"{results['fp_accuracy']:.4f}"}
-  for entry in results["portion_accuracies"]:
-    rows[f"  after INQ portion {entry['portion']:g}"] = f"{entry['accuracy']:.4f}"
-  if results["method"] != "fp":
-    rows[f"Final {bits}-bit {method_label(results['method'])} test accuracy"] = (
-        f"{results['final_accuracy']:.4f} "
-        f"({100 * (results['final_accuracy'] - results['fp_accuracy']):+.2f} points)")
-  if results["packed_accuracy"] is not None:
-    rows["  packed codes through quantized_matmul"] = f"{results['packed_accuracy']:.4f}"
+  label = method_label(results["method"])
+  if llm_report.is_language_model_results(results):
+    rows = llm_report.perplexity_rows(results, label)
+  else:
+    rows = {"Full-precision test accuracy": f"{results['fp_accuracy']:.4f}"}
+    for entry in results["portion_accuracies"]:
+      rows[f"  after INQ portion {entry['portion']:g}"] = f"{entry['accuracy']:.4f}"
+    if results["method"] != "fp":
+      rows[f"Final {bits}-bit {label} test accuracy"] = (
+          f"{results['final_accuracy']:.4f} "
+          f"({100 * (results['final_accuracy'] - results['fp_accuracy']):+.2f} points)")
+    if results["packed_accuracy"] is not None:
+      rows["  packed codes through quantized_matmul"] = f"{results['packed_accuracy']:.4f}"
   if results["codebook_fraction"] is not None:
     rows["Weights in the power-of-two codebook"] = (
         f"{100 * results['codebook_fraction']:.2f}%")
@@ -79,11 +85,12 @@ def format_results(results):
           f"{results['packed_file_bytes']:,} bytes (FP32 file "
           f"{results['fp32_file_bytes']:,} bytes, "
           f"{results['fp32_file_bytes'] / results['packed_file_bytes']:.2f}x smaller)")
+  for part, seconds in results.get("seconds", {}).items():
+    rows[f"Seconds: {part}"] = f"{seconds:.1f}"
   title = f"{results['config_name']} on {results['dataset']} ({results['model']})"
   with pd.option_context("display.max_colwidth", None, "display.width", None):
     lines = [title, "-" * len(title), pd.Series(rows).to_string()]
   if results["layers"]:
-    label = method_label(results["method"])
     layers = pd.DataFrame([{
         "layer": layer["path"], "shape": "x".join(map(str, layer["shape"])),
         label: f"{layer['error']:.4g}", "RTN": f"{layer['rtn_error']:.4g}",
@@ -550,8 +557,10 @@ def write_report(workdir):
 
   A plot with nothing to show (no quantized runs, no INQ runs) is left out.
   """
-  runs = load_runs(workdir)
-  groups = group_runs(runs)
+  all_runs = load_runs(workdir)
+  # Language-model runs have their own tables (perplexity); the rest are image runs.
+  runs = [run for run in all_runs if not llm_report.is_language_model_run(run)]
+  groups = group_runs(runs) if runs else []
   report_dir = os.path.join(workdir, REPORT_DIR)
   os.makedirs(report_dir, exist_ok=True)
   paths = {name: os.path.join(report_dir, name)
@@ -567,11 +576,12 @@ def write_report(workdir):
       images += [f"![{title}]({name})", ""]
   markdown = "\n".join([
       "# Results", "",
-      f"{len(runs)} runs under `{workdir}`; test accuracy in percent, "
+      f"{len(all_runs)} runs under `{workdir}`; test accuracy in percent, "
       "mean ± sample standard deviation over the seeds listed (no ± for one seed); "
       "Δ is the mean over seeds of (final − FP) of the same run.", "",
       markdown_tables(groups), ""] + [section + "\n" for section in
-                                       model_tables(runs) + side_by_side_tables(runs)]
+                                       model_tables(runs) + side_by_side_tables(runs)
+                                       + llm_report.tables(all_runs)]
       + images)
   files.write_atomically(paths["report.md"], markdown)
   logging.info("Report of %d runs in %d groups written to %s", len(runs), len(groups),

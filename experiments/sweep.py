@@ -112,8 +112,9 @@ def run_point(name, config, point_dir, train_fn):
     os.remove(error_path)
   if results is None:  # stopped early by config.stop_after_steps
     return {"point": name, "status": "stopped", "seconds": time.time() - start}
+  metric = "perplexity" if "perplexity" in results else "final_accuracy"
   return {"point": name, "status": "done", "seconds": time.time() - start,
-          "final_accuracy": results["final_accuracy"]}
+          metric: results[metric]}
 
 
 def run_sweep(config_name, workdir, dataset, reduced, train_fn=train.train_and_evaluate):
@@ -157,7 +158,9 @@ def format_summary(records):
       "status": [record["status"] for record in records],
       "seconds": [f"{record['seconds']:.1f} s" for record in records],
       "detail": [f"final accuracy {record['final_accuracy']:.4f}"
-                 if "final_accuracy" in record else record.get("error", "")
+                 if "final_accuracy" in record else
+                 f"perplexity {record['perplexity']:.4f}" if "perplexity" in record
+                 else record.get("error", "")
                  for record in records]})
   counts = {status: sum(r["status"] == status for r in records)
             for status in ("done", "skipped", "stopped", "failed")}

@@ -351,7 +351,8 @@ def sample_windows(windows: np.ndarray, num: int, *, seed: int) -> np.ndarray:
 def text_windows(text: str, window_length: int, *, tokenizer: Optional[Tokenizer] = None,
                  vocab_size: Optional[int] = None, eval_fraction: float = 0.1,
                  num_calibration: Optional[int] = None, seed: int = 0,
-                 max_eval_windows: Optional[int] = None) -> TextSplits:
+                 max_eval_windows: Optional[int] = None,
+                 bos_id: Optional[int] = None) -> TextSplits:
   """Calibration and evaluation windows of ``text``: encode, window, split, sample.
 
   Args:
@@ -364,6 +365,10 @@ def text_windows(text: str, window_length: int, *, tokenizer: Optional[Tokenizer
       (:func:`sample_windows`); all of the calibration part when None.
     seed: the calibration sample's seed.
     max_eval_windows: keep only the first this many evaluation windows (all when None).
+    bos_id: for models trained with a beginning-of-sequence token (Gemma, Llama): every
+      window is ``bos_id`` followed by ``window_length - 1`` text tokens, so that each
+      scored sequence starts as the model expects and only text tokens are predicted (as
+      llama.cpp's perplexity does). None: windows of text tokens only.
 
   Returns:
     A TextSplits.
@@ -376,7 +381,14 @@ def text_windows(text: str, window_length: int, *, tokenizer: Optional[Tokenizer
     raise ValueError(f"max_eval_windows must be at least 1 (or None), got {max_eval_windows}.")
   _check_window_length(window_length)
   tokens = encode(text, tokenizer, vocab_size=vocab_size)
-  splits = split_windows(make_windows(tokens, window_length), eval_fraction=eval_fraction)
+  if bos_id is None:
+    windows = make_windows(tokens, window_length)
+  else:
+    if tokens[0] == bos_id:  # the tokenizer's own BOS before the text
+      tokens = tokens[1:]
+    windows = make_windows(tokens, window_length - 1)
+    windows = np.concatenate([np.full((len(windows), 1), bos_id, np.int32), windows], axis=1)
+  splits = split_windows(windows, eval_fraction=eval_fraction)
   calibration = splits.calibration
   if num_calibration is not None:
     calibration = sample_windows(calibration, num_calibration, seed=seed)

@@ -1,7 +1,11 @@
 """The experiment job: `train_and_evaluate(config, workdir) -> results`.
 
-  build model and data -> obtain FP weights (train, or import torchvision / timm weights)
+  build the task (data, model, loss, metric) -> obtain FP weights (train, or import them)
   -> quantize with the method `config.method` -> evaluate -> write results.json
+
+The task (`experiments.tasks`) is the plug: image classification (digits, ImageNet; test
+accuracy) or language modelling (`experiments.llm`; perplexity). Everything else here,
+and the methods, are the same for both.
 
 The run is a list of phases sharing one training loop: phase 0 trains (or only
 evaluates) the full-precision model; the method (`experiments.methods`) adds its
@@ -32,19 +36,23 @@ import optax
 import orbax.checkpoint as ocp
 
 from experiments import files
-from experiments import input_pipeline
 from experiments import methods
-from experiments import models
-from experiments import timm_import
-from experiments import torchvision_import
+from experiments import tasks
 from experiments.methods import base
 import inq_jax
 import quant_core
 
 
-def make_optimizer(hparams, steps_per_epoch):
-  """SGD + momentum, weight decay on kernels, one step LR decay, frozen updates zeroed.
+OPTIMIZERS = ("sgd", "adamw")
 
+
+def make_optimizer(hparams, steps_per_epoch):
+  """SGD + momentum (or AdamW), weight decay on kernels, one step LR decay, frozen
+  updates zeroed.
+
+  hparams.optimizer: "sgd" (L2 weight decay added to the gradient, then SGD with
+  momentum) or "adamw" (Adam with decoupled weight decay, Loshchilov & Hutter, 2019:
+  the decay is added to Adam's update and scaled by the learning rate).
   Weight decay applies to Conv/Dense kernels only (Caffe's decay_mult 0 for biases;
   BN parameters undecayed). Every phase uses INQ's frozen-update mask (the mask is an
   argument of the update, nothing is frozen outside INQ's phases), so the FP phase
@@ -56,13 +64,19 @@ def make_optimizer(hparams, steps_per_epoch):
   # Written out since optax's piecewise schedule mixes int and float dtypes, which
   # strict dtype promotion rejects.
   schedule = lambda count: learning_rates[(count >= decay_step).astype(jnp.int32)]
-  return inq_jax.inq_optimizer(optax.chain(
-      optax.add_decayed_weights(hparams.weight_decay, mask=quant_core.quantizable_mask),
-      optax.sgd(schedule, momentum=hparams.momentum)))
+  decay = optax.add_decayed_weights(hparams.weight_decay, mask=quant_core.quantizable_mask)
+  optimizer = hparams.get("optimizer", "sgd")
+  if optimizer == "sgd":
+    return inq_jax.inq_optimizer(optax.chain(decay, optax.sgd(schedule,
+                                                              momentum=hparams.momentum)))
+  if optimizer == "adamw":
+    return inq_jax.inq_optimizer(optax.chain(optax.scale_by_adam(), decay,
+                                             optax.scale_by_learning_rate(schedule)))
+  raise ValueError(f"optimizer={optimizer!r}; expected one of {OPTIMIZERS}.")
 
 
-def make_train_step(model, optimizer, distillation=None):
-  """Jitted SGD step of `state` ({"variables", "opt_state", ...}) on a batch.
+def make_train_step(task, optimizer, distillation=None):
+  """Jitted optimizer step of `state` ({"variables", "opt_state", ...}) on a batch.
 
   The frozen mask is an argument (data), so one compiled step serves every phase
   whose optimizer has the same settings.
@@ -73,28 +87,30 @@ def make_train_step(model, optimizer, distillation=None):
   """
 
   def loss_fn(params, others, batch, teacher):
-    logits, updates = model.apply({"params": params, **others}, batch["image"],
-                                  train=True, mutable=list(others))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    inputs = task.inputs(batch)
+    logits, updates = task.forward({"params": params, **others}, inputs, train=True,
+                                   mutable=list(others))
+    loss, accuracy = task.loss(logits, batch)
     if distillation is not None:
       alpha, temperature = distillation
-      teacher_logits = jax.lax.stop_gradient(
-          model.apply(teacher, batch["image"], train=False))
+      teacher_logits = jax.lax.stop_gradient(task.forward(teacher, inputs, train=False)[0])
       kl = optax.losses.kl_divergence(jax.nn.log_softmax(logits / temperature),
                                       jax.nn.softmax(teacher_logits / temperature))
       loss = loss + alpha * temperature**2 * kl.mean()
-    return loss, (logits, updates)
+    return loss, (accuracy, updates)
 
   @jax.jit
   def train_step(state, frozen, batch):
     variables = state["variables"]
     others = {k: v for k, v in variables.items() if k != "params"}
-    (loss, (logits, others)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (accuracy, others)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         variables["params"], others, batch, state.get("teacher"))
-    updates, opt_state = optimizer.update(grads, state["opt_state"], variables["params"],
-                                          frozen=frozen)
+    # Standard promotion: optax's Adam raises an int step count to a float power, which
+    # strict promotion (the test suite's) rejects.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, opt_state = optimizer.update(grads, state["opt_state"], variables["params"],
+                                            frozen=frozen)
     params = optax.apply_updates(variables["params"], updates)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"], dtype=jnp.float32)
     # The updated parameters too, so that a diverged state is never checkpointed.
     finite = jnp.isfinite(loss) & jnp.all(jnp.array(
         [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
@@ -104,18 +120,21 @@ def make_train_step(model, optimizer, distillation=None):
   return train_step
 
 
-def make_eval_step(apply_fn):
-  """Jitted masked accuracy counts of `apply_fn(variables, images) -> logits`."""
+def make_eval_step(task, apply_fn=None):
+  """Jitted masked metric sums (`task.eval_sums`) of `apply_fn(variables, inputs) ->
+  logits`, by default the task's model in evaluation mode."""
+  if apply_fn is None:
+    apply_fn = lambda variables, inputs: task.forward(variables, inputs, train=False)[0]
+
   @jax.jit
   def eval_step(variables, batch):
-    logits = apply_fn(variables, batch["image"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return jnp.sum(correct * batch["mask"]), jnp.sum(batch["mask"])
+    return task.eval_sums(apply_fn(variables, task.inputs(batch)), batch)
   return eval_step
 
 
-def evaluate(eval_step, variables, dataset, batch_size, batch_sharding):
-  """Accuracy over the eval set, each process feeding its rows of every batch.
+def evaluate(task, eval_step, variables, dataset, batch_size, batch_sharding):
+  """The task's metric over the eval set (test accuracy, or perplexity), each process
+  feeding its rows of every batch.
 
   The counts of a batch sharded over all processes are global already; with a sharding
   local to each process (the packed model on one device per process) they are summed
@@ -128,7 +147,23 @@ def evaluate(eval_step, variables, dataset, batch_size, batch_sharding):
   if batch_sharding.is_fully_addressable and jax.process_count() > 1:
     # Gathered as float32 (JAX's default), exact for counts below 2**24.
     counts = np.asarray(multihost_utils.process_allgather(counts), np.float64).sum(axis=0)
-  return float(counts[0] / counts[1])
+  return task.summarize(counts)
+
+
+def with_keys_of(tree, template):
+  """``tree`` with the dict keys of ``template`` where they differ only in type.
+
+  A checkpoint restored without a template (`final_variables`) names the integer key 0
+  of an NNX list of blocks "0"; anything else that differs is left for the caller's
+  structure check.
+  """
+  if not (isinstance(tree, dict) and isinstance(template, dict)):
+    return tree
+  if set(tree) == set(template):
+    return {key: with_keys_of(tree[key], template[key]) for key in tree}
+  if {str(key) for key in template} != set(tree):
+    return tree
+  return {key: with_keys_of(tree[str(key)], template[key]) for key in template}
 
 
 def is_writer():
@@ -137,13 +172,14 @@ def is_writer():
 
 
 class Trainer:
-  """The pieces of one run that every phase shares: model, data, mesh, method, steps.
+  """The pieces of one run that every phase shares: task (model, data), mesh, method, steps.
 
   Compiled train steps are cached by what they depend on: the optimizer settings.
   """
 
-  def __init__(self, config, workdir, dataset, mesh, fp_variables=None):
-    self.config, self.workdir, self.dataset = config, workdir, dataset
+  def __init__(self, config, workdir, task, mesh, fp_variables=None):
+    self.config, self.workdir, self.task = config, workdir, task
+    dataset = self.dataset = task.dataset
     self.fp_variables, self.mesh = fp_variables, mesh
     self.method = methods.get(config.method)
     self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -154,16 +190,12 @@ class Trainer:
       raise ValueError(f"batch_size {config.batch_size} exceeds the "
                        f"{dataset.num_train_examples} training examples.")
     fp_phase = base.fp_phase(config, self.steps_per_epoch)
-    if fp_variables is not None:  # given: phase 0 only evaluates them
+    if fp_variables is not None or not task.trains_fp:
+      # Given or pretrained: phase 0 only evaluates them.
       fp_phase = fp_phase._replace(num_steps=0, hparams=None)
     self.phases = [fp_phase] + self.method.phases(config, self.steps_per_epoch)
-    # The transformers are built for the data's image size (CNNs take any).
-    self.model = models.create_model(config.model.name, config.model.num_classes,
-                                     image_size=dataset.image_shape[0],
-                                     window_size=config.model.get("window_size"))
     self.rng = jax.random.key(config.seed)
-    self.eval_step = make_eval_step(
-        lambda v, images: self.model.apply(v, images, train=False))
+    self.eval_step = make_eval_step(task)
     self._train_steps = {}
 
   def optimizer(self, phase_index):
@@ -178,30 +210,27 @@ class Trainer:
       distillation = None
       if phase_index > 0 and self.method.distills(self.config):
         distillation = (hparams.distill_alpha, hparams.distill_temperature)
-      self._train_steps[key] = make_train_step(self.model, self.optimizer(phase_index),
+      self._train_steps[key] = make_train_step(self.task, self.optimizer(phase_index),
                                                distillation)
     return self._train_steps[key]
 
   def initial_state(self):
     """{"variables", "method"}: FP weights (initialised or imported) and method state.
 
-    config.init_checkpoint holds timm weights for the transformers (ViT, DeiT, Swin) and
-    torchvision weights otherwise; the importer returns every variable converted or
-    raises, naming the key, before anything is written.
+    The task imports config.init_checkpoint (timm, torchvision, GGUF or safetensors
+    weights): every variable converted, or an error naming the key, before anything is
+    written.
     """
-    image = jnp.zeros((1,) + self.dataset.image_shape, jnp.float32)
-    variables = jax.jit(lambda key: self.model.init(key, image, train=False))(self.rng)
+    variables = self.task.init_variables(self.rng)
     if self.fp_variables is not None:
-      if jax.tree.structure(self.fp_variables) != jax.tree.structure(variables):
+      fp_variables = with_keys_of(self.fp_variables, variables)
+      if jax.tree.structure(fp_variables) != jax.tree.structure(variables):
         raise ValueError("fp_variables do not have the structure of the model's variables.")
-      variables = jax.tree.map(jnp.asarray, self.fp_variables)
-    elif self.config.init_checkpoint:
-      if isinstance(self.model, (models.VisionTransformer, models.SwinTransformer)):
-        source, importer = "timm", timm_import.import_timm
-      else:
-        source, importer = "torchvision", torchvision_import.import_torchvision
-      logging.info("Importing %s weights from %s", source, self.config.init_checkpoint)
-      variables = importer(self.config.init_checkpoint, variables)
+      variables = jax.tree.map(jnp.asarray, fp_variables)
+    else:
+      imported = self.task.import_weights(variables)
+      if imported is not None:
+        variables = imported
     state = {"variables": variables}
     if self.method.distills(self.config):
       # The FP weights once the method's first phase begins; here for the structure
@@ -224,7 +253,7 @@ class Trainer:
     """Enters phase progress["phase"]: the method quantizes; returns the new state."""
     phase = self.phases[progress["phase"]]
     start = time.time()
-    context = base.Context(self.config, self.model, self.dataset, self.rng,
+    context = base.Context(self.config, self.task, self.dataset, self.rng,
                            progress["phase"], self.mesh)
     state, record = self.method.enter(phase, state, context)
     if record is not None:
@@ -233,8 +262,8 @@ class Trainer:
     return self.with_optimizer(state, progress["phase"])
 
   def evaluate(self, variables):
-    return evaluate(self.eval_step, variables, self.dataset, self.config.eval_batch_size,
-                    self.batch_sharding)
+    return evaluate(self.task, self.eval_step, variables, self.dataset,
+                    self.config.eval_batch_size, self.batch_sharding)
 
 
 class MetricsWindow:
@@ -350,8 +379,8 @@ def make_mesh(config):
 
 def restore(manager, trainer, state):
   """(state, progress) of the newest checkpoint, or of a fresh run when there is none."""
-  progress = {"phase": 0, "step_in_phase": 0, "global_step": 0, "accuracies": {},
-              "records": {}}
+  progress = {"phase": 0, "step_in_phase": 0, "global_step": 0, "evaluations": {},
+              "records": {}, "seconds": {}}
   step = manager.latest_step()
   if step is None:
     return trainer.with_optimizer(state, 0), progress
@@ -376,16 +405,17 @@ def train_and_evaluate(config, workdir, *, fp_variables=None):
   every process but process 0, which alone writes the results.
   """
   methods.get(config.method).check(config)
-  # Data first: an unprepared dataset stops the run before anything is written.
-  dataset = input_pipeline.create_dataset(config, jax.process_index(), jax.process_count())
+  # Data and model first: an unprepared dataset, or a model or checkpoint that cannot be
+  # used, stops the run before anything is written.
+  task = tasks.create_task(config, jax.process_index(), jax.process_count())
   mesh = make_mesh(config)
-  trainer = Trainer(config, workdir, dataset, mesh, fp_variables)
+  trainer = Trainer(config, workdir, task, mesh, fp_variables)
   # Imported before the workdir is made, so that a bad checkpoint leaves nothing behind.
   initial_state = trainer.initial_state()
   os.makedirs(workdir, exist_ok=True)
   check_same_config(workdir, config.to_json())
   logging.info("%d devices, %d training examples, %d steps/epoch, phases %s",
-               mesh.devices.size, dataset.num_train_examples, trainer.steps_per_epoch,
+               mesh.devices.size, task.dataset.num_train_examples, trainer.steps_per_epoch,
                [(p.name, p.num_steps) for p in trainer.phases])
 
   options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep,
@@ -401,26 +431,38 @@ def train_and_evaluate(config, workdir, *, fp_variables=None):
           progress=ocp.args.JsonSave(copy.deepcopy(progress))))
 
     steps_this_run = 0
+    seconds = progress.setdefault("seconds", {})
+
+    def timed(name, start):  # wall time of this run and of those before it
+      seconds[name] = seconds.get(name, 0.0) + time.time() - start
+
     while progress["phase"] < len(trainer.phases):
       phase = trainer.phases[progress["phase"]]
+      start = time.time()
       state, steps_this_run, stopped = train_phase(trainer, state, progress, save,
                                                    steps_this_run)
+      if phase.num_steps:
+        timed(f"{phase.name}/train", start)
       if stopped:
         manager.wait_until_finished()
         logging.info("Stopping after %d steps (stop_after_steps).", steps_this_run)
         return None
-      accuracy = trainer.evaluate(state["variables"])
-      progress["accuracies"][phase.name] = accuracy
+      start = time.time()
+      value = trainer.evaluate(state["variables"])
+      timed(f"{phase.name}/evaluate", start)
+      progress["evaluations"][phase.name] = value
       if is_writer():
         files.append_jsonl(os.path.join(workdir, "metrics.jsonl"), {
             "type": "eval", "phase": progress["phase"], "phase_name": phase.name,
             "portion": phase.portion, "global_step": progress["global_step"],
-            "accuracy": accuracy})
-      logging.info("%s: test accuracy %.4f", phase.name, accuracy)
+            task.metric: value})
+      logging.info("%s: test %s %.4f", phase.name, task.metric, value)
       progress["phase"] += 1
       progress["step_in_phase"] = 0
       if progress["phase"] < len(trainer.phases):
+        start = time.time()
         state = trainer.enter(state, progress)
+        timed(f"{trainer.phases[progress['phase']].name}/quantize", start)
       save(state)
     manager.wait_until_finished()
   return write_results(trainer, workdir, state, progress)
@@ -450,28 +492,36 @@ def write_results(trainer, workdir, state, progress):
   Every process packs and evaluates; process 0 writes and returns the results, the
   others return None.
 
-  Keys common to every method: config_name, dataset, model, method, bits, seed,
-  fp_accuracy, final_accuracy, packed_accuracy (with eval_packed, else None),
+  Keys common to every method: config_name, dataset, model, method, bits, seed, the
+  task's metric of the FP model, of the final model and of the packed model (with
+  eval_packed, else None): fp_accuracy, final_accuracy and packed_accuracy for images,
+  fp_perplexity, perplexity and packed_perplexity for language models; seconds (wall
+  time per phase and part: "fp/train", "fp/evaluate", "comq/quantize", ..., "pack"),
   packed_file_bytes (the size of workdir/packed_model.safetensors), fp32_file_bytes
   (a safetensors file of the same variables in float32) and packed_memory_bytes (the
   packed variables in memory, padding included); the last three are None for FP. The
   method adds its sizes (fp32_bytes, packed_bytes, codebook_bytes, entropy_bytes) and
-  its own keys (portion_accuracies, codebook_fraction, layers, ...).
+  its own keys (portion_accuracies or portion_perplexities, codebook_fraction, layers,
+  ...).
   """
-  config, method = trainer.config, trainer.method
-  example = jnp.zeros((1,) + trainer.dataset.image_shape, jnp.float32)
-  packed = method.packed_variables(trainer.model, state, progress, trainer.phases, example)
-  packed_accuracy = None
+  config, method, task = trainer.config, trainer.method, trainer.task
+  start = time.time()
+  packed = method.packed_variables(task, state, progress, trainer.phases)
+  seconds = dict(progress["seconds"], pack=time.time() - start)
+  packed_value = None
   if config.eval_packed:
     # One device per process: the Pallas kernel is not partitioned over the batch mesh.
     device = jax.local_devices()[0]
-    apply_fn = lambda v, images: quant_core.deploy.packed_apply(trainer.model, v, images,
-                                                             train=False)
-    packed_accuracy = evaluate(make_eval_step(apply_fn), jax.device_put(packed, device),
-                               trainer.dataset, config.eval_batch_size,
-                               jax.sharding.SingleDeviceSharding(device))
-    logging.info("packed model through quantized_matmul: test accuracy %.4f",
-                 packed_accuracy)
+    model = task.bound(state["variables"])[0]
+    apply_fn = lambda v, inputs: quant_core.deploy.packed_apply(model, v, inputs,
+                                                             **task.apply_kwargs)
+    start = time.time()
+    packed_value = evaluate(task, make_eval_step(task, apply_fn),
+                            jax.device_put(packed, device), trainer.dataset,
+                            config.eval_batch_size, jax.sharding.SingleDeviceSharding(device))
+    seconds["packed/evaluate"] = time.time() - start
+    logging.info("packed model through quantized_matmul: test %s %.4f", task.metric,
+                 packed_value)
   if not is_writer():
     return None
   sizes = dict(packed_file_bytes=None, fp32_file_bytes=None, packed_memory_bytes=None)
@@ -481,7 +531,8 @@ def write_results(trainer, workdir, state, progress):
             os.path.join(workdir, PACKED_MODEL_FILE), packed),
         fp32_file_bytes=quant_core.deploy.fp32_file_bytes(state["variables"]),
         packed_memory_bytes=quant_core.deploy.size_report(packed).packed_bytes)
-  accuracies = progress["accuracies"]
+  evaluations = progress["evaluations"]
+  fp_key, final_key, packed_key = task.result_keys[:3]
   results = {
       "config_name": config.name,
       "dataset": config.dataset,
@@ -489,11 +540,12 @@ def write_results(trainer, workdir, state, progress):
       "method": config.method,
       "bits": method.bits(config),
       "seed": config.seed,
-      "fp_accuracy": accuracies["fp"],
-      "final_accuracy": accuracies[trainer.phases[-1].name],
-      "packed_accuracy": packed_accuracy,
+      fp_key: evaluations["fp"],
+      final_key: evaluations[trainer.phases[-1].name],
+      packed_key: packed_value,
+      "seconds": seconds,
       **sizes,
-      **method.results(config, state, progress, trainer.phases, packed),
+      **method.results(task, state, progress, trainer.phases, packed),
   }
   files.write_json_atomically(os.path.join(workdir, "results.json"), results)
   return results

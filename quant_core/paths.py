@@ -27,8 +27,19 @@ def path_name(path: Sequence[Any]) -> str:
   return "/".join(str(key) for key in keys_of(path))
 
 
+def child(tree, key):
+  """``tree[key]``, where a ``/``-joined name's ``"0"`` also finds the integer key ``0``
+  (NNX lists of layers give integer keys in their state dicts)."""
+  if isinstance(key, str) and key.isdigit() and not isinstance(tree, (list, tuple)) and (
+      key not in tree):
+    return tree[int(key)]
+  if isinstance(tree, (list, tuple)):
+    return tree[int(key)]
+  return tree[key]
+
+
 def get(tree, path: Sequence[Any]):
-  """The node of a nested dict (or list) at ``path``."""
+  """The node of a nested dict (or list) at ``path``; see :func:`child` for the keys."""
   for key in keys_of(path):
-    tree = tree[key]
+    tree = child(tree, key)
   return tree

@@ -35,12 +35,15 @@ class Phase(NamedTuple):
 class Context(NamedTuple):
   """What a method may use on entering a phase.
 
+  task: the run's `experiments.tasks` task (its model through `task.bound(variables)`,
+    the evaluation-mode call arguments `task.apply_kwargs`, the batches' model inputs
+    `task.inputs(batch)`).
   phase_index: position of the phase being entered in the run (0 is FP).
   rng: the run's root PRNG key (derive keys with fold_in).
   mesh: the run's device mesh (its axis "batch").
   """
   config: ml_collections.ConfigDict
-  model: Any
+  task: Any
   dataset: Any
   rng: jax.Array
   phase_index: int
@@ -67,7 +70,7 @@ class Method:
   phases after the FP one; `enter(phase, state, context)` on entering each of them;
   `frozen(state)` for the training steps of every phase; at the end,
   `packed_variables` (written as the packed model file, and run with eval_packed) and
-  `results(config, state, progress, phases, packed)` with what it returned.
+  `results(task, state, progress, phases, packed)` with what it returned.
   """
   name = "fp"
   label = "FP"
@@ -117,23 +120,25 @@ class Method:
     """
     return jax.tree.map(lambda p: jnp.zeros(p.shape, bool), state["variables"]["params"])
 
-  def packed_variables(self, model, state, progress, phases, example):
+  def packed_variables(self, task, state, progress, phases):
     """The final variables with packed kernels (`quant_core.deploy`), or None (FP).
 
-    example: one model input (shapes only), to find each layer's 2-D view.
+    task: the run's task; `task.example` is one model input (shapes only), to find each
+    layer's 2-D view.
     """
-    del model, state, progress, phases, example
+    del task, state, progress, phases
     return None
 
-  def results(self, config, state, progress, phases, packed) -> dict:
+  def results(self, task, state, progress, phases, packed) -> dict:
     """The method's entries of results.json (sizes and method-specific keys).
 
-    packed: what `packed_variables` returned for this run (None for FP).
+    task: the run's task (`task.config` its config; `task.result_keys[3]` the key of
+    per-portion metrics). packed: what `packed_variables` returned (None for FP).
     """
-    del config, progress, phases, packed
+    del progress, phases, packed
     variables = jax.device_get(state["variables"])
     fp32 = sum(4 * leaf.size for leaf in jax.tree.leaves(variables))
     own = sum(leaf.nbytes for leaf in jax.tree.leaves(variables))
-    return {"portion_accuracies": [], "codebook_fraction": None, "layers": None,
+    return {task.result_keys[3]: [], "codebook_fraction": None, "layers": None,
             "fp32_bytes": fp32, "packed_bytes": own, "codebook_bytes": own,
             "entropy_bytes": None}

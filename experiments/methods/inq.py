@@ -80,21 +80,22 @@ class INQMethod(base.Method):
         key=jax.random.fold_in(context.rng, context.phase_index), statistics=statistics)
     variables = dict(state["variables"], params=params)
     if phase.portion == 1.0 and config.inq.bn_recalibration_batches:
-      variables = recalibrate_batch_stats(context.model, variables, config,
+      variables = recalibrate_batch_stats(context.task, variables, config,
                                           context.dataset, context.phase_index)
     return dict(state, variables=variables, method=inq_state), None
 
   def frozen(self, state):
     return state["method"].frozen
 
-  def packed_variables(self, model, state, progress, phases, example):
+  def packed_variables(self, task, state, progress, phases):
     """Each quantized kernel packed as its layer's view matrices (so DenseGeneral and
     grouped convs run too), encoded under the layer's n1 from the INQ state."""
     del progress, phases
-    return inq_jax.pack_model(model, state["variables"], state["method"], example,
-                              train=False)
+    variables = jax.device_get(state["variables"])
+    return inq_jax.pack_model(task.bound(variables)[0], variables, state["method"],
+                              task.example, **task.apply_kwargs)
 
-  def results(self, config, state, progress, phases, packed):
+  def results(self, task, state, progress, phases, packed):
     params, inq_state = state["variables"]["params"], state["method"]
     fraction = inq_jax.codebook_fraction(params, inq_state)
     if fraction != 1.0:
@@ -104,9 +105,9 @@ class INQMethod(base.Method):
     return {**base.size_entries(quant_core.deploy.size_report(packed)),
             "codebook_fraction": fraction, "layers": None,
             "zero_fractions": zero_fractions(params, inq_state),
-            "portion_accuracies": [
+            task.result_keys[3]: [
                 {"phase": p.name, "portion": p.portion,
-                 "accuracy": progress["accuracies"][p.name]} for p in phases[1:]]}
+                 task.metric: progress["evaluations"][p.name]} for p in phases[1:]]}
 
 
 def zero_fractions(params, inq_state):
@@ -121,15 +122,15 @@ def zero_fractions(params, inq_state):
 
 def layer_statistics(context, variables):
   """``{path: inq_jax.LayerStatistics}`` of the calibration images under `variables`."""
-  config, model = context.config, context.model
-  images = post_training.calibration_images(config, context.dataset,
+  config, task = context.config, context.task
+  inputs = post_training.calibration_inputs(config, task, context.dataset,
                                             (config.seed, context.phase_index, 0))
-  variables = jax.device_put(jax.device_get(variables))
-  return inq_jax.layer_statistics(model, variables, images, train=False,
+  model, variables = task.bound(jax.device_put(jax.device_get(variables)))
+  return inq_jax.layer_statistics(model, variables, inputs, **task.apply_kwargs,
                                   **post_training.calibration_devices(config, context.mesh))
 
 
-def recalibrate_batch_stats(model, variables, config, dataset, phase_index):
+def recalibrate_batch_stats(task, variables, config, dataset, phase_index):
   """`variables` with BatchNorm running statistics re-estimated: forward passes in
   training mode over config.inq.bn_recalibration_batches training batches (the
   layers' own running-average momentum); no parameter changes. Models without
@@ -141,8 +142,8 @@ def recalibrate_batch_stats(model, variables, config, dataset, phase_index):
 
   @jax.jit
   def forward(batch_stats, images):
-    _, updates = model.apply({**others, "batch_stats": batch_stats}, images, train=True,
-                             mutable=["batch_stats"])
+    _, updates = task.forward({**others, "batch_stats": batch_stats}, images, train=True,
+                              mutable=["batch_stats"])
     return updates["batch_stats"]
 
   batch_stats = variables["batch_stats"]
@@ -150,7 +151,7 @@ def recalibrate_batch_stats(model, variables, config, dataset, phase_index):
       dataset.train_epoch(config.batch_size, (config.seed, phase_index, 1)),
       config.inq.bn_recalibration_batches)
   for batch in batches:
-    batch_stats = forward(batch_stats, jnp.asarray(batch["image"]))
+    batch_stats = forward(batch_stats, jnp.asarray(task.inputs(batch)))
   return {**variables, "batch_stats": batch_stats}
 
 

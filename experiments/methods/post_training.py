@@ -13,7 +13,6 @@ import re
 import jax
 import jax.numpy as jnp
 
-from experiments import models
 from experiments.methods import base
 import comq_jax
 from comq_jax import solvers
@@ -47,10 +46,10 @@ def calibration_devices(config, mesh) -> dict:
   return dict(mesh=mesh, microbatch=microbatch)
 
 
-def calibration_images(config, dataset, shuffle_seed):
-  """The first `calibration.num_examples` training images of the seeded order
-  `shuffle_seed`, with the training preprocessing, as a list of
-  `calibration.batch_size` batches."""
+def calibration_inputs(config, task, dataset, shuffle_seed):
+  """The model inputs (`task.inputs`) of the first `calibration.num_examples` training
+  examples of the seeded order `shuffle_seed` (images with the training preprocessing,
+  or token windows), as a list of `calibration.batch_size` batches."""
   num, batch_size = config.calibration.num_examples, config.calibration.batch_size
   require_one_process(dataset.process_count)
   if batch_size <= 0 or num <= 0 or num % batch_size:
@@ -60,7 +59,7 @@ def calibration_images(config, dataset, shuffle_seed):
     raise ValueError(f"calibration.num_examples={num} exceeds the "
                      f"{dataset.num_train_examples} training examples.")
   batches = itertools.islice(dataset.train_epoch(batch_size, shuffle_seed), num // batch_size)
-  return [jnp.asarray(batch["image"]) for batch in batches]
+  return [jnp.asarray(task.inputs(batch)) for batch in batches]
 
 
 def first_and_last_layers(model, variables, image, num_classes):
@@ -128,27 +127,31 @@ class PostTrainingMethod(base.Method):
     return [base.Phase(self.name, 0, None)]
 
   def enter(self, phase, state, context):
-    config = context.config
-    images = calibration_images(config, context.dataset,
-                                (config.seed, context.phase_index, 0))
+    config, task = context.config, context.task
+    calibration = calibration_inputs(config, task, context.dataset,
+                                     (config.seed, context.phase_index, 0))
     # Gathered on one device; with calibration.microbatch, quantize_model spreads the
     # calibration and the solves over the mesh itself.
-    variables = jax.device_put(jax.device_get(state["variables"]))
-    rules = None
+    model, variables = task.bound(jax.device_put(jax.device_get(state["variables"])))
+    rules = list(task.float_rules())
     skip_first_last = config[self.name].skip_first_last
     if skip_first_last is None:
-      # The official COMQ code leaves the timm transformers' patch embedding and head
-      # in float; the CNN recipes quantize every layer.
-      skip_first_last = models.canonical_name(config.model.name) in models.TIMM_NAMES.values()
+      skip_first_last = task.skips_first_last()
     if skip_first_last:
-      ends = first_and_last_layers(context.model, variables, images[0],
+      if config.dataset == "text":
+        raise ValueError(f"{self.name}.skip_first_last is for image models; a language "
+                         "model's embedding (and tied head) always stays in float, and an "
+                         "untied lm_head too.")
+      ends = first_and_last_layers(model, variables, calibration[0],
                                    config.model.num_classes)
-      rules = [(re.escape(path), None) for path in sorted(ends)]
+      rules += [(re.escape(path), None) for path in sorted(ends)]
     inputs = config[self.name].inputs
-    result = comq_jax.quantize_model(context.model, variables, images,
-                                     solver(config, self.name), rules=rules, inputs=inputs,
+    result = comq_jax.quantize_model(model, variables, calibration,
+                                     solver(config, self.name), rules=rules or None,
+                                     inputs=inputs,
                                      progress=config.progress and jax.process_index() == 0,
-                                     train=False, **calibration_devices(config, context.mesh))
+                                     **task.apply_kwargs,
+                                     **calibration_devices(config, context.mesh))
     # JSON types, so that a run resumed from its checkpoint reports the same.
     record = {"layers": [report.record() for report in result.layers],
               "skipped": [entry._asdict() for entry in result.skipped],
@@ -167,7 +170,7 @@ class PostTrainingMethod(base.Method):
         skipped=[comq_jax.SkippedLayer(**entry) for entry in record["skipped"]],
         inputs=record["inputs"])
 
-  def packed_variables(self, model, state, progress, phases, example):
+  def packed_variables(self, task, state, progress, phases):
     """The checkpointed weights packed by recovering each layer's grid from its
     values: a run resumed after its quantization holds the weights, not the codes
     (`quant_core.deploy.pack_layers`; the same codes where the solver uses its lowest
@@ -175,16 +178,16 @@ class PostTrainingMethod(base.Method):
     result = self.quantization(state, progress, phases)
     layer_solver = result.layers[0].solver
     return quant_core.deploy.pack_layers(
-        result.variables, model, example,
+        result.variables, task.bound(result.variables)[0], task.example,
         {report.path: report.matrices for report in result.layers},
         bits=layer_solver.bits, grid=layer_solver.grid,
         granularity=layer_solver.granularity, group_size=layer_solver.group_size,
-        train=False)
+        progress=task.config.progress and jax.process_index() == 0, **task.apply_kwargs)
 
-  def results(self, config, state, progress, phases, packed):
+  def results(self, task, state, progress, phases, packed):
     del packed  # The sizes come from the quantization record, as size_report counts them.
     record = progress["records"][phases[-1].name]
     result = self.quantization(state, progress, phases)
-    return {**base.size_entries(result.size_report()), "portion_accuracies": [],
+    return {**base.size_entries(result.size_report()), task.result_keys[3]: [],
             "codebook_fraction": None, "layers": record["layers"],
             "skipped_layers": record["skipped"]}

@@ -56,10 +56,8 @@ PyTree = Any
 
 def _set_kernel(params: dict, path: str, kernel) -> None:
   """Puts ``kernel`` at the ``/``-joined module ``path`` of a params tree."""
-  node = params
-  for key in path.split("/") if path else ():  # "" is the model itself
-    node = node[key]
-  node["kernel"] = kernel
+  # "" is the model itself
+  paths.get(params, path.split("/") if path else ())["kernel"] = kernel
 
 
 def pack_quantization(result, *, k_tile: Optional[int] = None,

@@ -12,6 +12,7 @@ import configs
 from experiments import input_pipeline
 from experiments import report
 from experiments import models
+from experiments import tasks
 from experiments import train
 from experiments.methods import post_training
 import inq_jax
@@ -157,12 +158,13 @@ def test_comq_on_the_job_mesh_equals_one_device(tmp_path, comq_run, monkeypatch)
 
 def test_calibration_size_must_divide_into_batches():
   data = input_pipeline.DigitsData(test_size=0.25, split_seed=0)
+  task = tasks.ImageClassification
   with pytest.raises(ValueError, match="multiple of calibration.batch_size=32"):
-    post_training.calibration_images(tiny_config("comq_4bit", **{
-        "calibration.num_examples": 40}), data, (0, 1, 0))
+    post_training.calibration_inputs(tiny_config("comq_4bit", **{
+        "calibration.num_examples": 40}), task, data, (0, 1, 0))
   with pytest.raises(ValueError, match="exceeds the 1347 training examples"):
-    post_training.calibration_images(tiny_config("comq_4bit", **{
-        "calibration.num_examples": 1376}), data, (0, 1, 0))
+    post_training.calibration_inputs(tiny_config("comq_4bit", **{
+        "calibration.num_examples": 1376}), task, data, (0, 1, 0))
 
 
 @pytest.mark.integration

@@ -18,17 +18,22 @@ import inq_jax
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+IMAGE_DATASETS = ("imagenet", "digits")
+
+
 def config_datasets(name):
-  """The datasets a config supports: its module's DATASETS, else every dataset."""
-  return getattr(configs.load_module(name), "DATASETS", base.DATASETS)
+  """The datasets a config is made for: its module's DATASETS, else the image datasets."""
+  return getattr(configs.load_module(name), "DATASETS", IMAGE_DATASETS)
 
 
 @pytest.mark.parametrize("dataset", base.DATASETS)
 @pytest.mark.parametrize("name", configs.available())
 def test_every_config_loads(name, dataset):
+  module = configs.load_module(name)
   if dataset not in config_datasets(name):
-    with pytest.raises(ValueError, match=dataset):  # a clear error, not another model
-      configs.get_config(name, dataset)
+    if hasattr(module, "DATASETS"):
+      with pytest.raises(ValueError, match=dataset):  # a clear error, not another model
+        configs.get_config(name, dataset)
     return
   config = configs.get_config(name, dataset)
   assert config.name == name
@@ -42,6 +47,18 @@ def test_expected_configs_exist():
           "comq_2bit", "rtn_4bit", "rtn_3bit", "rtn_2bit", "fp_vit", "comq_4bit_vit",
           "comq_3bit_vit", "rtn_4bit_vit", "inq_5bit_vit",
           "inq_2bit_compensated"} <= set(configs.available())
+  # The language-model configs of experiments.llm.
+  assert {"llm_fp", "llm_inq_5bit"} | {f"llm_{method}_{bits}bit" for method in (
+      "comq", "gptq", "rtn") for bits in (4, 3, 2)} <= set(configs.available())
+
+
+@pytest.mark.parametrize("name", ["comq_4bit", "gptq_3bit", "rtn_2bit", "inq_5bit", "fp"])
+def test_llm_configs_are_the_method_configs_on_text(name):
+  config = configs.get_config(f"llm_{name}", "text")
+  reference = configs.get_config(name, "text")
+  assert changed_fields(config, reference) == {"name": f"llm_{name}"}
+  assert (config.dataset, config.model.name, config.data.corpus) == ("text", "byte_llama",
+                                                                     "kjv")
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])

@@ -223,8 +223,9 @@ SWEEP_CONFIGS = [name for name in configs.available()
 
 @pytest.mark.parametrize("name", SWEEP_CONFIGS)
 def test_every_sweep_is_valid(name):
-  full = sweep.sweep_configs(name, "digits", reduced=False)
-  reduced = sweep.sweep_configs(name, "digits", reduced=True)
+  dataset = getattr(configs.load_module(name), "DATASETS", ("digits",))[0]
+  full = sweep.sweep_configs(name, dataset, reduced=False)
+  reduced = sweep.sweep_configs(name, dataset, reduced=True)
   assert 0 < len(reduced) < len(full)
   assert {point for point, _ in reduced} <= {point for point, _ in full}
   assert {config.seed for _, config in full} == {0, 1, 2}

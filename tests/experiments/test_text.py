@@ -107,6 +107,21 @@ def test_windows_do_not_overlap_between_calibration_and_evaluation():
   assert len(full.evaluation) == round(0.2 * (len(tokens) // length))
 
 
+def test_bos_windows_start_with_bos_and_continue_the_text():
+  class BosBytes(text_lib.ByteTokenizer):
+    def encode(self, value):  # a tokenizer that puts its BOS (id 1) before the text
+      return np.concatenate([[1], super().encode(value)]).astype(np.int32)
+
+  text = "abcdefghij" * 10  # 100 bytes: 12 windows of 1 + 8
+  splits = text_lib.text_windows(text, 9, tokenizer=BosBytes(), eval_fraction=0.25,
+                                 bos_id=1)
+  windows = np.concatenate([splits.calibration, splits.evaluation])
+  assert windows.shape == (12, 9) and np.all(windows[:, 0] == 1)
+  # The text tokens, window after window, are the text from its start (BOS not repeated).
+  np.testing.assert_array_equal(windows[:, 1:].reshape(-1),
+                                text_lib.encode(text)[:96])
+
+
 def test_calibration_sample_is_reproducible_from_a_seed():
   windows = random_windows(100, 8, 256)
   first = text_lib.sample_windows(windows, 10, seed=7)

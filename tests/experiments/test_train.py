@@ -14,6 +14,7 @@ import pytest
 
 import configs
 import quant_core
+from experiments import compare_runs
 from experiments import input_pipeline
 from experiments import methods
 from experiments import models
@@ -117,7 +118,8 @@ def test_resume_mid_inq_step_is_bitwise_identical(tmp_path):
   _, progress = train.latest_checkpoint(interrupted_dir)
   assert (progress["phase"], progress["step_in_phase"]) == (2, 20)
   resumed = train.train_and_evaluate(config, interrupted_dir)
-  assert resumed == reference
+  # Equal but for the wall-clock seconds of each phase.
+  assert compare_runs.results_differences(resumed, reference) == []
   expected, _ = train.latest_checkpoint(str(tmp_path / "uninterrupted"))
   actual, _ = train.latest_checkpoint(interrupted_dir)
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
@@ -171,7 +173,7 @@ def test_sigkill_during_the_75_percent_step_then_rerun_matches_uninterrupted(tmp
   with open(os.path.join(reference_dir, "results.json")) as f:
     expected_results = json.load(f)
   with open(os.path.join(killed_dir, "results.json")) as f:
-    assert json.load(f) == expected_results
+    assert compare_runs.results_differences(json.load(f), expected_results) == []
   expected, _ = train.latest_checkpoint(reference_dir)
   actual, _ = train.latest_checkpoint(killed_dir)
   jax.tree.map(np.testing.assert_array_equal, actual, expected)

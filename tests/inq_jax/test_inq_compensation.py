@@ -12,6 +12,7 @@ import configs
 import inq_jax
 import quant_core
 from experiments import models
+from experiments import tasks
 from experiments import train
 from inq_jax import compensation
 from tests.experiments.test_train import tiny_config
@@ -239,17 +240,18 @@ def test_frozen_weights_stay_bit_identical_through_distillation(tmp_path):
 
 
 def test_distillation_term_is_the_scaled_kl():
-  model = models.create_model("SmallCNN", 10)
+  config = configs.get_config("inq_5bit", "digits")
+  task = tasks.create_task(config)  # SmallCNN on digits
+  model = task.model
   images = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 8, 1)), jnp.float32)
   batch = {"image": images, "label": jnp.arange(8, dtype=jnp.int32)}
   student = model.init(jax.random.key(0), images, train=False)
   teacher = model.init(jax.random.key(1), images, train=False)
-  config = configs.get_config("inq_5bit", "digits")
   optimizer = train.make_optimizer(config.inq, 42)
   frozen = jax.tree.map(lambda p: jnp.zeros(p.shape, bool), student["params"])
   losses = {}
   for alpha in (0.0, 0.5):
-    step = train.make_train_step(model, optimizer, (alpha, 4.0))
+    step = train.make_train_step(task, optimizer, (alpha, 4.0))
     state = {"variables": student, "opt_state": optimizer.init(student["params"]),
              "teacher": teacher}
     losses[alpha] = float(step(state, frozen, batch)[1]["loss"])

@@ -120,6 +120,11 @@ LLM_CONFIGS = {
         num_heads=4, num_kv_heads=1, head_dim=256, sliding_window=512,
         query_pre_attn_scalar=256),
     # Byte-level (vocab 256) models small enough for tests and embedded experiments.
+    # The embedded language model of experiments.llm: trained here on the bundled text in
+    # about a minute on 2 CPU cores (configs/base.py, dataset "text").
+    "byte_llama": LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=10_000.0, max_position_embeddings=1024),
     "tiny_llama": LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=192, num_layers=4, num_heads=4,
         num_kv_heads=2, head_dim=16, rope_theta=10_000.0,

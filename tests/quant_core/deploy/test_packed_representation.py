@@ -210,6 +210,32 @@ def test_nnx_comq_packs_into_the_same_representation():
   helpers.assert_trees_bitwise_equal(deploy.unpack(packed), result.variables)
 
 
+class _NNXStack(nnx.Module):
+  """Blocks in an nnx.List: their state dict keys are the integers 0, 1."""
+
+  def __init__(self, rngs):
+    self.blocks = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(2)])
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = nnx.relu(block(x))
+    return x
+
+
+def test_nnx_list_of_blocks_packs_and_runs():
+  model = _NNXStack(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (16, 8))
+  result = comq_jax.quantize_model(model, None, [x], comq_jax.rtn(bits=4))
+  assert [report.path for report in result.layers] == ["blocks/0", "blocks/1"]
+  assert list(result.variables["params"]["blocks"]) == [0, 1]
+  # "blocks/0" names the integer key 0.
+  assert paths.get(result.variables["params"], ["blocks", "0"])["kernel"].shape == (8, 8)
+  packed = deploy.pack_quantization(result)
+  assert isinstance(packed["params"]["blocks"][1]["kernel"], deploy.PackedLayer)
+  np.testing.assert_allclose(deploy.packed_apply(result.model, packed, x), result.model(x),
+                             rtol=1e-5, atol=1e-6)
+
+
 class _BF16Net(nn.Module):
   """Kernels (and activations) in bfloat16."""
 
