@@ -128,21 +128,21 @@ def test_inq_5bit_retrains_within_3_percent_with_every_kernel_in_the_codebook(fp
 
 
 @pytest.mark.integration
-def test_resume_mid_inq_step_is_bitwise_identical(tmp_path, optimized_xla):
-  del optimized_xla
-  # 512 training windows: 16 steps per epoch; FP 2 epochs, INQ 0.5 -> 1 one epoch each.
+def test_resume_mid_inq_step_is_bitwise_identical(fp_run, tmp_path):
+  _, fp_variables = fp_run
+  # 512 training windows: 16 steps per epoch; INQ 0.5 -> 1, one epoch of retraining.
   config = llm_config("llm_inq_5bit", **{
-      "data.num_train_windows": 512, "fp.num_epochs": 2, "fp.lr_decay_epoch": 1,
-      "inq.schedule": (0.5, 1.0), "checkpoint_every_steps": 4, "log_every_steps": 4,
-      "data.max_eval_windows": 8})
-  reference = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+      "data.num_train_windows": 512, "inq.schedule": (0.5, 1.0),
+      "checkpoint_every_steps": 4, "log_every_steps": 4, "data.max_eval_windows": 8})
+  reference = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"),
+                                       fp_variables=fp_variables)
   interrupted = str(tmp_path / "interrupted")
-  # 32 FP steps, then 10 into the 0.5 portion, between two checkpoints.
-  stopping = configs.apply_overrides(config, {"stop_after_steps": 42})
-  assert train.train_and_evaluate(stopping, interrupted) is None
+  # 10 steps into the 0.5 portion, between two checkpoints (the FP phase only evaluates).
+  stopping = configs.apply_overrides(config, {"stop_after_steps": 10})
+  assert train.train_and_evaluate(stopping, interrupted, fp_variables=fp_variables) is None
   _, progress = train.latest_checkpoint(interrupted)
   assert (progress["phase"], progress["step_in_phase"]) == (1, 10)
-  resumed = train.train_and_evaluate(config, interrupted)
+  resumed = train.train_and_evaluate(config, interrupted, fp_variables=fp_variables)
   assert compare_runs.results_differences(resumed, reference) == []
   expected, _ = train.latest_checkpoint(str(tmp_path / "uninterrupted"))
   actual, _ = train.latest_checkpoint(interrupted)
