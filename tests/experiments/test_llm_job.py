@@ -2,7 +2,6 @@
 trained, quantized by every method, resumed, and scored like the image jobs; bad inputs
 are clear errors before anything is written."""
 
-import fcntl
 import json
 import math
 import os
@@ -30,34 +29,29 @@ def llm_config(name="llm_fp", **overrides):
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def optimized_xla():
-  """These tests run the embedded model's real training (hundreds of steps), where XLA's
-  optimizations pay for themselves; the suite turns them off for its compile-bound tests."""
-  jax.config.update("jax_disable_most_optimizations", False)
-  yield
-  jax.config.update("jax_disable_most_optimizations", True)
-
-
-@pytest.fixture(scope="module")
-def fp_run(tmp_path_factory, optimized_xla):
-  """The embedded default, trained once per test session (the FP model of the quantized
-  runs below): under pytest-xdist the first worker trains it and the others wait on a
-  file lock, then read the finished run (rerunning a finished workdir only rewrites its
-  results)."""
-  del optimized_xla
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the session's directory, common to its workers
-  workdir = str(root / "llm_fp_embedded")
-  with open(root / "llm_fp_embedded.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    results = train.train_and_evaluate(llm_config(), workdir)
-  return results, train.final_variables(workdir)
-
-
 @pytest.mark.integration
-def test_embedded_model_trains_and_reports_perplexity(fp_run, tmp_path):
+def test_embedded_model_trains_quantizes_and_resumes(tmp_path):
+  """The embedded default, trained once, then quantized by every method, packed and
+  resumed. One test, so that one worker runs it all while the other runs the rest of the
+  suite. XLA's optimizations are on here: the training (hundreds of steps) is execution-
+  bound, unlike the suite's small compile-bound tests."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    workdir = str(tmp_path / "fp")
+    fp_run = (train.train_and_evaluate(llm_config(), workdir), train.final_variables(workdir))
+    check_fp_run(fp_run)
+    for method in ("comq", "gptq"):
+      check_4bit_per_channel_is_within_5_percent_of_fp(fp_run, tmp_path / method, method)
+    check_packed_model_scores_the_quantized_perplexity(fp_run, tmp_path / "packed")
+    check_inq_5bit_within_3_percent_with_every_kernel_in_the_codebook(fp_run,
+                                                                      tmp_path / "inq")
+    check_resume_mid_inq_step_is_bitwise_identical(fp_run, tmp_path / "resume")
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
+def check_fp_run(fp_run):
+  """The embedded default trained and scored."""
   results, variables = fp_run
   assert (results["model"], results["method"], results["bits"]) == ("byte_llama", "fp", 32)
   # Uniform guessing over 256 bytes scores 256; a unigram model of English about 20. The
@@ -72,9 +66,7 @@ def test_embedded_model_trains_and_reports_perplexity(fp_run, tmp_path):
   np.testing.assert_allclose(results["fp_perplexity"], expected, rtol=1e-5)
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("method", ["comq", "gptq"])
-def test_4bit_per_channel_is_within_5_percent_of_fp(fp_run, tmp_path, method):
+def check_4bit_per_channel_is_within_5_percent_of_fp(fp_run, tmp_path, method):
   fp_results, fp_variables = fp_run
   workdir = str(tmp_path)
   results = train.train_and_evaluate(llm_config(f"llm_{method}_4bit"), workdir,
@@ -96,8 +88,7 @@ def test_4bit_per_channel_is_within_5_percent_of_fp(fp_run, tmp_path, method):
     assert json.load(f) == results
 
 
-@pytest.mark.integration
-def test_packed_model_scores_the_quantized_perplexity(fp_run, tmp_path):
+def check_packed_model_scores_the_quantized_perplexity(fp_run, tmp_path):
   _, fp_variables = fp_run
   config = llm_config("llm_rtn_4bit", eval_packed=True, **{"data.max_eval_windows": 8})
   results = train.train_and_evaluate(config, str(tmp_path), fp_variables=fp_variables)
@@ -111,9 +102,7 @@ def test_packed_model_scores_the_quantized_perplexity(fp_run, tmp_path):
   assert len(kernels) == 14
 
 
-@pytest.mark.integration
-def test_inq_5bit_retrains_within_3_percent_with_every_kernel_in_the_codebook(fp_run,
-                                                                             tmp_path):
+def check_inq_5bit_within_3_percent_with_every_kernel_in_the_codebook(fp_run, tmp_path):
   fp_results, fp_variables = fp_run
   # The default schedule, each portion retrained for one epoch of 1024 windows (32 steps).
   results = train.train_and_evaluate(
@@ -127,8 +116,7 @@ def test_inq_5bit_retrains_within_3_percent_with_every_kernel_in_the_codebook(fp
   assert results["seconds"]["inq_0.5/train"] > 0
 
 
-@pytest.mark.integration
-def test_resume_mid_inq_step_is_bitwise_identical(fp_run, tmp_path):
+def check_resume_mid_inq_step_is_bitwise_identical(fp_run, tmp_path):
   _, fp_variables = fp_run
   # 512 training windows: 16 steps per epoch; INQ 0.5 -> 1, one epoch of retraining.
   config = llm_config("llm_inq_5bit", **{
