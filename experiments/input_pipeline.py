@@ -127,6 +127,30 @@ def pad_batch(batch, batch_size):
   return padded
 
 
+def in_memory_train_epoch(arrays, batch_size, shuffle_seed, skip_batches=0, process_index=0,
+                          process_count=1):
+  """One epoch of full batches of ``arrays`` (a dict of arrays with one row per example),
+  shuffled by ``shuffle_seed``, from batch ``skip_batches`` on; each process gets its rows
+  of every global batch (the remainder that does not fill a batch is dropped)."""
+  num_examples = len(next(iter(arrays.values())))
+  order = np.random.default_rng(shuffle_seed).permutation(num_examples)
+  rows = process_rows(batch_size, process_index, process_count)
+  for start in range(skip_batches * batch_size, num_examples - batch_size + 1, batch_size):
+    indices = order[start:start + batch_size][rows]
+    yield {key: value[indices] for key, value in arrays.items()}
+
+
+def in_memory_eval_batches(arrays, batch_size, process_index=0, process_count=1):
+  """``arrays`` in order, in batches padded to ``batch_size`` with a "mask"; each process
+  gets its rows of every global batch."""
+  num_examples = len(next(iter(arrays.values())))
+  rows = process_rows(batch_size, process_index, process_count)
+  for start in range(0, num_examples, batch_size):
+    batch = pad_batch({key: value[start:start + batch_size] for key, value in arrays.items()},
+                      batch_size)
+    yield {key: value[rows] for key, value in batch.items()}
+
+
 class DigitsData:
   """sklearn `load_digits` (1797 8x8 grayscale images shipped with scikit-learn).
 
@@ -149,19 +173,13 @@ class DigitsData:
     self.process_index, self.process_count = process_index, process_count
 
   def train_epoch(self, batch_size, shuffle_seed, skip_batches=0):
-    order = np.random.default_rng(shuffle_seed).permutation(self.num_train_examples)
-    rows = process_rows(batch_size, self.process_index, self.process_count)
-    for start in range(skip_batches * batch_size,
-                       self.num_train_examples - batch_size + 1, batch_size):
-      indices = order[start:start + batch_size][rows]
-      yield {"image": self.train_images[indices], "label": self.train_labels[indices]}
+    return in_memory_train_epoch({"image": self.train_images, "label": self.train_labels},
+                                 batch_size, shuffle_seed, skip_batches, self.process_index,
+                                 self.process_count)
 
   def eval_batches(self, batch_size):
-    rows = process_rows(batch_size, self.process_index, self.process_count)
-    for start in range(0, len(self.test_labels), batch_size):
-      batch = pad_batch({"image": self.test_images[start:start + batch_size],
-                         "label": self.test_labels[start:start + batch_size]}, batch_size)
-      yield {k: v[rows] for k, v in batch.items()}
+    return in_memory_eval_batches({"image": self.test_images, "label": self.test_labels},
+                                  batch_size, self.process_index, self.process_count)
 
 
 class ImageNetNotPreparedError(RuntimeError):

@@ -576,9 +576,11 @@ def write_report(workdir):
       images += [f"![{title}]({name})", ""]
   markdown = "\n".join([
       "# Results", "",
-      f"{len(all_runs)} runs under `{workdir}`; test accuracy in percent, "
-      "mean ± sample standard deviation over the seeds listed (no ± for one seed); "
-      "Δ is the mean over seeds of (final − FP) of the same run.", "",
+      f"{len(all_runs)} runs under `{workdir}`; "
+      + ("test accuracy in percent" if runs else "held-out perplexity")
+      + ", mean ± sample standard deviation over the seeds listed (no ± for one seed)"
+      + ("; Δ is the mean over seeds of (final − FP) of the same run." if runs else "."),
+      "",
       markdown_tables(groups), ""] + [section + "\n" for section in
                                        model_tables(runs) + side_by_side_tables(runs)
                                        + llm_report.tables(all_runs)]

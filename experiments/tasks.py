@@ -30,6 +30,7 @@ from experiments import models
 from experiments import text_data
 from experiments import timm_import
 from experiments import torchvision_import
+import quant_core
 
 
 class ImageClassification:
@@ -101,6 +102,9 @@ class ImageClassification:
     default: none (skip_first_last adds the recipe's first and last layers)."""
     return []
 
+  # Why the post-training methods' skip_first_last does not apply (None: it does).
+  skip_first_last_error = None
+
   def skips_first_last(self):
     """The recipe's skip_first_last when the config leaves it None: the official COMQ
     code leaves the timm transformers' patch embedding and head in float; the CNN
@@ -131,8 +135,7 @@ class LanguageModeling:
     self.dataset = text_data.create_text_dataset(config, self.tokenizer,
                                                  self.model.config.vocab_size,
                                                  process_index, process_count)
-    self.graphdef, params, self._rest = nnx.split(self.model, nnx.Param, ...)
-    self._param_state = jax.tree.map(lambda leaf: leaf, params)
+    self._split = quant_core.nnx_params.NNXParams(self.model)
     self.example = jnp.zeros((1, self.dataset.window_length - 1), jnp.int32)
 
   @staticmethod
@@ -152,9 +155,7 @@ class LanguageModeling:
 
   def module(self, params):
     """The NNX model with ``params`` (a pure dict) as its ``nnx.Param`` state."""
-    state = jax.tree.map(lambda leaf: leaf, self._param_state)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state, self._rest)
+    return self._split.with_params(params)
 
   def forward(self, variables, inputs, *, train, mutable=()):
     del train, mutable  # no dropout and no state besides the parameters
@@ -192,6 +193,9 @@ class LanguageModeling:
     if self.model.lm_head is None:
       return []
     return [("lm_head", None)]
+
+  skip_first_last_error = ("is for image models; a language model's embedding (and tied "
+                           "head) always stays in float, and an untied lm_head too.")
 
   @staticmethod
   def skips_first_last():

@@ -21,7 +21,6 @@ import dataclasses
 import os
 from typing import Optional
 
-import numpy as np
 from flax import nnx
 
 from experiments import importers
@@ -140,18 +139,13 @@ class TextData:
     self.process_index, self.process_count = process_index, process_count
 
   def train_epoch(self, batch_size, shuffle_seed, skip_batches=0):
-    order = np.random.default_rng(shuffle_seed).permutation(self.num_train_examples)
-    rows = input_pipeline.process_rows(batch_size, self.process_index, self.process_count)
-    for start in range(skip_batches * batch_size,
-                       self.num_train_examples - batch_size + 1, batch_size):
-      yield {"tokens": self.train_windows[order[start:start + batch_size][rows]]}
+    return input_pipeline.in_memory_train_epoch(
+        {"tokens": self.train_windows}, batch_size, shuffle_seed, skip_batches,
+        self.process_index, self.process_count)
 
   def eval_batches(self, batch_size):
-    rows = input_pipeline.process_rows(batch_size, self.process_index, self.process_count)
-    for start in range(0, len(self.eval_windows), batch_size):
-      batch = input_pipeline.pad_batch(
-          {"tokens": self.eval_windows[start:start + batch_size]}, batch_size)
-      yield {key: value[rows] for key, value in batch.items()}
+    return input_pipeline.in_memory_eval_batches(
+        {"tokens": self.eval_windows}, batch_size, self.process_index, self.process_count)
 
 
 def create_text_dataset(config, tokenizer, vocab_size, process_index=0, process_count=1):

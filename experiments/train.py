@@ -408,6 +408,7 @@ def train_and_evaluate(config, workdir, *, fp_variables=None):
   # Data and model first: an unprepared dataset, or a model or checkpoint that cannot be
   # used, stops the run before anything is written.
   task = tasks.create_task(config, jax.process_index(), jax.process_count())
+  methods.get(config.method).check_task(config, task)
   mesh = make_mesh(config)
   trainer = Trainer(config, workdir, task, mesh, fp_variables)
   # Imported before the workdir is made, so that a bad checkpoint leaves nothing behind.

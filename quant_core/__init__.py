@@ -9,6 +9,7 @@
   :class:`LayerQuantization` a solver returns;
 * :mod:`quant_core.pow2`: the power-of-two codebook (INQ Eqs. 1-4);
 * :mod:`quant_core.paths`: key paths as ``/``-joined names;
+* :mod:`quant_core.nnx_params`: an NNX module with other parameter values;
 * :mod:`quant_core.deploy`: packed codes, the Pallas kernel family, packed
   inference and the packed file (loaded on first use: no Pallas on import).
 
@@ -16,6 +17,7 @@ Neither :mod:`inq_jax` nor :mod:`comq_jax` imports the other; both import this.
 """
 
 from quant_core import deploy
+from quant_core import nnx_params
 from quant_core.capture import GramAccumulator
 from quant_core.capture import accumulate_gram
 from quant_core.capture import layer_grams
@@ -43,6 +45,7 @@ __all__ = [
     "layer_paths",
     "layer_views",
     "make_grid",
+    "nnx_params",
     "path_name",
     "quantizable_mask",
 ]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quant_core import layers
+from quant_core import nnx_params
 from quant_core import paths as paths_lib
 from quant_core import programs as programs_lib
 from quant_core import validation
@@ -146,21 +147,16 @@ class _NNXModel:
   """An NNX module, called as ``model(batch, **apply_kwargs)``; never mutated."""
 
   def __init__(self, model, apply_kwargs):
-    self._graphdef, self._param_state, self._rest = nnx.split(model, nnx.Param, ...)
+    self._split = nnx_params.NNXParams(model)
     self._kwargs = apply_kwargs
-    self.params = nnx.to_pure_dict(self._param_state)
+    self.params = self._split.params
     self.module_kinds = {tuple(path): type(module)
                          for path, module in nnx.iter_modules(model)}
     self.tied_embeddings = {}
 
-  def _merge(self, params):
-    state = jax.tree.map(lambda leaf: leaf, self._param_state)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self._graphdef, state, self._rest)
-
   def forward(self, params, batch, on_call, grams):
     """See :meth:`_LinenModel.forward`."""
-    model = self._merge(params)
+    model = self._split.with_params(params)
 
     def store(call):
       found = on_call(call)
@@ -183,7 +179,7 @@ class _NNXModel:
       nnx.Embed.attend = attend
 
   def result(self, params):
-    return {"params": params}, self._merge(params)
+    return {"params": params}, self._split.with_params(params)
 
 
 def model_adapter(model_or_apply, variables, apply_kwargs):

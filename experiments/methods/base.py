@@ -81,6 +81,11 @@ class Method:
       raise ValueError(f"eval_packed needs a quantization method (inq, comq, gptq, rtn), "
                        f"got {self.name!r}.")
 
+  def check_task(self, config, task) -> None:
+    """Raises ValueError for config fields this method cannot honour on ``task``
+    (experiments.tasks); called before anything is written."""
+    del config, task
+
   def distills(self, config) -> bool:
     """Whether training steps add distillation from the FP weights, kept in
     state["teacher"] from the method's first phase on."""

@@ -119,6 +119,10 @@ class PostTrainingMethod(base.Method):
     calibration_devices(config, None)
     solver(config, self.name)
 
+  def check_task(self, config, task):
+    if config[self.name].skip_first_last and task.skip_first_last_error:
+      raise ValueError(f"{self.name}.skip_first_last {task.skip_first_last_error}")
+
   def bits(self, config):
     return config[self.name].bits
 
@@ -138,10 +142,6 @@ class PostTrainingMethod(base.Method):
     if skip_first_last is None:
       skip_first_last = task.skips_first_last()
     if skip_first_last:
-      if config.dataset == "text":
-        raise ValueError(f"{self.name}.skip_first_last is for image models; a language "
-                         "model's embedding (and tied head) always stays in float, and an "
-                         "untied lm_head too.")
       ends = first_and_last_layers(model, variables, calibration[0],
                                    config.model.num_classes)
       rules += [(re.escape(path), None) for path in sorted(ends)]

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quant_core import layers
+from quant_core import nnx_params
 from quant_core import paths
 from quant_core import progress as progress_lib
 from quant_core.deploy import kernels
@@ -374,10 +375,7 @@ def packed_apply(model, packed_variables: PyTree, *args,
 def _run(model, packed_variables, args, kwargs, on_call):
   """The module on ``args`` with its packed layers routed through ``on_call``."""
   if isinstance(model, nnx.Module):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.tree.map(lambda leaf: leaf, params)  # the user's module keeps its own
-    nnx.replace_by_pure_dict(params, packed_variables["params"])
-    packed_model = nnx.merge(graphdef, params, rest)
+    packed_model = nnx_params.NNXParams(model).with_params(packed_variables["params"])
     with layers.intercept_nnx_linear_calls(packed_model, on_call):
       return packed_model(*args, **kwargs)
   with nn.intercept_methods(layers.intercept_linear_calls(on_call)):

@@ -5,6 +5,10 @@ are clear errors before anything is written."""
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -137,6 +141,67 @@ def check_resume_mid_inq_step_is_bitwise_identical(fp_run, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A short INQ run of the embedded model: 256 training windows (8 steps per epoch), one FP
+# epoch, portions 0.5 -> 1; logging and checkpointing every 2 steps, so that a kill can be
+# timed from metrics.jsonl and lands after a finished checkpoint.
+SHORT_INQ_FLAGS = ["--config=llm_inq_5bit", "--config.fp.num_epochs=1",
+                   "--config.fp.lr_decay_epoch=1", "--config.data.num_train_windows=256",
+                   "--config.inq.schedule=(0.5,1.0)", "--config.data.max_eval_windows=8",
+                   "--config.checkpoint_every_steps=2", "--config.log_every_steps=2",
+                   "--config.num_devices=1"]
+
+
+def start_llm_job(workdir):
+  return subprocess.Popen(
+      [sys.executable, "-m", "experiments.llm", f"--workdir={workdir}"] + SHORT_INQ_FLAGS,
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+
+
+def train_records(workdir):
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [r for r in map(json.loads, f) if r["type"] == "train"]
+  except (FileNotFoundError, json.JSONDecodeError):
+    return []
+
+
+@pytest.mark.integration
+def test_sigkill_during_inq_retraining_then_rerun_matches_uninterrupted(tmp_path):
+  """`python -m experiments.llm` killed inside the INQ 0.5 portion, then run again in
+  the same workdir, ends as the uninterrupted run does, bit for bit."""
+  reference_dir, killed_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
+  reference = start_llm_job(reference_dir)
+  killed = start_llm_job(killed_dir)
+  deadline = time.time() + 300
+  # Kill 4 steps into the 0.5 portion (of 8): the checkpoint of step 2 exists by then (an
+  # Orbax save runs while later steps train, so the one of step 4 may be unfinished).
+  while not any(r["phase_name"] == "inq_0.5" and r["step_in_phase"] >= 4
+                for r in train_records(killed_dir)):
+    assert killed.poll() is None, "the job ended before the INQ 0.5 portion"
+    assert time.time() < deadline
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not os.path.exists(os.path.join(killed_dir, "results.json"))
+  steps_before_kill = len(train_records(killed_dir))
+  assert start_llm_job(killed_dir).wait(timeout=300) == 0
+  assert reference.wait(timeout=300) == 0
+  # The rerun resumed inside the 0.5 portion: it logged no FP training again.
+  rerun = train_records(killed_dir)[steps_before_kill:]
+  assert rerun[0]["phase_name"] == "inq_0.5" and rerun[0]["step_in_phase"] > 2
+  with open(os.path.join(reference_dir, "results.json")) as f:
+    expected_results = json.load(f)
+  with open(os.path.join(killed_dir, "results.json")) as f:
+    actual_results = json.load(f)
+  assert compare_runs.results_differences(actual_results, expected_results) == []
+  assert actual_results["codebook_fraction"] == 1.0
+  expected, _ = train.latest_checkpoint(reference_dir)
+  actual, _ = train.latest_checkpoint(killed_dir)
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -195,6 +260,14 @@ def test_tokenizer_that_does_not_match_the_vocabulary_is_an_error():
     source.tokenizer(FakeModel())
 
 
+def test_skip_first_last_on_a_language_model_is_an_error(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = llm_config("llm_gptq_4bit", **{"gptq.skip_first_last": True})
+  with pytest.raises(ValueError, match="gptq.skip_first_last is for image models"):
+    train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(workdir)
+
+
 def test_text_shorter_than_a_window_is_an_error(tmp_path):
   path = tmp_path / "short.txt"
   path.write_text("In the beginning")
@@ -240,3 +313,20 @@ def test_report_puts_the_methods_side_by_side_with_their_ratio_to_fp():
   assert f"| 4 | g128 |  | 20.00 ({20 / fp:.3f}x) |" in perplexity
   assert f"15.00 ± 1.41 ({15 / fp:.3f}x)" in perplexity  # COMQ over seeds 0 and 1
   assert "| 4 | g128 |  | 3 | 3 | 3 | 3 | 3 |" in seconds
+
+
+def test_report_of_language_model_runs_only_speaks_of_perplexity(tmp_path):
+  for method, perplexity in (("fp", 10.0), ("gptq", 12.0)):
+    run_dir = tmp_path / method
+    run_dir.mkdir()
+    block = {"bits": 4, "granularity": "group", "group_size": 128}
+    (run_dir / "config.json").write_text(json.dumps(
+        {"name": "llm", "seed": 0, "method": method, "model": {"name": "m"}, "gptq": block}))
+    results = fake_run(method, perplexity).results
+    (run_dir / "results.json").write_text(json.dumps(
+        dict(results, portion_perplexities=[], packed_perplexity=None)))
+  with open(report.write_report(str(tmp_path))["report.md"]) as f:
+    markdown = f.read()
+  assert "2 runs under" in markdown and "held-out perplexity, mean ± sample" in markdown
+  assert "accuracy" not in markdown and "Δ" not in markdown
+  assert "| 4 | g128 |  | 12.00 (1.200x) |" in markdown
