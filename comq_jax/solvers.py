@@ -20,6 +20,7 @@ References:
 """
 
 import dataclasses
+import functools
 from typing import ClassVar, Optional
 
 import jax
@@ -212,15 +213,41 @@ class GPTQ(Solver):
     return qt, codes, g, error, jnp.zeros((0,), wt.dtype), positive_definite
 
   def quantize_layer(self, w, x=None, *, gram=None) -> grids.LayerQuantization:
-    """As :meth:`Solver.quantize_layer`. Runs eagerly, not under ``jax.jit``: it
-    reads on the host whether the damped ``H`` was positive definite, to raise
-    (saying to raise ``damp``) instead of returning NaN weights."""
-    w, gram = self._inputs(w, x, gram, needs_data=True)
-    qt, codes, g, error, _, positive_definite = self.solve(self._channel_major(w), gram)
-    if not bool(positive_definite):
+    """As :meth:`Solver.quantize_layer`. Not for use under ``jax.jit``: one
+    jitted call checks the inputs and solves, and returns beside the result
+    whether ``w`` and the data were finite and the damped ``H`` positive
+    definite; one host read of those flags after the call raises on NaN/inf
+    inputs, or (saying to raise ``damp``) instead of returning NaN weights."""
+    result, flags = _gptq_layer(self, w, x, gram)
+    w_finite, data_finite, positive_definite = jax.device_get(flags)
+    if not w_finite:
+      raise ValueError("w contains NaN or inf values.")
+    if not data_finite:
+      raise ValueError(f"{'gram' if x is None else 'x'} contains NaN or inf values.")
+    if not positive_definite:
       raise ValueError(f"H is not positive definite after damping with damp={self.damp}; "
                        "raise damp, or check the calibration data.")
-    return self.layer_result(w, qt, codes, g, error)
+    return result
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gptq_layer(solver: GPTQ, w, x, gram):
+  """:meth:`GPTQ.quantize_layer`'s checks and solve in one jitted call.
+
+  Under the trace only shapes and dtypes are checked (the value checks of
+  :func:`comq_jax.objective.check_layer_inputs` skip tracers); finiteness is
+  computed here, on the device, and returned with the solve's flag.
+
+  Returns:
+    ``(result, flags)``: a :class:`quant_core.grids.LayerQuantization` and the
+    booleans ``(w finite, x or gram finite, damped H positive definite)``.
+  """
+  data = gram if x is None else x
+  w, gram = solver._inputs(w, x, gram, needs_data=True)
+  finite = lambda a: jnp.all(jnp.isfinite(a))
+  qt, codes, g, error, _, positive_definite = solver.solve(solver._channel_major(w), gram)
+  flags = (finite(w), finite(jnp.asarray(data)), positive_definite)
+  return solver.layer_result(w, qt, codes, g, error), flags
 
 
 def rtn(bits: int, *, grid: str = "asymmetric", granularity: str = "channel",

@@ -76,7 +76,7 @@ def logical_shapes(tree) -> dict:
   ``{"params": its nnx.Param state}``, the tree its packed variables have."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if isinstance(tree, nnx.Module):
-    tree = {"params": nnx.state(tree, nnx.Param).to_pure_dict()}
+    tree = {"params": nnx.to_pure_dict(nnx.state(tree, nnx.Param))}
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_packed_kernel)
   return {paths.path_name(path): tuple(np.shape(leaf) if not hasattr(leaf, "shape")
                                        else leaf.shape) for path, leaf in flat}

@@ -149,6 +149,10 @@ def train_records(workdir):
     return []
 
 
+# Slow: the language-model job's SIGKILL test (tests/experiments/test_llm_job.py) runs the
+# same loop and Orbax manager in the default suite, and the stop-and-resume test above
+# checks this job's resumption there.
+@pytest.mark.slow
 def test_sigkill_during_the_75_percent_step_then_rerun_matches_uninterrupted(tmp_path):
   reference_dir, killed_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
   reference = start_digits_job(reference_dir)
