@@ -5,10 +5,6 @@ are clear errors before anything is written."""
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -23,6 +19,7 @@ from experiments import tasks
 from experiments import text
 from experiments import text_data
 from experiments import train
+from tests.experiments import killed_jobs
 
 
 def llm_config(name="llm_fp", **overrides):
@@ -141,7 +138,6 @@ def check_resume_mid_inq_step_is_bitwise_identical(fp_run, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A short INQ run of the embedded model: 256 training windows (8 steps per epoch), one FP
 # epoch, portions 0.5 -> 1; logging and checkpointing every 2 steps, so that a kill can be
 # timed from metrics.jsonl and lands after a finished checkpoint.
@@ -152,54 +148,17 @@ SHORT_INQ_FLAGS = ["--config=llm_inq_5bit", "--config.fp.num_epochs=1",
                    "--config.num_devices=1"]
 
 
-def start_llm_job(workdir):
-  return subprocess.Popen(
-      [sys.executable, "-m", "experiments.llm", f"--workdir={workdir}"] + SHORT_INQ_FLAGS,
-      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
-
-
-def train_records(workdir):
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      return [r for r in map(json.loads, f) if r["type"] == "train"]
-  except (FileNotFoundError, json.JSONDecodeError):
-    return []
-
-
 @pytest.mark.integration
 def test_sigkill_during_inq_retraining_then_rerun_matches_uninterrupted(tmp_path):
   """`python -m experiments.llm` killed inside the INQ 0.5 portion, then run again in
   the same workdir, ends as the uninterrupted run does, bit for bit."""
-  reference_dir, killed_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
-  reference = start_llm_job(reference_dir)
-  killed = start_llm_job(killed_dir)
-  deadline = time.time() + 300
-  # Kill 4 steps into the 0.5 portion (of 8): the checkpoint of step 2 exists by then (an
-  # Orbax save runs while later steps train, so the one of step 4 may be unfinished).
-  while not any(r["phase_name"] == "inq_0.5" and r["step_in_phase"] >= 4
-                for r in train_records(killed_dir)):
-    assert killed.poll() is None, "the job ended before the INQ 0.5 portion"
-    assert time.time() < deadline
-    time.sleep(0.05)
-  killed.send_signal(signal.SIGKILL)
-  killed.wait()
-  assert not os.path.exists(os.path.join(killed_dir, "results.json"))
-  steps_before_kill = len(train_records(killed_dir))
-  assert start_llm_job(killed_dir).wait(timeout=300) == 0
-  assert reference.wait(timeout=300) == 0
+  # Killed 4 steps into the 0.5 portion (of 8): the checkpoint of step 2 exists by then
+  # (an Orbax save runs while later steps train, so the one of step 4 may be unfinished).
+  rerun, results = killed_jobs.kill_rerun_and_compare("experiments.llm", SHORT_INQ_FLAGS,
+                                                      tmp_path, "inq_0.5", 4)
   # The rerun resumed inside the 0.5 portion: it logged no FP training again.
-  rerun = train_records(killed_dir)[steps_before_kill:]
   assert rerun[0]["phase_name"] == "inq_0.5" and rerun[0]["step_in_phase"] > 2
-  with open(os.path.join(reference_dir, "results.json")) as f:
-    expected_results = json.load(f)
-  with open(os.path.join(killed_dir, "results.json")) as f:
-    actual_results = json.load(f)
-  assert compare_runs.results_differences(actual_results, expected_results) == []
-  assert actual_results["codebook_fraction"] == 1.0
-  expected, _ = train.latest_checkpoint(reference_dir)
-  actual, _ = train.latest_checkpoint(killed_dir)
-  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+  assert results["codebook_fraction"] == 1.0
 
 
 # ----------------------------------------------------------------------------- bad input

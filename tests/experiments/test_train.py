@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +16,7 @@ from experiments import methods
 from experiments import models
 from experiments import train
 from experiments.methods import base
+from tests.experiments import killed_jobs
 
 # Integration: every test runs train_and_evaluate (one in a subprocess).
 pytestmark = pytest.mark.integration
@@ -125,7 +122,6 @@ def test_resume_mid_inq_step_is_bitwise_identical(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny_config() as command-line overrides, logging and checkpointing every 2 steps so
 # that a kill can be timed from metrics.jsonl and lands well after a finished checkpoint.
 TINY_FLAGS = ["--config=inq_5bit", "--config.fp.num_epochs=1", "--config.inq.epochs_per_step=1",
@@ -134,53 +130,17 @@ TINY_FLAGS = ["--config=inq_5bit", "--config.fp.num_epochs=1", "--config.inq.epo
               "--config.num_devices=1", "--config.inq.schedule=(0.5,0.75,1.0)"]
 
 
-def start_digits_job(workdir):
-  return subprocess.Popen(
-      [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}"] + TINY_FLAGS,
-      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
-
-
-def train_records(workdir):
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      return [r for r in map(json.loads, f) if r["type"] == "train"]
-  except (FileNotFoundError, json.JSONDecodeError):
-    return []
-
-
 # Slow: the language-model job's SIGKILL test (tests/experiments/test_llm_job.py) runs the
 # same loop and Orbax manager in the default suite, and the stop-and-resume test above
 # checks this job's resumption there.
 @pytest.mark.slow
 def test_sigkill_during_the_75_percent_step_then_rerun_matches_uninterrupted(tmp_path):
-  reference_dir, killed_dir = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
-  reference = start_digits_job(reference_dir)
-  killed = start_digits_job(killed_dir)
-  deadline = time.time() + 300
-  # Kill 20 steps into the 75% step: checkpoints from inside it exist by then (an
+  # Killed 20 steps into the 75% step: checkpoints from inside it exist by then (an
   # Orbax save runs while later steps train, so the newest one may be unfinished).
-  while not any(r["phase_name"] == "inq_0.75" and r["step_in_phase"] >= 20
-                for r in train_records(killed_dir)):
-    assert killed.poll() is None, "the job ended before the 75% step"
-    assert time.time() < deadline
-    time.sleep(0.05)
-  killed.send_signal(signal.SIGKILL)
-  killed.wait()
-  assert not os.path.exists(os.path.join(killed_dir, "results.json"))
-  steps_before_kill = len(train_records(killed_dir))
-  assert start_digits_job(killed_dir).wait(timeout=300) == 0
-  assert reference.wait(timeout=300) == 0
+  rerun, _ = killed_jobs.kill_rerun_and_compare("experiments.digits", TINY_FLAGS, tmp_path,
+                                                "inq_0.75", 20)
   # The rerun resumed inside the 75% step: it logged no FP or 50% training again.
-  rerun = train_records(killed_dir)[steps_before_kill:]
   assert rerun[0]["phase_name"] == "inq_0.75" and rerun[0]["step_in_phase"] > 2
-  with open(os.path.join(reference_dir, "results.json")) as f:
-    expected_results = json.load(f)
-  with open(os.path.join(killed_dir, "results.json")) as f:
-    assert compare_runs.results_differences(json.load(f), expected_results) == []
-  expected, _ = train.latest_checkpoint(reference_dir)
-  actual, _ = train.latest_checkpoint(killed_dir)
-  jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
 def test_resuming_with_another_config_is_an_error(tmp_path):
