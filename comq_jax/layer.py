@@ -18,7 +18,7 @@ import numpy as np
 from comq_jax import baselines
 from quant_core import grids as grid_lib
 
-ORDERS = ("greedy", "cyclic")
+ORDERS = ("greedy", "cyclic", "diag")
 
 
 def greedy_order(wt, gram_diag):
@@ -287,6 +287,9 @@ def _solve_channels(wt, gram, g, start, *, iters, order, scale_update, grid,
 
   if order == "greedy":
     perm = by_chunk(lambda w: greedy_order(w, jnp.diagonal(gram)), wt)
+  elif order == "diag":
+    # One order for every channel, by descending H_ii (ties by index), as GPTQ's act-order.
+    perm = jnp.argsort(-jnp.diagonal(gram), stable=True).astype(jnp.int32)[None, :]
   else:
     perm = jnp.arange(wt.shape[1], dtype=jnp.int32)[None, :]
 

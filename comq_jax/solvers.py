@@ -289,7 +289,11 @@ def comq(bits: int, *, iters: int = 1, order: str = "greedy", scale_update: bool
 
   (nearest grid point; ties to the lower value). ``order="greedy"`` visits
   coordinates by descending ``sqrt(H_ii) |w_ji|`` computed once from ``W``
-  (official code); ``"cyclic"`` uses ``0..d_in-1``. With ``scale_update=True``
+  (official code), a different order per channel, so a sweep reads one Gram row
+  per channel and step (memory-bound on large layers). ``"cyclic"`` (``0..d_in-1``)
+  and ``"diag"`` (by descending ``H_ii``, as GPTQ's act-order) share one order
+  over all channels, so each block of a sweep updates the residual with one
+  matrix product. With ``scale_update=True``
   each sweep is followed by the paper's closed-form scale step (least squares in
   ``δ_j``, or one ``δ`` for ``granularity="layer"``; with groups, one exact step
   per group in turn), which the official code omits. No step can raise the
@@ -318,7 +322,7 @@ def comq(bits: int, *, iters: int = 1, order: str = "greedy", scale_update: bool
   Args:
     bits: bit width in 2..8.
     iters: number of sweeps ``K >= 1``.
-    order: ``"greedy"`` or ``"cyclic"``.
+    order: ``"greedy"``, ``"cyclic"`` or ``"diag"``.
     scale_update: alternate sweeps with least-squares scale updates.
     scalar, grid, granularity, group_size: the grid (:class:`Solver`).
     init: ``"float"`` (start from ``W``, official) or ``"gptq"``.

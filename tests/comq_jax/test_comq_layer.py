@@ -147,7 +147,7 @@ def test_symmetric_grid_is_symmetric_with_zero():
   assert v.shape[1] == 7 and np.all(v[:, 3] == 0)
 
 
-def _numpy_comq_sweep(w, x, bits, greedy):
+def _numpy_comq_sweep(w, x, bits, greedy, order=None):
   """One COMQ sweep from Q = W (comq.md; Zhang et al., arXiv 2403.07134), from scratch
   in float64: channel j visits its inputs in order (greedy: by descending
   ||x_i|| |w_ij|, ties by index), setting q_ij to the min-max grid level nearest to
@@ -164,9 +164,9 @@ def _numpy_comq_sweep(w, x, bits, greedy):
   q = w.copy()
   codes = np.zeros(w.shape, np.int64)
   for j in range(w.shape[1]):
-    order = (np.argsort(-np.sqrt(np.diag(gram)) * np.abs(w[:, j]), kind="stable")
-             if greedy else range(w.shape[0]))
-    for i in order:
+    visits = (np.argsort(-np.sqrt(np.diag(gram)) * np.abs(w[:, j]), kind="stable")
+              if greedy else range(w.shape[0]) if order is None else order)
+    for i in visits:
       residual = gram[i] @ (w[:, j] - q[:, j]) - gram[i, i] * (w[i, j] - q[i, j])
       target = w[i, j] + residual / gram[i, i]
       codes[i, j] = np.argmin(np.abs(levels[j] - target))
@@ -185,6 +185,19 @@ def test_cyclic_and_greedy_sweeps_match_a_numpy_coordinate_descent_and_layer_sca
   assert not np.array_equal(g.codes, c.codes)
   lay = comq_jax.comq(bits=3, granularity="layer", scale_update=True).quantize_layer(w, x)
   assert np.unique(np.asarray(lay.scale)).size == 1
+
+
+def test_diag_order_is_one_order_by_descending_gram_diagonal_for_every_channel():
+  w, x = _data(6)
+  result = comq_jax.comq(bits=3, order="diag").quantize_layer(w, x)
+  gram = np.asarray(x, np.float64).T @ np.asarray(x, np.float64)
+  order = np.argsort(-np.diag(gram), kind="stable")
+  assert not np.array_equal(order, np.arange(len(order)))  # not the cyclic order
+  codes, q = _numpy_comq_sweep(w, x, 3, greedy=False, order=order)
+  np.testing.assert_array_equal(np.asarray(result.codes), codes)
+  np.testing.assert_allclose(np.asarray(result.weights), q, rtol=0, atol=1e-7)
+  rtn = comq_jax.rtn(bits=3).quantize_layer(w, x)
+  assert float(result.error) < float(rtn.error)
 
 
 def test_dead_input_and_constant_channel_are_finite():
