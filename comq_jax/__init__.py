@@ -15,6 +15,7 @@ Layer discovery, the Gram capture, the grids, packing and the kernels live in
 :mod:`quant_core`.
 """
 
+from comq_jax.blockwise import plan_blocks
 from comq_jax.driver import quantize_model
 from comq_jax.objective import reconstruction_error
 from comq_jax.results import LayerReport
@@ -40,6 +41,7 @@ __all__ = [
     "Timings",
     "comq",
     "gptq",
+    "plan_blocks",
     "quantize_model",
     "reconstruction_error",
     "rtn",

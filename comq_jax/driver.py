@@ -14,23 +14,21 @@ layers use the standard im2col reduction (each group of a grouped conv is an
 independent linear layer).
 """
 
-import collections
-import concurrent.futures
 import logging
 import time
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from comq_jax import objective
+from comq_jax import blockwise
+from comq_jax import layer_solves
 from comq_jax import rules as rules_lib
 from comq_jax import solvers
-from comq_jax.results import LayerReport
 from comq_jax.results import ModelQuantization
 from comq_jax.results import SkippedLayer
 from comq_jax.results import Timings
+from quant_core import block_capture
+from quant_core import blocks as blocks_lib
 from quant_core import capture
 from quant_core import layers
 from quant_core import paths
@@ -41,80 +39,6 @@ INPUTS = ("fp", "sequential")
 ON_UNSUPPORTED = ("error", "skip")
 
 _LOG = logging.getLogger(__name__)
-
-# Layers solved at a time when they are independent (inputs="fp"): one solve
-# keeps one core busy.
-_SOLVES_IN_FLIGHT = 2
-
-# Feature groups solved per call: grouped and depthwise convs of any width share
-# one compiled solve per matrix shape.
-_GROUP_CHUNK = 32
-
-
-def _solve_shapes(view, kernel_dtype):
-  """Shapes of one call of a layer's solve: ``(mats, gram)`` of a group chunk."""
-  groups = 1 if view.groups == 1 else _GROUP_CHUNK
-  return (jax.ShapeDtypeStruct((groups, view.d_in, view.d_out),
-                               objective.compute_dtype(kernel_dtype)),
-          jax.ShapeDtypeStruct((groups, view.d_in, view.d_in), jnp.float32))
-
-
-def _solve_fn(solver, mesh=None):
-  """``(mats, gram) -> (result, RTN errors, positive definite)`` for ``mats`` of
-  shape ``(groups, d_in, d_out)`` and Grams ``(groups, d_in, d_in)``: ``result``
-  a :class:`quant_core.grids.LayerQuantization` whose arrays carry the groups
-  axis.
-
-  With a mesh the program runs on every device of it (``jax.shard_map``, inputs
-  and outputs replicated), so every device computes exactly what one device
-  computes without a mesh, except that COMQ solves of a single matrix split
-  its channels over the devices (:func:`comq_jax.layer.solve_on_devices`);
-  grouped convs, GPTQ and RTN are computed whole on every device."""
-  baseline = solvers.rtn(solver.bits, grid=solver.grid, granularity=solver.granularity,
-                         group_size=solver.group_size, scalar=solver.scalar)
-
-  def over_groups(fn, mats, gram, split=None):
-    # A single matrix skips vmap: tracing its batching rules costs as much as
-    # tracing the solve. Only it is split over the mesh.
-    if mats.shape[0] == 1:
-      return jax.tree.map(lambda a: a[None], fn(mats[0], gram[0], split))
-    return jax.vmap(lambda w, h: fn(w, h, None))(mats, gram)
-
-  def solve_with(chosen):
-    def one(w, h, split):
-      qt, codes, g, error, history, positive = chosen.solve(w.T, h, split)
-      return chosen.layer_result(w, qt, codes, g, error, history), positive
-    return one
-
-  def solve(mats, gram):
-    rtn, _ = over_groups(solve_with(baseline), mats, gram)
-    if isinstance(solver, solvers.RTN):
-      return rtn, rtn.error, jnp.asarray(True)
-    result, positive = over_groups(solve_with(solver), mats, gram, mesh)
-    return result, rtn.error, jnp.all(positive)
-
-  if mesh is None:
-    return solve
-  replicated = jax.sharding.PartitionSpec()
-  return jax.shard_map(solve, mesh=mesh, in_specs=replicated, out_specs=replicated,
-                       check_vma=False)
-
-
-def _group_chunks(mats, gram):
-  """``[(mats, gram), ...]``: one chunk for a single matrix, else chunks of
-  ``_GROUP_CHUNK`` groups, the last filled with copies of group 0 (independent
-  problems, whose results are dropped)."""
-  groups = mats.shape[0]
-  if groups == 1:
-    # The device's Gram as it is: no host copy of the largest array of the solve.
-    return [(mats, gram)]
-  gram = np.asarray(gram)
-  pad = -groups % _GROUP_CHUNK
-  fill = lambda a: np.concatenate([a, np.broadcast_to(a[:1], (pad,) + a.shape[1:])])
-  mats, gram = fill(mats), fill(gram)
-  return [(mats[i:i + _GROUP_CHUNK], gram[i:i + _GROUP_CHUNK])
-          for i in range(0, len(mats), _GROUP_CHUNK)]
-
 
 def _check_call(solver, inputs, on_unsupported, progress):
   progress_lib.check_enabled(progress)
@@ -133,8 +57,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
                    row_masks: Optional[Sequence[Any]] = None,
                    on_unsupported: str = "error", inputs: str = "fp",
                    mesh: Optional[jax.sharding.Mesh] = None,
-                   microbatch: Optional[int] = None, progress: bool = False,
-                   **apply_kwargs) -> ModelQuantization:
+                   microbatch: Optional[int] = None, blocks=None,
+                   progress: bool = False, **apply_kwargs) -> ModelQuantization:
   """Quantizes every linear layer of a Flax model (linen or NNX).
 
   The layer kinds and their 2-D views are those of :mod:`quant_core.layers`:
@@ -164,6 +88,24 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
   * ``inputs="sequential"``: layer ``l`` sees inputs from the model whose
     layers before ``l`` are already quantized (one pass per layer); the target
     is then ``X_q W`` with those inputs.
+
+  **Blocks.** With ``blocks`` (a pattern over ``/``-joined module paths, such
+  as ``r"layers/\\d+"``, or a module class, or a tuple of them) the model is
+  quantized one block at a time, as LLM tools do (:mod:`comq_jax.blockwise`):
+  the calibration hidden states entering a block are captured once and kept
+  on the device, one array per step; the block's layers are solved in forward
+  order from the block run alone on them (with ``"sequential"``, each group of
+  layers reading one array, such as q/k/v, sees the block with its earlier
+  layers quantized, so the result equals ``"sequential"`` without blocks, in
+  one pass per group instead of one model pass per layer); then the block's
+  outputs become the next block's inputs. A block's arguments that are not
+  the previous block's outputs must be values an earlier block received
+  (positions, masks); otherwise that block's inputs are captured from the
+  whole model again. Peak device memory is about one block's parameters, its
+  Grams and the hidden states (``N_tokens x d_model`` per array the blocks
+  pass on), whatever the depth; blocks of one structure share every program.
+  Layers outside the blocks take a pass of the whole model each (``"fp"``:
+  one pass for all of them).
 
   Calibration streams: the batches are read one at a time (a lazy
   ``Sequence`` is never copied; with ``"sequential"`` it is read once per
@@ -220,6 +162,8 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
     microbatch: examples per microbatch, dividing every batch's size (all
       arrays of a batch, and its row mask, have examples on axis 0); None for
       whole batches (no mesh, or a mesh of one device on ``"batch"``).
+    blocks: optional, the repeated blocks to quantize one at a time (see
+      above); None quantizes layer by layer over the whole model.
     progress: show a ``tqdm`` bar over the layers. Either way the phases
       (plan, capture, solve) and every layer (its error against RTN and its
       solve time) are logged at INFO on the ``comq_jax.driver`` logger.
@@ -232,13 +176,16 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
     ValueError: for a solver or rules of the wrong type, bad options, empty
       calibration data, a row mask of the
       wrong shape or one that leaves a layer without rows, a mesh without a
-      ``"batch"`` axis or a microbatch that does not fit it, an unsupported
+      ``"batch"`` axis or a microbatch that does not fit it, ``blocks`` that
+      match no module call, a block called twice or a layer called from two
+      blocks, an unsupported
       layer with ``on_unsupported="error"``, an ``H`` that GPTQ cannot factor
       (raise ``damp``), or a model with no layer left to quantize; messages
       name the layer path.
   """
   _check_call(solver, inputs, on_unsupported, progress)
   checked_rules = rules_lib.check_rules(rules)
+  match = None if blocks is None else blocks_lib.block_matcher(blocks)
   capture.check_data_options(mesh, microbatch)
   target = capture.model_adapter(model_or_apply, variables, apply_kwargs)
   batches = capture.as_sequence(calibration_batches)
@@ -255,120 +202,41 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
             f"(pattern, None) for it, or pass on_unsupported='skip', to leave it in "
             f"float.")
 
-    seen = capture.discover_layers(target, batches, masks, check_unsupported)
+    if match is None:
+      seen = capture.discover_layers(target, batches, masks, check_unsupported)
+    else:
+      seen, recorder = block_capture.discover_blocks(target, batches, masks, match,
+                                                     check_unsupported)
     todo, skipped = _plan(seen, params, target, solver_of)
+    if match is not None:
+      blockwise.check_blocks(recorder, todo, blocks)
     _LOG.info("plan: %d layers to quantize, %d left in float; %d calibration batches, "
-              "inputs=%s", len(todo), len(skipped), len(batches), inputs)
-    capture_seconds = 0.0
-    solve_fns = {}
-
-    def solve_program(layer_solver, args):
-      if layer_solver not in solve_fns:
-        solve_fns[layer_solver] = _solve_fn(layer_solver, mesh)
-      key = ("solve", layer_solver) + programs_lib.signature(*args)
-      return key, solve_fns[layer_solver]
-
-    if inputs == "fp" and mesh is None:
-      # The capture runs first: its compilation goes ahead of the solves'.
-      capture.submit_capture(target, params, [layer.path for layer, _ in todo], batches,
-                             masks, programs, microbatch)
-    for layer, layer_solver in todo:
-      shapes = _solve_shapes(layer.view, paths.get(params, layer.path)["kernel"].dtype)
-      programs.submit(*solve_program(layer_solver, shapes), *shapes)
-
-    passes = 0
-
-    def grams_of(layer_paths):
-      nonlocal capture_seconds, passes
-      # The calibration data are checked on the first pass over them only.
-      grams, seconds = capture.accumulate_grams(target, params, layer_paths, batches, masks,
-                                                programs, mesh, microbatch,
-                                                check_batches=passes == 0)
-      passes += 1
-      capture_seconds += seconds
-      return grams
-
-    grams = grams_of([layer.path for layer, _ in todo]) if inputs == "fp" else {}
-    if inputs == "fp":
-      _LOG.info("capture: Grams of %d layers in %.2fs (compilation waited %.2fs)",
-                len(todo), capture_seconds, programs.wait_seconds)
-    reports = []
-    compile_wait_seconds = programs.wait_seconds
-    solve_start = time.perf_counter()
-    _LOG.info("solve: %d layers%s", len(todo),
-              ", each after its own capture" if inputs == "sequential" else "")
-
-    def run_solve(layer_solver, chunks):
-      """``(outputs per chunk, seconds)``, compilation wait excluded."""
-      key, fn = solve_program(layer_solver, chunks[0])
-      program = programs.get(key, fn, *chunks[0])
-      start = time.perf_counter()
-      outs = jax.device_get([program(*chunk) for chunk in chunks])
-      return outs, time.perf_counter() - start
-
-    def finish(index, layer, layer_solver, groups, solved):
-      name = paths.path_name(layer.path)
-      outs, seconds = solved.result()
-      result, rtn_err = jax.tree.map(lambda *parts: np.concatenate(parts)[:groups],
-                                     *[out[:2] for out in outs])
-      if not np.all(np.isfinite(rtn_err)):
-        raise ValueError(
-            f"{name}: its calibration inputs hold NaN or inf although the calibration "
-            f"batches are finite: the model produces them before this layer (e.g. an "
-            f"overflow in a low-precision dtype).")
-      if not all(out[2] for out in outs):
-        raise ValueError(f"{name}: H is not positive definite after damping with "
-                         f"damp={layer_solver.damp}; raise damp.")
-      leaf = paths.get(params, layer.path)
-      kernel = leaf["kernel"]
-      # device_put: jnp.asarray would compile a staging program per shape.
-      leaf["kernel"] = jax.device_put(layer.view.kernel(result.weights).astype(kernel.dtype))
-      total = lambda e: float(np.sqrt(np.sum(np.square(e, dtype=np.float64))))
-      reports.append(LayerReport(
-          path=name, shape=tuple(kernel.shape), bits=layer_solver.bits,
-          error=total(result.error), rtn_error=total(rtn_err), seconds=seconds,
-          matrices=(layer.view.groups, layer.view.d_in, layer.view.d_out),
-          solver=layer_solver, quantization=result, view=layer.view))
-      report = reports[-1]
-      bar.layer_done("%s %d/%d %s %s: error %.4g (RTN %.4g), %.2fs",
-                     layer_solver.method.upper(), index + 1, len(todo), name,
-                     tuple(kernel.shape), report.error, report.rtn_error, seconds,
-                     label=f"{name} error {report.error:.4g} (RTN {report.rtn_error:.4g})")
-
+              "inputs=%s%s", len(todo), len(skipped), len(batches), inputs,
+              "" if match is None else f", {len(recorder.calls)} blocks")
     # A solve runs on one core: with inputs from the FP model, layers are
     # independent and _SOLVES_IN_FLIGHT of them run at a time; results are
     # written back in layer order. On a mesh one at a time: every device (and
     # process) must launch the sharded solves in the same order.
-    in_flight = _SOLVES_IN_FLIGHT if inputs == "fp" and mesh is None else 1
-    pending = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool, \
-        progress_lib.LayerProgress(_LOG, len(todo), solver.method.upper(), progress) as bar:
-      for index, (layer, layer_solver) in enumerate(todo):
-        name = paths.path_name(layer.path)
-        if inputs == "sequential":
-          grams = grams_of([layer.path])
-        gram, count = grams.pop(layer.path)
-        if float(count) == 0:
-          if row_masks is not None:
-            raise ValueError(f"{name}: the row masks cover zero of its calibration "
-                             f"rows; every quantized layer needs at least one unmasked "
-                             f"row.")
-          skipped.append(SkippedLayer(name, layer.kind, "no calibration rows"))
-          _LOG.warning("%s (%s) left in float: no calibration rows", name, layer.kind)
-          continue
-        kernel = paths.get(params, layer.path)["kernel"]
-        # Reshapes on the host: eager device ops would compile once per shape.
-        mats = layer.view.matrices(np.asarray(kernel)).astype(
-            objective.compute_dtype(kernel.dtype))
-        # On a mesh, solves take host Grams (their programs' inputs are unsharded).
-        chunks = _group_chunks(mats, gram if mesh is None else np.asarray(gram))
-        pending.append((index, layer, layer_solver, len(mats),
-                        pool.submit(run_solve, layer_solver, chunks)))
-        if len(pending) >= in_flight:
-          finish(*pending.popleft())
-      while pending:
-        finish(*pending.popleft())
-    solve_seconds = time.perf_counter() - solve_start
+    in_flight = layer_solves.SOLVES_IN_FLIGHT if inputs == "fp" and mesh is None else 1
+    start = time.perf_counter()
+    with progress_lib.LayerProgress(_LOG, len(todo), solver.method.upper(), progress) as bar:
+      solves = layer_solves.LayerSolves(params, programs, mesh, in_flight, bar, len(todo),
+                                        row_masks is not None, _LOG)
+      try:
+        if match is None:
+          capture_seconds = _by_layers(target, params, todo, batches, masks, programs,
+                                       solves, inputs=inputs, mesh=mesh,
+                                       microbatch=microbatch)
+        else:
+          capture_seconds = blockwise.quantize_blocks(
+              target, params, todo, recorder, match, batches, masks, programs, solves,
+              inputs=inputs, mesh=mesh, microbatch=microbatch)
+        solves.drain()
+      finally:
+        solves.close()
+    reports = solves.reports
+    skipped += solves.skipped
+    solve_seconds = time.perf_counter() - start - capture_seconds
     _LOG.info("done: %d layers quantized, %d left in float; capture %.2fs, solve %.2fs, "
               "%d compilations (%.2fs)", len(reports), len(skipped), capture_seconds,
               solve_seconds, compilations[0], programs.compile_seconds)
@@ -378,11 +246,47 @@ def quantize_model(model_or_apply: Any, variables, calibration_batches: Sequence
   new_variables, new_model = target.result(params)
   timings = Timings(capture_seconds=capture_seconds,
                     compile_seconds=programs.compile_seconds,
-                    compile_wait_seconds=compile_wait_seconds,
+                    compile_wait_seconds=programs.wait_seconds,
                     solve_seconds=solve_seconds, compilations=compilations[0],
                     program_bytes=dict(programs.program_bytes))
   return ModelQuantization(variables=new_variables, layers=reports, skipped=skipped,
                            inputs=inputs, timings=timings, model=new_model)
+
+
+def _by_layers(target, params, todo, batches, masks, programs, solves, *, inputs, mesh,
+               microbatch) -> float:
+  """Quantizes ``todo`` layer by layer: with ``inputs="fp"`` from one pass that
+  captures every Gram, with ``"sequential"`` one pass per layer. Returns the
+  capture seconds (compilation excluded)."""
+  if inputs == "fp" and mesh is None:
+    # The capture runs first: its compilation goes ahead of the solves'.
+    capture.submit_capture(target, params, [layer.path for layer, _ in todo], batches,
+                           masks, programs, microbatch)
+  for layer, layer_solver in todo:
+    solves.compile_ahead(layer, layer_solver)
+  seconds, passes = 0.0, 0
+
+  def grams_of(layer_paths):
+    nonlocal seconds, passes
+    # The calibration data are checked on the first pass over them only.
+    grams, taken = capture.accumulate_grams(target, params, layer_paths, batches, masks,
+                                            programs, mesh, microbatch,
+                                            check_batches=passes == 0)
+    passes += 1
+    seconds += taken
+    return grams
+
+  if inputs == "fp":
+    grams = grams_of([layer.path for layer, _ in todo])
+    _LOG.info("capture: Grams of %d layers in %.2fs (compilation waited %.2fs)",
+              len(todo), seconds, programs.wait_seconds)
+  _LOG.info("solve: %d layers%s", len(todo),
+            ", each after its own capture" if inputs == "sequential" else "")
+  for layer, layer_solver in todo:
+    if inputs == "sequential":
+      grams = grams_of([layer.path])
+    solves.submit(layer, layer_solver, *grams.pop(layer.path))
+  return seconds
 
 
 def _plan(seen, params, target, solver_of):

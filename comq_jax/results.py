@@ -83,20 +83,22 @@ class Timings(NamedTuple):
       excluded).
     compile_seconds: compiling the capture and the solves, summed over the
       background threads that compile them (it overlaps the other phases).
-    compile_wait_seconds: wall time spent waiting for the capture's
-      compilation.
-    solve_seconds: wall time of the solve phase, waits for the solves'
-      compilation included (with ``inputs="fp"``, two layers solve at a time;
-      with ``"sequential"`` it includes the captures).
+    compile_wait_seconds: wall time spent waiting for compilations (capture
+      and solves).
+    solve_seconds: wall time after planning less ``capture_seconds``: the
+      solves, waits for their compilation included (with ``inputs="fp"`` two
+      layers solve at a time).
     compilations: XLA compilations during the call (``jax.monitoring``):
       one capture step per batch (or microbatch step) signature (per layer with
       ``inputs="sequential"``), one solve per distinct layer signature and
       solver, and any small program not already cached by an earlier call.
-    program_bytes: memory, not time: for ``"capture"`` and ``"solve"``, the
-      bytes of the largest such program's buffers (arguments, outputs and
-      temporaries, less outputs written over donated arguments) as XLA
-      assigns them, i.e. what it holds on the device while it runs; empty
-      where the backend does not report it.
+    program_bytes: memory, not time: for ``"capture"`` and ``"solve"`` (and
+      with ``blocks``, ``"block inputs"`` and ``"propagate"``, the programs that
+      capture a block's inputs from the model and run a block), the bytes of
+      the largest such program's buffers (arguments, outputs and temporaries,
+      less outputs written over donated arguments) as XLA assigns them, i.e.
+      what it holds on the device while it runs; empty where the backend does
+      not report it.
   """
   capture_seconds: float
   compile_seconds: float

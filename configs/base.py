@@ -182,6 +182,10 @@ def get_config(dataset):
   # "float": sweeps start from the FP weights (official); "gptq": from GPTQ's solution.
   config.comq.init = "float"
   config.comq.inputs = "fp"
+  # Blocks quantized one at a time on stored hidden states (comq_jax.quantize_model's
+  # blocks): a pattern over '/'-joined module paths, e.g. "layers/\d+" (the decoder
+  # blocks of the language models) or "block_\d+"; None: layer by layer.
+  config.comq.blocks = config_dict.placeholder(str)
   # Keep the first layer and the classifier(s) in float. None = the official recipe of
   # the model: the timm transformers skip their patch embedding and head(s) (official
   # COMQ code); the CNNs quantize every layer.
@@ -200,6 +204,7 @@ def get_config(dataset):
   config.gptq.act_order = False
   config.gptq.static_groups = False
   config.gptq.inputs = "fp"  # as comq.inputs
+  config.gptq.blocks = config_dict.placeholder(str)  # as comq.blocks
   config.gptq.skip_first_last = config_dict.placeholder(bool)  # as comq.skip_first_last
 
   # Round-to-nearest on the COMQ grid (comq_jax.rtn); the calibration data
@@ -212,6 +217,7 @@ def get_config(dataset):
   config.rtn.group_size = config_dict.placeholder(int)
   config.rtn.scalar = 1.0
   config.rtn.inputs = "fp"  # as comq.inputs (RTN reads the inputs only for its errors)
+  config.rtn.blocks = config_dict.placeholder(str)  # as comq.blocks
   config.rtn.skip_first_last = config_dict.placeholder(bool)  # as comq.skip_first_last
 
   # Calibration images of the post-training methods (COMQ, GPTQ; RTN only measures

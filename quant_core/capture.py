@@ -11,6 +11,7 @@ COMQ, GPTQ and round-to-nearest (:mod:`comq_jax`) and INQ's data-aware steps
 """
 
 import collections.abc
+import contextlib
 import dataclasses
 import functools
 import math
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quant_core import blocks as blocks_lib
 from quant_core import layers
 from quant_core import nnx_params
 from quant_core import paths as paths_lib
@@ -88,13 +90,15 @@ class _LinenModel:
     self._variables = variables
     self._kwargs = apply_kwargs
     self.params = flax.core.unfreeze(variables["params"])
+    self.variables = variables
     self.module_kinds = {}
     # Embedding tables used as output layers (``attend``): they stay in float.
     self.tied_embeddings = {}
 
-  def forward(self, params, batch, on_call, grams):
+  def forward(self, params, batch, on_call, grams, on_block=None):
     """The model on ``batch`` with ``params``, ``on_call(call)`` at every linear
-    call; a returned ``(gram, count)`` is added to ``grams[call.path]``."""
+    call; a returned ``(gram, count)`` is added to ``grams[call.path]``.
+    ``on_block``: an optional :class:`quant_core.blocks.BlockHook`."""
     kinds = self.module_kinds
 
     def record_kind(next_fun, args, kwargs, context):
@@ -112,7 +116,9 @@ class _LinenModel:
           _add_gram(grams, call.path, found)
 
     variables = dict(self._variables, params=params)
-    with nn.intercept_methods(record_kind), \
+    blocks = (nn.intercept_methods(on_block.linen_interceptor()) if on_block is not None
+              else contextlib.nullcontext())
+    with nn.intercept_methods(record_kind), blocks, \
         nn.intercept_methods(layers.intercept_linear_calls(store)):
       if self._module is None:
         self._apply(variables, batch, **self._kwargs)
@@ -148,13 +154,21 @@ class _NNXModel:
 
   def __init__(self, model, apply_kwargs):
     self._split = nnx_params.NNXParams(model)
+    self._model = model
     self._kwargs = apply_kwargs
     self.params = self._split.params
     self.module_kinds = {tuple(path): type(module)
                          for path, module in nnx.iter_modules(model)}
     self.tied_embeddings = {}
 
-  def forward(self, params, batch, on_call, grams):
+  def module_at(self, path) -> nnx.Module:
+    """The submodule of the (unchanged) user's module at ``path``."""
+    for found, module in nnx.iter_modules(self._model):
+      if tuple(found) == tuple(path):
+        return module
+    raise KeyError(path)
+
+  def forward(self, params, batch, on_call, grams, on_block=None):
     """See :meth:`_LinenModel.forward`."""
     model = self._split.with_params(params)
 
@@ -172,8 +186,10 @@ class _NNXModel:
       return attend(module, *args, **kwargs)
 
     nnx.Embed.attend = recording_attend
+    blocks = (blocks_lib.nnx_block_calls(model, on_block) if on_block is not None
+              else contextlib.nullcontext())
     try:
-      with layers.intercept_nnx_linear_calls(model, store):
+      with blocks, layers.intercept_nnx_linear_calls(model, store):
         model(batch, **self._kwargs)
     finally:
       nnx.Embed.attend = attend
@@ -374,12 +390,13 @@ def submit_capture(target, params, paths, batches, masks, programs, microbatch):
   capture, _ = capture_fn(target, set(paths))
   step = next(_steps(batches[0], masks[0], microbatch, None))
   acc = jax.eval_shape(capture, params, *step)
-  programs.submit(_fold_key(paths, None, acc, step), _fold_fn(capture, None), acc,
+  programs.submit(_fold_key(target, paths, None, acc, step), _fold_fn(capture, None), acc,
                   params, *step, donate_argnums=(0,))
 
 
-def _fold_key(paths, mesh, acc, step):
-  return ("capture", tuple(paths), mesh) + programs_lib.signature(acc, step)
+def _fold_key(target, paths, mesh, acc, step):
+  return ("capture", getattr(target, "program_key", None), tuple(paths), mesh) + (
+      programs_lib.signature(acc, step))
 
 
 def _fold_fn(capture, mesh):
@@ -472,27 +489,48 @@ def accumulate_grams(target, params, paths, batches, masks, programs, mesh=None,
   ``seconds``). With a mesh the result is replicated over it. ``check_batches``
   runs :func:`check_batch` on each batch as it is read (the first pass over the
   batches needs it; later passes read the same data)."""
+  first_layer = paths_lib.path_name(paths[0]) if paths else None
+
+  def steps():
+    for index, (batch, mask) in enumerate(zip(batches, masks, strict=True)):
+      if check_batches:
+        check_batch(index, batch, batches[0] if index else batch, first_layer)
+      for step in _steps(batch, mask, microbatch, mesh):
+        yield step, (index, batch)
+
+  return fold_steps(target, params, paths, steps(), programs, mesh)
+
+
+def model_steps(batches, masks, microbatch, mesh):
+  """Every step of every calibration batch (see :func:`_steps`), in order."""
+  for batch, mask in zip(batches, masks, strict=True):
+    yield from _steps(batch, mask, microbatch, mesh)
+
+
+def fold_steps(target, params, paths, steps, programs, mesh=None):
+  """:func:`accumulate_grams` over given ``(step, source)`` pairs: a step is
+  ``(batch, mask)``, or with a mesh ``(batch, mask, valid)`` split over its
+  ``batch`` axis; ``source`` is ``(index, batch)`` of the calibration batch it
+  comes from (named when it does not fit the model), or None."""
   capture, _ = capture_fn(target, set(paths))
   fold = _fold_fn(capture, mesh)
   if mesh is not None:
     params = jax.device_put(params, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
   acc, seconds = None, 0.0
-  first_layer = paths_lib.path_name(paths[0]) if paths else None
-  for index, (batch, mask) in enumerate(zip(batches, masks, strict=True)):
-    if check_batches:
-      check_batch(index, batch, batches[0] if index else batch, first_layer)
-    for step in _steps(batch, mask, microbatch, mesh):
+  for step, source in steps:
+    try:
       if acc is None:
         acc = _zero_grams(jax.eval_shape(capture, params, *step[:2]), mesh)
-      try:
-        program = programs.get(_fold_key(paths, mesh, acc, step), fold, acc, params, *step,
-                               donate_argnums=(0,))
-      except _MISFIT_ERRORS as error:
-        raise misfit_error(index, batch, error) from None
-      start = time.perf_counter()
-      acc = jax.block_until_ready(program(acc, params, *step))
-      seconds += time.perf_counter() - start
+      program = programs.get(_fold_key(target, paths, mesh, acc, step), fold, acc, params, *step,
+                             donate_argnums=(0,))
+    except _MISFIT_ERRORS as error:
+      if source is None:
+        raise
+      raise misfit_error(*source, error) from None
+    start = time.perf_counter()
+    acc = jax.block_until_ready(program(acc, params, *step))
+    seconds += time.perf_counter() - start
   if mesh is not None:
     acc = _last_device_slot(acc, mesh)
   return acc, seconds

@@ -24,9 +24,19 @@ class NNXParams:
     self._param_state = jax.tree.map(lambda leaf: leaf, state)
     self.params = nnx.to_pure_dict(self._param_state)
 
-  def with_params(self, params) -> nnx.Module:
+  def with_params(self, params, rest=None) -> nnx.Module:
     """A new module like the split one, with ``params`` (a pure dict of the same
-    structure; its leaves may be arrays, tracers or packed layers) as its parameters."""
+    structure; its leaves may be arrays, tracers or packed layers) as its parameters,
+    and ``rest`` (a pure dict like :attr:`rest`) as its other state when given."""
     state = jax.tree.map(lambda leaf: leaf, self._param_state)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state, self._rest)
+    other = self._rest
+    if rest is not None:
+      other = jax.tree.map(lambda leaf: leaf, self._rest)
+      nnx.replace_by_pure_dict(other, rest)
+    return nnx.merge(self.graphdef, state, other)
+
+  @property
+  def rest(self):
+    """The module's other state (buffers, batch statistics, RNG state) as a pure dict."""
+    return nnx.to_pure_dict(self._rest)

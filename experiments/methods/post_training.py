@@ -92,8 +92,8 @@ def first_and_last_layers(model, variables, image, num_classes):
 
 
 # Fields of a method's config block that are not solver settings: the driver's inputs
-# and the recipe's skip_first_last.
-DRIVER_FIELDS = ("inputs", "skip_first_last")
+# (and blocks) and the recipe's skip_first_last.
+DRIVER_FIELDS = ("inputs", "skip_first_last", "blocks")
 
 
 def solver(config, name):
@@ -148,7 +148,7 @@ class PostTrainingMethod(base.Method):
     inputs = config[self.name].inputs
     result = comq_jax.quantize_model(model, variables, calibration,
                                      solver(config, self.name), rules=rules or None,
-                                     inputs=inputs,
+                                     inputs=inputs, blocks=config[self.name].blocks,
                                      progress=config.progress and jax.process_index() == 0,
                                      **task.apply_kwargs,
                                      **calibration_devices(config, context.mesh))
