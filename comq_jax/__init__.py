@@ -17,6 +17,7 @@ Layer discovery, the Gram capture, the grids, packing and the kernels live in
 
 from comq_jax.blockwise import plan_blocks
 from comq_jax.driver import quantize_model
+from comq_jax.magnitude_reduction import magr
 from comq_jax.objective import reconstruction_error
 from comq_jax.results import LayerReport
 from comq_jax.results import ModelQuantization
@@ -41,6 +42,7 @@ __all__ = [
     "Timings",
     "comq",
     "gptq",
+    "magr",
     "plan_blocks",
     "quantize_model",
     "reconstruction_error",

@@ -192,8 +192,10 @@ class LayerSolves:
                        f"damp={layer_solver.damp}; raise damp.")
     leaf = paths.get(self.params, layer.path)
     kernel = leaf["kernel"]
-    # device_put: jnp.asarray would compile a staging program per shape.
-    leaf["kernel"] = jax.device_put(layer.view.kernel(result.weights).astype(kernel.dtype))
+    new_kernel = layer.view.kernel(result.weights).astype(kernel.dtype)
+    # Host kernels stay on the host (a model larger than the device); device_put, since
+    # jnp.asarray would compile a staging program per shape.
+    leaf["kernel"] = new_kernel if isinstance(kernel, np.ndarray) else jax.device_put(new_kernel)
     total = lambda e: float(np.sqrt(np.sum(np.square(e, dtype=np.float64))))
     report = LayerReport(
         path=name, shape=tuple(kernel.shape), bits=layer_solver.bits,

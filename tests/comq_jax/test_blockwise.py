@@ -153,6 +153,19 @@ def test_block_memory_does_not_grow_with_depth(inputs):
             > 1.5 * _block_program_bytes(4, inputs="fp")["capture"])
 
 
+def test_host_parameters_stay_on_the_host():
+  # Parameters given as numpy arrays: the quantized kernels come back as numpy arrays,
+  # equal to those of the same parameters on the device.
+  model, variables, batches = _linen(2, ends=False)
+  kwargs = dict(inputs="fp", blocks=r"block_\d+")
+  on_device = comq_jax.quantize_model(model, variables, batches, _SOLVERS["gptq"], **kwargs)
+  host = jax.tree.map(np.asarray, variables)
+  on_host = comq_jax.quantize_model(model, host, batches, _SOLVERS["gptq"], **kwargs)
+  kernel = on_host.variables["params"]["block_1"]["down"]["kernel"]
+  assert isinstance(kernel, np.ndarray)
+  jax.tree.map(np.testing.assert_array_equal, on_host.variables, on_device.variables)
+
+
 def _mesh():
   return jax.sharding.Mesh(np.array(jax.devices()[:4]), ("batch",))
 
