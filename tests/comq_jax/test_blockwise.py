@@ -118,6 +118,7 @@ def test_linen_blocks_equal_layer_by_layer(method, inputs):
   assert got.timings.compilations < want.timings.compilations or inputs == "fp"
 
 
+@pytest.mark.slow  # NNX block-wise also runs in the docs' example (tiny_llama)
 def test_nnx_blocks_by_class_equal_layer_by_layer():
   model = _NNXNet(3, rngs=nnx.Rngs(0))
   batches = _batches()
@@ -140,7 +141,7 @@ def _block_program_bytes(depth, **kwargs):
   return result.timings.program_bytes
 
 
-@pytest.mark.parametrize("inputs", ["sequential", "fp"])
+@pytest.mark.parametrize("inputs", ["sequential", pytest.param("fp", marks=pytest.mark.slow)])
 def test_block_memory_does_not_grow_with_depth(inputs):
   # Every program's buffers (arguments, outputs, temporaries) as XLA assigns them.
   four = _block_program_bytes(4, inputs=inputs, blocks=r"block_\d+")
@@ -195,6 +196,7 @@ def _quantize_in_process(out, port, num_processes, process_id):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the 4-device mesh test runs by default
 def test_blocks_over_two_processes_equal_one_device(tmp_path):
   model, variables, batches = _linen(merge_at=2)
   single = comq_jax.quantize_model(model, variables, batches, _SOLVERS["comq"],

@@ -109,8 +109,11 @@ def test_comq_kernels_on_4bit_grid_and_sizes(comq_run):
 
 @pytest.mark.integration
 def test_comq_skip_first_last_keeps_them_float(tmp_path):
+  # conv2 and conv3 quantized as blocks of one layer each (the config's blocks reach
+  # quantize_model): inputs from the FP model either way.
   config = tiny_config("comq_2bit", **{"comq.skip_first_last": True,
-                                       "calibration.num_examples": 32})
+                                       "calibration.num_examples": 32,
+                                       "comq.blocks": "conv[23]"})
   results = train.train_and_evaluate(config, str(tmp_path))
   assert [layer["path"] for layer in results["layers"]] == ["conv2", "conv3"]
   params, batch_stats = final_params(str(tmp_path))
