@@ -19,7 +19,6 @@ from quant_core import blocks as blocks_lib
 from quant_core import capture
 from quant_core import layers
 from quant_core import nnx_params
-from quant_core import paths as paths_lib
 
 
 class _Recording:
@@ -50,6 +49,17 @@ def discover_blocks(target, batches, masks, match, on_unsupported=None):
                                  on_unsupported)
   blocks_lib.link_blocks(recorder.calls)
   return seen, recorder
+
+
+def _storing(on_call, grams):
+  """The linear-call hook of a block: a returned ``(gram, count)`` enters ``grams``."""
+
+  def store(call):
+    found = on_call(call)
+    if found is not None:
+      capture._add_gram(grams, call.path, found)
+
+  return store
 
 
 class _BlockTarget:
@@ -91,12 +101,8 @@ class LinenBlock(_BlockTarget):
   def forward(self, variables, leaves, on_call, grams, on_block=None):
     del on_block
 
-    def store(call):
-      found = on_call(call)
-      if found is not None:
-        capture._add_gram(grams, call.path, found)
-
     args, kwargs = self._arguments(leaves)
+    store = _storing(on_call, grams)
     with nn.intercept_methods(layers.intercept_linear_calls(store)):
       return self.call.module.apply(variables, *args, **kwargs)
 
@@ -118,13 +124,8 @@ class NNXBlock(_BlockTarget):
     del on_block
     module = self._split.with_params(variables["params"], variables["rest"])
 
-    def store(call):
-      found = on_call(call)
-      if found is not None:
-        capture._add_gram(grams, call.path, found)
-
     args, kwargs = self._arguments(leaves)
-    with layers.intercept_nnx_linear_calls(module, store):
+    with layers.intercept_nnx_linear_calls(module, _storing(on_call, grams)):
       return module(*args, **kwargs)
 
 
@@ -241,7 +242,3 @@ class StoredSteps:
 
 def relative(path, block_path) -> tuple:
   return tuple(path)[len(block_path):]
-
-
-def absolute(path, block_path) -> tuple:
-  return paths_lib.keys_of(tuple(block_path) + tuple(path))

@@ -274,10 +274,6 @@ def block_variables(variables, path) -> dict:
   return out
 
 
-def prefixed(path, inner) -> tuple:
-  return tuple(path) + tuple(inner)
-
-
 def step_nbytes(values) -> int:
   return int(sum(np.prod(np.shape(v)) * np.dtype(v.dtype).itemsize
                  for v in jax.tree.leaves(values)))
