@@ -15,8 +15,14 @@ within ``--budget_seconds`` (default 480 s, so that one rerun fits in a 15-minut
    on sm_90 also the Hopper (Mosaic GPU) kernel on the 4-bit g128 weights;
 5. ``layer_solves``: a COMQ and a GPTQ layer solve, 4-bit g128, at d_in x d_out =
    4096 x 4096 and 4096 x 11008, from a Gram of 2048 rows (compilation excluded);
-6. ``model_comq``: ``comq_jax.quantize_model`` of the digits CNN on 256 random images;
-   a small language model once the models exist (skipped until then).
+6. ``model_comq``: ``comq_jax.quantize_model`` of the digits CNN on 256 random images
+   (the language models' whole-model PTQ is ``benchmarks/llm_blockwise.py``, too long
+   for this check);
+7. ``llm_decode``: greedy decoding of Gemma 3 270M (its GGUF when the weights package is
+   installed, else randomly initialized: the speed does not depend on the values), RTN
+   4-bit g128, one prompt of 32 tokens then 32 new tokens, the packed model through
+   ``quantized_matmul`` against its de-quantized float model (``benchmarks/llm_decode.py``;
+   compilation excluded, medians of 3 runs).
 
 It installs nothing: the checkout goes on ``sys.path``, and the preinstalled jax runs
 it. Each step is timed and caught: a failing step is recorded with its error and the
@@ -49,7 +55,12 @@ with the figures of each step:
 * ``layer_solves``: ``rows``: ``solver``, ``d_in``, ``d_out``, ``seconds`` (median),
   ``compile_seconds``, ``error`` (the layer objective);
 * ``model_comq``: ``models``: ``name``, ``layers``, ``wall_seconds``,
-  ``capture_seconds``, ``solve_seconds``, ``compilations``.
+  ``capture_seconds``, ``solve_seconds``, ``compilations``;
+* ``llm_decode``: what :func:`benchmarks.llm_decode.run` returns: ``settings``,
+  ``weights``, ``interpret``, per model (``float``, ``packed``)
+  ``prefill_tokens_per_second``, ``decode_tokens_per_second``, ``prefill_seconds``,
+  ``decode_seconds``, ``first_run_seconds``; ``packed_vs_float`` (decode
+  rates), ``tokens_equal``, ``quantize_seconds``.
 
 Targets (checked by reading the JSON; docs/benchmarks.md says whether they were met):
 4-bit g128 at K = N = 8192 at least 3x bf16 at M <= 16 and 0.9x at M >= 1024, weight
@@ -83,10 +94,14 @@ SCHEMA_VERSION = 1
 FULL = dict(copy_bytes=2 << 30, matmul_kn=(4096, 8192),
             matmul_m=(1, 16, 64, 256, 1024, 4096), matmul_repeats=20,
             solves=((4096, 4096), (4096, 11008)), solve_rows=2048, solve_repeats=3,
-            group_size=128, model_images=256)
+            group_size=128, model_images=256,
+            decode=dict(model_name="gemma3_270m", batch=1, prompt_length=32, new_tokens=32,
+                        repeats=3))
 DRY_RUN = dict(copy_bytes=16 << 20, matmul_kn=(256,), matmul_m=(1, 16), matmul_repeats=2,
                solves=((64, 48),), solve_rows=128, solve_repeats=1, group_size=64,
-               model_images=16)
+               model_images=16,
+               decode=dict(model_name="byte_llama", batch=1, prompt_length=4, new_tokens=3,
+                           repeats=1))
 
 # name -> (grid, bits): the formats of the matmul sweep, group-wise along K.
 MATMUL_FORMATS = {"int4_g128": ("asymmetric", 4), "pow2_4bit_g128": ("pow2", 4)}
@@ -212,9 +227,13 @@ def model_comq(sizes):
   return {"models": [{"name": "digits SmallCNN", "layers": len(result.layers),
                       "wall_seconds": wall, "capture_seconds": timings.capture_seconds,
                       "solve_seconds": timings.solve_seconds,
-                      "compilations": timings.compilations}],
-          "skipped_models": {"small language model": "no language model in the "
-                             "project yet (experiments/models has none)"}}
+                      "compilations": timings.compilations}]}
+
+
+def llm_decode(sizes):
+  from benchmarks import llm_decode as decode  # pylint: disable=g-import-not-at-top
+  return decode.run(**sizes["decode"], bits=4, grid="asymmetric",
+                    group_size=sizes["group_size"])
 
 
 # The steps in order; each takes the sizes and the figures of the steps before it.
@@ -226,6 +245,7 @@ STEPS = {
         sizes, done.get("copy_bandwidth", {}).get("bandwidth")),
     "layer_solves": lambda sizes, done: layer_solves(sizes),
     "model_comq": lambda sizes, done: model_comq(sizes),
+    "llm_decode": lambda sizes, done: llm_decode(sizes),
 }
 
 

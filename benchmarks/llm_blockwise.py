@@ -28,11 +28,12 @@ import time
 SOLVERS = ("rtn", "gptq", "comq")
 
 
-def _one(method, windows, window, batch, bits, group_size):
-  """Runs one measurement in this process; prints its JSON line."""
+def gemma_calibration(windows, window, batch):
+  """Gemma 3 270M (extra llm-weights) and the first ``windows`` calibration windows of
+  ``window`` tokens of the bundled text, as the language-model jobs draw them, in
+  batches of ``batch``: ``(model, batches)``."""
   import jax.numpy as jnp  # noqa: PLC0415 (the parent process never imports jax)
 
-  import comq_jax  # noqa: PLC0415
   from configs import llm_comq_4bit  # noqa: PLC0415
   from experiments import text  # noqa: PLC0415
   from experiments import text_data  # noqa: PLC0415
@@ -46,7 +47,15 @@ def _one(method, windows, window, batch, bits, group_size):
                              vocab_size=model.config.vocab_size, eval_fraction=0.1,
                              bos_id=tokenizer.bos_id if tokenizer.add_bos else None)
   tokens = splits.calibration[:windows, :-1]
-  batches = [jnp.asarray(tokens[i:i + batch]) for i in range(0, windows, batch)]
+  return model, [jnp.asarray(tokens[i:i + batch]) for i in range(0, windows, batch)]
+
+
+def _one(method, windows, window, batch, bits, group_size):
+  """Runs one measurement in this process; prints its JSON line."""
+  import comq_jax  # noqa: PLC0415 (the parent process never imports jax)
+
+  model, batches = gemma_calibration(windows, window, batch)
+  tokens = sum(int(b.size) for b in batches)
   make = getattr(comq_jax, method)
   solver = make(bits, granularity="group", group_size=group_size)
   start = time.perf_counter()
@@ -60,7 +69,7 @@ def _one(method, windows, window, batch, bits, group_size):
       "compile_seconds": timings.compile_seconds, "compilations": timings.compilations,
       "error": sum(r.error ** 2 for r in result.layers) ** 0.5,
       "rtn_error": sum(r.rtn_error ** 2 for r in result.layers) ** 0.5,
-      "tokens": int(tokens.size), "program_bytes": timings.program_bytes}), flush=True)
+      "tokens": tokens, "program_bytes": timings.program_bytes}), flush=True)
 
 
 def main():

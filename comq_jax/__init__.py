@@ -9,12 +9,18 @@ GPTQ and round-to-nearest on the same Grams and grids.
   NNX) with any solver;
 * :mod:`comq_jax.layer`, :mod:`comq_jax.baselines`: the COMQ coordinate-descent
   core, and the round-to-nearest and GPTQ cores;
-* :mod:`comq_jax.objective`: the layer objective from Grams.
+* :mod:`comq_jax.objective`: the layer objective from Grams;
+* :mod:`comq_jax.magnitude_reduction`: MagR preprocessing (the solvers'
+  ``preprocess="magr"``);
+* :mod:`comq_jax.bit_allocation`: mixed precision, one bit width per layer under
+  a budget of average bits per weight.
 
 Layer discovery, the Gram capture, the grids, packing and the kernels live in
 :mod:`quant_core`.
 """
 
+from comq_jax.bit_allocation import Allocation
+from comq_jax.bit_allocation import allocate_bits
 from comq_jax.blockwise import plan_blocks
 from comq_jax.driver import quantize_model
 from comq_jax.magnitude_reduction import magr
@@ -32,6 +38,7 @@ from comq_jax.solvers import gptq
 from comq_jax.solvers import rtn
 
 __all__ = [
+    "Allocation",
     "COMQ",
     "GPTQ",
     "LayerReport",
@@ -40,6 +47,7 @@ __all__ = [
     "SkippedLayer",
     "Solver",
     "Timings",
+    "allocate_bits",
     "comq",
     "gptq",
     "magr",

@@ -18,15 +18,15 @@ from quant_core import grids as grid_lib
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "grid", "granularity",
-                                             "scalar", "group_size"))
-def rtn_solve(wt, *, bits, grid, granularity, scalar, group_size=None):
+                                             "scalar", "group_size", "scale_dtype"))
+def rtn_solve(wt, *, bits, grid, granularity, scalar, group_size=None, scale_dtype=None):
   """Jitted round-to-nearest core in channel-major layout.
 
   Returns:
     ``(qt, codes_t, grid)``, see :func:`comq_jax.rtn`.
   """
   g = grid_lib.make_grid(wt, bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar, group_size=group_size)
+                         scalar=scalar, group_size=group_size, scale_dtype=scale_dtype)
   codes, qt = grid_lib.round_to_grid(g.values(), wt, group_size)
   return qt, codes, g
 
@@ -159,9 +159,9 @@ def _rounder(grid, values):
 
 @functools.partial(jax.jit, static_argnames=(
     "bits", "grid", "granularity", "group_size", "scalar", "block_size", "damp",
-    "act_order", "static_groups"))
+    "act_order", "static_groups", "scale_dtype"))
 def gptq_solve(wt, gram, *, bits, grid, granularity, group_size, scalar, block_size,
-               damp, act_order, static_groups):
+               damp, act_order, static_groups, scale_dtype=None):
   """Jitted GPTQ core in channel-major layout; see :func:`comq_jax.gptq`.
 
   Work as in the paper's Algorithm 1 with lazy batches: ``U`` from
@@ -187,7 +187,7 @@ def gptq_solve(wt, gram, *, bits, grid, granularity, group_size, scalar, block_s
   """
   gram = gram.astype(wt.dtype)
   d_out, d_in = wt.shape
-  options = dict(bits=bits, grid=grid, scalar=scalar)
+  options = dict(bits=bits, grid=grid, scalar=scalar, scale_dtype=scale_dtype)
   grouped = granularity == "group"
   dynamic_groups = grouped and not static_groups
   # Grids fixed before the sweep; dynamic groups replace theirs on the way.

@@ -169,15 +169,17 @@ def _sweep(wt, qt, values, gram, perm, *, first, group_size=None):
   return qt[:, :d_in], codes[:, :d_in]
 
 
-def _best_step(num, den, old_step, old_exponent, is_pow2):
-  """Minimiser of ``s^2 den - 2 s num`` over positive steps (powers of two for pow2).
+def _best_step(num, den, old_step, old_exponent, is_pow2, scale_dtype=None):
+  """Minimiser of ``s^2 den - 2 s num`` over positive steps (powers of two for pow2,
+  values of ``scale_dtype`` when set).
 
   The objective is a convex quadratic in ``s``, so the best power of two is one
-  of the two around the unconstrained optimum. A non-positive or undefined
-  optimum keeps the old step.
+  of the two around the unconstrained optimum, and the best float16 value the
+  nearest to it. A non-positive or undefined optimum keeps the old step.
   """
   ok = (den > 0) & (num > 0)
   best = jnp.where(ok, num / jnp.where(ok, den, jnp.ones_like(den)), old_step)
+  best = grid_lib.representable_step(best, scale_dtype, round_up=False)
   exponent = old_exponent
   if is_pow2:
     lo_exp = jnp.floor(jnp.log2(best)).astype(jnp.int32)
@@ -198,7 +200,7 @@ def _scale_statistics(wt, codes, g, gram):
   return jnp.sum(uh * wt, axis=1), jnp.sum(uh * u, axis=1)
 
 
-def _update_group_scales(wt, codes, g, gram, size, is_pow2):
+def _update_group_scales(wt, codes, g, gram, size, is_pow2, scale_dtype=None):
   """The scale step with one scale per ``(channel, group)``, group after group.
 
   For group ``k`` with the other groups' scales fixed, the objective is a
@@ -225,7 +227,7 @@ def _update_group_scales(wt, codes, g, gram, size, is_pow2):
     old = steps[:, k]
     num = jnp.sum(jax.lax.dynamic_slice_in_dim(residual, k * size, size, axis=1) * u_k,
                   axis=1) + old * den
-    new, exponent = _best_step(num, den, old, exponents[:, k], is_pow2)
+    new, exponent = _best_step(num, den, old, exponents[:, k], is_pow2, scale_dtype)
     residual = residual - (new - old)[:, None] * uh
     return steps.at[:, k].set(new), exponents.at[:, k].set(exponent), residual
 
@@ -235,7 +237,8 @@ def _update_group_scales(wt, codes, g, gram, size, is_pow2):
 
 
 def _solve_channels(wt, gram, g, start, *, iters, order, scale_update, grid,
-                    granularity, group_size, first, chunk, channel_total):
+                    granularity, group_size, first, chunk, channel_total,
+                    scale_dtype=None):
   """The sweeps and scale steps of :func:`solve` on a block of channels.
 
   Every step runs on one chunk of ``chunk`` channels after another (the same
@@ -258,8 +261,8 @@ def _solve_channels(wt, gram, g, start, *, iters, order, scale_update, grid,
     first: ``start`` is ``wt`` (the first sweep needs no residual product).
     channel_total: maps a ``(rows,)`` per-channel vector to its sum over the
       layer's channels.
-    iters, order, scale_update, grid, granularity, group_size: as in
-      :func:`solve`.
+    iters, order, scale_update, grid, granularity, group_size, scale_dtype: as
+      in :func:`solve`.
 
   Returns:
     ``(qt, codes_t, grid, error, history)`` of the block (grid fields
@@ -302,7 +305,7 @@ def _solve_channels(wt, gram, g, start, *, iters, order, scale_update, grid,
   def update_scale(codes, g):
     if granularity == "group":
       return by_chunk(lambda w, c, g: per_channel(_update_group_scales(
-          w, c, flat(g), gram, group_size, is_pow2)), wt, codes, g)
+          w, c, flat(g), gram, group_size, is_pow2, scale_dtype)), wt, codes, g)
     num, den = by_chunk(lambda w, c, g: _scale_statistics(w, c, flat(g), gram),
                         wt, codes, g)
     if granularity == "layer":
@@ -314,7 +317,8 @@ def _solve_channels(wt, gram, g, start, *, iters, order, scale_update, grid,
            jnp.broadcast_to(channel_total(den), den.shape)))
 
     def chunk_step(num, den, g):
-      step, exponent = _best_step(num, den, g.step[:, 0], g.exponent[:, 0], is_pow2)
+      step, exponent = _best_step(num, den, g.step[:, 0], g.exponent[:, 0], is_pow2,
+                                  scale_dtype)
       return g._replace(step=step[:, None], exponent=exponent[:, None])
     return by_chunk(chunk_step, num, den, g)
 
@@ -346,7 +350,8 @@ def _solve_channels(wt, gram, g, start, *, iters, order, scale_update, grid,
 
 
 def solve_on_devices(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
-                     granularity, group_size=None, init="float", axes=None, devices=1):
+                     granularity, group_size=None, init="float", axes=None, devices=1,
+                     scale_dtype=None):
   """The COMQ solve on this device's share of the channels.
 
   Without ``axes`` it solves the whole layer. With ``axes`` it must run inside
@@ -362,7 +367,7 @@ def solve_on_devices(wt, gram, *, bits, iters, order, scale_update, scalar, grid
   Args:
     wt, gram: as in :func:`solve`.
     bits, iters, order, scale_update, scalar, grid, granularity, group_size,
-      init: as in :func:`comq_jax.comq`.
+      init, scale_dtype: as in :func:`comq_jax.comq`.
     axes: mesh axis names the channels are split over, or None.
     devices: number of devices over ``axes``.
 
@@ -372,13 +377,13 @@ def solve_on_devices(wt, gram, *, bits, iters, order, scale_update, scalar, grid
   gram = gram.astype(wt.dtype)
   d_out = wt.shape[0]
   g = grid_lib.make_grid(wt, bits=bits, grid=grid, granularity=granularity,
-                         scalar=scalar, group_size=group_size)
+                         scalar=scalar, group_size=group_size, scale_dtype=scale_dtype)
   start = wt
   if init == "gptq":
     gptq, _, _, _, positive_definite = baselines.gptq_solve(
         wt, gram, bits=bits, grid=grid, granularity=granularity,
         group_size=group_size, scalar=scalar, static_groups=True,
-        **baselines.GPTQ_DEFAULTS)
+        scale_dtype=scale_dtype, **baselines.GPTQ_DEFAULTS)
     # Without a usable Cholesky factor GPTQ has no solution: start from W.
     start = jnp.where(positive_definite, gptq, wt)
   chunk = min(_CHANNEL_CHUNK, d_out)
@@ -402,7 +407,7 @@ def solve_on_devices(wt, gram, *, bits, iters, order, scale_update, scalar, grid
       own(wt), gram, per_channel, own(start), iters=iters, order=order,
       scale_update=scale_update, grid=grid, granularity=granularity,
       group_size=group_size, first=init == "float", chunk=chunk,
-      channel_total=channel_total)
+      channel_total=channel_total, scale_dtype=scale_dtype)
   qt, codes, per_channel = jax.tree.map(lambda a: gather(a)[:d_out],
                                         (qt, codes, per_channel))
   g = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), per_channel)
@@ -411,9 +416,9 @@ def solve_on_devices(wt, gram, *, bits, iters, order, scale_update, scalar, grid
 
 @functools.partial(jax.jit, static_argnames=(
     "bits", "iters", "order", "scale_update", "scalar", "grid", "granularity",
-    "group_size", "init", "mesh"))
+    "group_size", "init", "mesh", "scale_dtype"))
 def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
-          granularity, group_size=None, init="float", mesh=None):
+          granularity, group_size=None, init="float", mesh=None, scale_dtype=None):
   """Jitted COMQ core in channel-major layout; see :func:`comq_jax.comq`.
 
   With a ``mesh`` the channels are split over all its devices
@@ -424,7 +429,7 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
     wt: ``(d_out, d_in)`` float weights.
     gram: ``(d_in, d_in)`` Gram matrix of the layer inputs.
     bits, iters, order, scale_update, scalar, grid, granularity, group_size,
-      init, mesh: as in :func:`comq_jax.comq` (static).
+      init, mesh, scale_dtype: as in :func:`comq_jax.comq` (static).
 
   Returns:
     ``(qt, codes_t, grid, error, history)`` with ``qt``/``codes_t`` of shape
@@ -432,7 +437,7 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
   """
   options = dict(bits=bits, iters=iters, order=order, scale_update=scale_update,
                  scalar=scalar, grid=grid, granularity=granularity,
-                 group_size=group_size, init=init)
+                 group_size=group_size, init=init, scale_dtype=scale_dtype)
   if mesh is None:
     return solve_on_devices(wt, gram, **options)
   replicated = jax.sharding.PartitionSpec()

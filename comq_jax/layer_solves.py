@@ -50,7 +50,8 @@ def _solve_fn(solver, mesh=None):
   its channels over the devices (:func:`comq_jax.layer.solve_on_devices`);
   grouped convs, GPTQ and RTN are computed whole on every device."""
   baseline = solvers.rtn(solver.bits, grid=solver.grid, granularity=solver.granularity,
-                         group_size=solver.group_size, scalar=solver.scalar)
+                         group_size=solver.group_size, scalar=solver.scalar,
+                         scale_dtype=solver.scale_dtype)
 
   def over_groups(fn, mats, gram, split=None):
     # A single matrix skips vmap: tracing its batching rules costs as much as
@@ -67,7 +68,7 @@ def _solve_fn(solver, mesh=None):
 
   def solve(mats, gram):
     rtn, _ = over_groups(solve_with(baseline), mats, gram)
-    if isinstance(solver, solvers.RTN):
+    if isinstance(solver, solvers.RTN) and solver.preprocess is None:
       return rtn, rtn.error, jnp.asarray(True)
     result, positive = over_groups(solve_with(solver), mats, gram, mesh)
     return result, rtn.error, jnp.all(positive)

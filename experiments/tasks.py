@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from experiments import input_pipeline
+from experiments import llm_export
 from experiments import models
 from experiments import text_data
 from experiments import timm_import
@@ -127,6 +128,7 @@ class LanguageModeling:
   apply_kwargs = {}
 
   def __init__(self, config, process_index=0, process_count=1):
+    llm_export.check_export(config)
     self.config = config
     self.source = text_data.model_source(config)
     self.trains_fp = self.source.weights is None

@@ -36,6 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from experiments import files
+from experiments import llm_export
 from experiments import methods
 from experiments import tasks
 from experiments.methods import base
@@ -488,7 +489,9 @@ PACKED_MODEL_FILE = "packed_model.safetensors"
 
 
 def write_results(trainer, workdir, state, progress):
-  """Writes the packed model file, evaluates it if asked, and writes results.json.
+  """Writes the packed model file, evaluates it if asked, writes the export of
+  `config.export` for a language model (workdir/gptq_checkpoint, experiments.llm_export)
+  and writes results.json.
 
   Every process packs and evaluates; process 0 writes and returns the results, the
   others return None.
@@ -497,10 +500,11 @@ def write_results(trainer, workdir, state, progress):
   task's metric of the FP model, of the final model and of the packed model (with
   eval_packed, else None): fp_accuracy, final_accuracy and packed_accuracy for images,
   fp_perplexity, perplexity and packed_perplexity for language models; seconds (wall
-  time per phase and part: "fp/train", "fp/evaluate", "comq/quantize", ..., "pack"),
-  packed_file_bytes (the size of workdir/packed_model.safetensors), fp32_file_bytes
-  (a safetensors file of the same variables in float32) and packed_memory_bytes (the
-  packed variables in memory, padding included); the last three are None for FP. The
+  time per phase and part: "fp/train", "fp/evaluate", "comq/quantize", ..., "pack" and,
+  with an export, "export"), packed_file_bytes (the size of
+  workdir/packed_model.safetensors), fp32_file_bytes (a safetensors file of the same
+  variables in float32) and packed_memory_bytes (the packed variables in memory, padding
+  included); the last three are None for FP. The
   method adds its sizes (fp32_bytes, packed_bytes, codebook_bytes, entropy_bytes) and
   its own keys (portion_accuracies or portion_perplexities, codebook_fraction, layers,
   ...).
@@ -532,6 +536,12 @@ def write_results(trainer, workdir, state, progress):
             os.path.join(workdir, PACKED_MODEL_FILE), packed),
         fp32_file_bytes=quant_core.deploy.fp32_file_bytes(state["variables"]),
         packed_memory_bytes=quant_core.deploy.size_report(packed).packed_bytes)
+  if config.dataset == "text" and config.export is not None:
+    start = time.time()
+    directory = llm_export.export_run(config, task.model.config, state["variables"],
+                                      packed, workdir)
+    seconds["export"] = time.time() - start
+    logging.info("%s checkpoint written to %s", config.export, directory)
   evaluations = progress["evaluations"]
   fp_key, final_key, packed_key = task.result_keys[:3]
   results = {

@@ -27,6 +27,8 @@ from quant_core import pow2
 
 GRIDS = ("asymmetric", "symmetric", "pow2")
 GRANULARITIES = ("channel", "group", "layer")
+# Storage dtypes a uniform grid's scales can be held to (``scale_dtype``).
+SCALE_DTYPES = ("float16",)
 
 
 class Grid(NamedTuple):
@@ -59,8 +61,10 @@ class Grid(NamedTuple):
     return self.units * self.step[:, None]
 
 
-def check_options(*, bits, grid, granularity, scalar, group_size=None) -> None:
-  """Raises ValueError on a bad bit width, mode string, ``scalar`` or group size."""
+def check_options(*, bits, grid, granularity, scalar, group_size=None,
+                  scale_dtype=None) -> None:
+  """Raises ValueError on a bad bit width, mode string, ``scalar``, group size or
+  ``scale_dtype``."""
   pow2.check_bits(bits)
   if grid not in GRIDS:
     raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}.")
@@ -81,6 +85,15 @@ def check_options(*, bits, grid, granularity, scalar, group_size=None) -> None:
   elif group_size is not None:
     raise ValueError(f"group_size={group_size!r} is only for granularity='group', "
                      f"not {granularity!r}.")
+  if scale_dtype is not None:
+    if scale_dtype not in SCALE_DTYPES:
+      raise ValueError(f"scale_dtype must be None or one of {SCALE_DTYPES}, got "
+                       f"{scale_dtype!r}.")
+    if grid == "pow2" or scalar != 1.0:
+      raise ValueError(
+          f"scale_dtype={scale_dtype!r} is for the uniform grids with scalar=1.0 (their "
+          f"weights are then scale * (code - zero_point) exactly), got grid={grid!r}, "
+          f"scalar={scalar!r}.")
 
 
 def num_groups(d_in: int, group_size) -> int:
@@ -145,9 +158,24 @@ def _reduce(wt, fn, granularity):
   return per_row
 
 
+def representable_step(step, scale_dtype, *, round_up: bool = True):
+  """``step`` moved onto the values of ``scale_dtype`` (e.g. float16), in its dtype.
+
+  With ``round_up`` the smallest such value ``>= step`` (a grid built on it still
+  spans the weights' range), else the nearest. None leaves ``step`` unchanged.
+  """
+  if scale_dtype is None:
+    return step
+  narrow = step.astype(scale_dtype)
+  if round_up:
+    narrow = jnp.where(narrow.astype(step.dtype) < step,
+                       jnp.nextafter(narrow, jnp.asarray(jnp.inf, narrow.dtype)), narrow)
+  return narrow.astype(step.dtype)
+
+
 def make_grid(wt, *, bits: int, grid: str = "asymmetric",
               granularity: str = "channel", scalar: float = 1.0,
-              group_size=None) -> Grid:
+              group_size=None, scale_dtype=None) -> Grid:
   """Builds the grid of each output channel from the weights.
 
   * ``"asymmetric"`` (official COMQ): ``δ = (max - min) / (2^b - 1)``,
@@ -168,6 +196,13 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     can be packed with :func:`quant_core.pow2.pow2_encode` using
     ``exponent`` as ``n1`` (per channel, or per layer).
 
+  With ``scale_dtype="float16"`` (uniform grids, ``scalar=1``) the step is
+  rounded up to the next float16 value before the zero point is taken, so
+  every grid value is ``scale * (code - zero_point)`` exactly (one float32
+  product of a float16 scale and a small integer), as a checkpoint that
+  stores float16 scales holds it (:mod:`quant_core.deploy.export_gptq`); a
+  constant channel is then on the grid only if ``|c|`` is a float16 value.
+
   With ``granularity="layer"`` the statistics are taken over the whole
   matrix and broadcast to every channel. With ``granularity="group"`` each
   channel has one grid per ``group_size`` consecutive inputs: the grid rows
@@ -181,15 +216,16 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     granularity: ``"channel"`` or ``"layer"``.
     scalar: the official ``--scalar`` shrink factor λ in (0, 1].
     group_size: inputs per grid with ``granularity="group"``.
+    scale_dtype: None, or ``"float16"``: steps held to float16 values.
 
   Returns:
     A :class:`Grid` with one row per channel, or ``d_out * groups`` rows.
   """
   check_options(bits=bits, grid=grid, granularity=granularity, scalar=scalar,
-                group_size=group_size)
+                group_size=group_size, scale_dtype=scale_dtype)
   if granularity == "group":
     return make_grid(group_rows(wt, group_size), bits=bits, grid=grid,
-                     granularity="channel", scalar=scalar)
+                     granularity="channel", scalar=scalar, scale_dtype=scale_dtype)
   dtype = wt.dtype
   d_out = wt.shape[0]
 
@@ -210,7 +246,8 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     constant = hi == lo
     step = jnp.where(constant, jnp.abs(lo),
                      (hi - lo) / divisor(2**bits - 1, constant))
-    step = jnp.where(step == 0, jnp.ones_like(step), step)
+    step = representable_step(jnp.where(step == 0, jnp.ones_like(step), step),
+                              scale_dtype)
     zero = jnp.round(lo / step)
     t = jnp.arange(2**bits, dtype=dtype)[None, :]
     lam = jnp.where(constant, jnp.ones_like(step), jnp.full_like(step, scalar))
@@ -220,7 +257,8 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     half = 2 ** (bits - 1) - 1
     amax = _reduce(jnp.abs(wt), jnp.max, granularity)
     step = amax / divisor(half, amax == 0)
-    step = jnp.where(step == 0, jnp.ones_like(step), step)
+    step = representable_step(jnp.where(step == 0, jnp.ones_like(step), step),
+                              scale_dtype)
     t = jnp.arange(-half, half + 1, dtype=dtype)[None, :]
     lam = jnp.full_like(step, scalar)
     units = jnp.broadcast_to(scalar * t, (d_out, 2 * half + 1))

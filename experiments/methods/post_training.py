@@ -5,19 +5,24 @@ training split, with the solver of the method's config block (`solver`: built he
 one place, from the block's fields).
 """
 
+import dataclasses
 import functools
 import itertools
 import operator
 import re
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
 from experiments.methods import base
 import comq_jax
+from comq_jax import bit_allocation
+from comq_jax import rules as rules_lib
 from comq_jax import solvers
 import quant_core
 from quant_core import capture
+from quant_core import paths as paths_lib
 
 
 def require_one_process(process_count):
@@ -92,8 +97,10 @@ def first_and_last_layers(model, variables, image, num_classes):
 
 
 # Fields of a method's config block that are not solver settings: the driver's inputs
-# (and blocks) and the recipe's skip_first_last.
-DRIVER_FIELDS = ("inputs", "skip_first_last", "blocks")
+# (and blocks), the recipe's skip_first_last and the mixed-precision allocation.
+DRIVER_FIELDS = ("inputs", "skip_first_last", "blocks", "bit_budget", "bit_choices",
+                 "sensitivity")
+SENSITIVITIES = ("rtn", "solver")
 
 
 def solver(config, name):
@@ -107,6 +114,43 @@ def solver(config, name):
     raise ValueError(f"{name}.{error}") from None
 
 
+def _with_kernels(variables, source, layer_paths):
+  """``variables`` with the kernels of ``layer_paths`` taken from ``source``."""
+  params = jax.tree.map(lambda leaf: leaf, variables["params"],
+                        is_leaf=quant_core.deploy.packed_layers.is_packed_kernel)
+  for path in layer_paths:
+    keys = path.split("/") if path else ()
+    paths_lib.get(params, keys)["kernel"] = paths_lib.get(source["params"], keys)["kernel"]
+  return dict(variables, params=params)
+
+
+def allocate(block, method_solver, model, variables, calibration, rules, apply_kwargs):
+  """The mixed-precision allocation of a method block with `bit_budget` set: layer
+  objectives at each of `bit_choices` from the FP model's Grams (`sensitivity` "rtn":
+  round-to-nearest on the method's grid; "solver": the method's own solver), then the
+  exact knapsack of `comq_jax.bit_allocation.allocate_bits`. Layers that `rules` keep in
+  float are left out."""
+  checked = rules_lib.check_rules(rules or None)
+  grams = quant_core.layer_grams(model, variables, calibration, **apply_kwargs)
+  matrices = bit_allocation.layer_matrices(model, variables, calibration[0], **apply_kwargs)
+  matrices = {path: mats for path, mats in matrices.items()
+              if path in grams and rules_lib.solver_for(path, checked, method_solver)[0]}
+  measure = method_solver
+  if block.sensitivity == "rtn":
+    measure = solvers.rtn(method_solver.bits, grid=method_solver.grid,
+                          granularity=method_solver.granularity,
+                          group_size=method_solver.group_size,
+                          scalar=method_solver.scalar)
+  triple = bit_allocation.objectives_from_grams(grams, matrices, measure,
+                                                tuple(block.bit_choices))
+  allocation = bit_allocation.allocate_bits(*triple, budget=block.bit_budget)
+  counts = {bits: list(allocation.bits.values()).count(bits)
+            for bits in sorted(set(allocation.bits.values()))}
+  logging.info("Mixed precision at %.3f bits per weight (asked %.3f): layers per width %s",
+               allocation.average_bits, block.bit_budget, counts)
+  return allocation
+
+
 class PostTrainingMethod(base.Method):
   """Quantizes every linear layer once, after FP training, with `comq_jax.quantize_model`.
 
@@ -118,6 +162,20 @@ class PostTrainingMethod(base.Method):
     require_one_process(jax.process_count())  # before any training
     calibration_devices(config, None)
     solver(config, self.name)
+    block = config[self.name]
+    if block.bit_budget is not None:
+      if block.sensitivity not in SENSITIVITIES:
+        raise ValueError(f"{self.name}.sensitivity must be one of {SENSITIVITIES}, got "
+                         f"{block.sensitivity!r}.")
+      try:
+        for bits in bit_allocation.check_bit_choices(block.bit_choices):
+          dataclasses.replace(solver(config, self.name), bits=bits)
+      except ValueError as error:
+        raise ValueError(f"{self.name}.bit_choices: {error}") from None
+      if block.inputs != "fp":
+        raise ValueError(f"{self.name}.bit_budget needs {self.name}.inputs='fp' (the "
+                         "layer sensitivities are measured on the FP model's inputs), got "
+                         f"{block.inputs!r}.")
 
   def check_task(self, config, task):
     if config[self.name].skip_first_last and task.skip_first_last_error:
@@ -146,6 +204,11 @@ class PostTrainingMethod(base.Method):
                                    config.model.num_classes)
       rules += [(re.escape(path), None) for path in sorted(ends)]
     inputs = config[self.name].inputs
+    allocation = None
+    if config[self.name].bit_budget is not None:
+      allocation = allocate(config[self.name], solver(config, self.name), model, variables,
+                            calibration, rules, task.apply_kwargs)
+      rules += allocation.rules(solver(config, self.name))
     result = comq_jax.quantize_model(model, variables, calibration,
                                      solver(config, self.name), rules=rules or None,
                                      inputs=inputs, blocks=config[self.name].blocks,
@@ -155,7 +218,9 @@ class PostTrainingMethod(base.Method):
     # JSON types, so that a run resumed from its checkpoint reports the same.
     record = {"layers": [report.record() for report in result.layers],
               "skipped": [entry._asdict() for entry in result.skipped],
-              "settings": result.layers[0].solver.settings(), "inputs": inputs}
+              "settings": solver(config, self.name).settings(), "inputs": inputs}
+    if allocation is not None:
+      record["allocation"] = allocation.record()
     return dict(state, variables=result.variables), record
 
   def quantization(self, state, progress, phases):
@@ -163,7 +228,9 @@ class PostTrainingMethod(base.Method):
     has only the record)."""
     record = progress["records"][phases[-1].name]
     layer_solver = solvers.from_settings(record["settings"])
-    layers = [comq_jax.LayerReport.from_record(layer, layer_solver)
+    # Mixed precision: each layer's own bit width on the method's grid.
+    layers = [comq_jax.LayerReport.from_record(
+        layer, dataclasses.replace(layer_solver, bits=layer["bits"]))
               for layer in record["layers"]]
     return comq_jax.ModelQuantization(
         variables=jax.device_get(state["variables"]), layers=layers,
@@ -176,13 +243,24 @@ class PostTrainingMethod(base.Method):
     (`quant_core.deploy.pack_layers`; the same codes where the solver uses its lowest
     level, the same values always)."""
     result = self.quantization(state, progress, phases)
-    layer_solver = result.layers[0].solver
-    return quant_core.deploy.pack_layers(
-        result.variables, task.bound(result.variables)[0], task.example,
-        {report.path: report.matrices for report in result.layers},
-        bits=layer_solver.bits, grid=layer_solver.grid,
-        granularity=layer_solver.granularity, group_size=layer_solver.group_size,
-        progress=task.config.progress and jax.process_index() == 0, **task.apply_kwargs)
+    model = task.bound(result.variables)[0]
+    by_bits = {}
+    for report in result.layers:
+      by_bits.setdefault(report.solver.bits, {})[report.path] = report.matrices
+    packed = None
+    # One pass per bit width (mixed precision), each on the float kernels; the packed
+    # kernels of every pass are then gathered into one tree.
+    for bits, layer_paths in by_bits.items():
+      layer_solver = next(report.solver for report in result.layers
+                          if report.solver.bits == bits)
+      packed_now = quant_core.deploy.pack_layers(
+          result.variables, model, task.example, layer_paths, bits=bits,
+          grid=layer_solver.grid, granularity=layer_solver.granularity,
+          group_size=layer_solver.group_size,
+          progress=task.config.progress and jax.process_index() == 0, **task.apply_kwargs)
+      packed = packed_now if packed is None else _with_kernels(packed, packed_now,
+                                                               layer_paths)
+    return packed
 
   def results(self, task, state, progress, phases, packed):
     del packed  # The sizes come from the quantization record, as size_report counts them.

@@ -14,7 +14,11 @@ their modules on first access:
 * :mod:`~quant_core.deploy.sizes`: the one size accounting;
 * :mod:`~quant_core.deploy.kernels`: the Pallas kernel family;
 * :mod:`~quant_core.deploy.inference`: packing a model and running it;
-* :mod:`~quant_core.deploy.files`: the packed model file.
+* :mod:`~quant_core.deploy.packed_methods`: running another method of an NNX
+  module packed (e.g. a decoder's cached step);
+* :mod:`~quant_core.deploy.files`: the packed model file;
+* :mod:`~quant_core.deploy.export_gptq`: GPTQ-format checkpoints (import the module:
+  ``from quant_core.deploy import export_gptq``).
 """
 
 import importlib
@@ -45,6 +49,8 @@ _EXPORTS = {
     "pack_layers": "inference",
     "pack_quantization": "inference",
     "packed_apply": "inference",
+    "jit_packed_method": "packed_methods",
+    "packed_method_apply": "packed_methods",
     "fp32_file_bytes": "files",
     "load_packed": "files",
     "save_packed": "files",

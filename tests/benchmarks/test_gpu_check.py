@@ -13,7 +13,7 @@ from tests.quant_core import test_packaging
 pytestmark = pytest.mark.integration
 
 STEPS = ["environment", "copy_bandwidth", "kernel_tests", "quantized_matmul",
-         "layer_solves", "model_comq"]
+         "layer_solves", "model_comq", "llm_decode"]
 
 
 def test_the_dry_run_goes_through_every_step_and_writes_its_json(tmp_path):
@@ -40,3 +40,9 @@ def test_the_dry_run_goes_through_every_step_and_writes_its_json(tmp_path):
   assert [(r["solver"], r["d_in"], r["d_out"]) for r in steps["layer_solves"]["rows"]] == [
       ("comq", 64, 48), ("gptq", 64, 48)]
   assert steps["model_comq"]["models"][0]["layers"] == 4
+  decode = steps["llm_decode"]
+  assert decode["settings"]["model"] == "byte_llama" and decode["interpret"] is True
+  for name in ("float", "packed"):
+    assert decode[name]["decode_tokens_per_second"] > 0
+    assert decode[name]["prefill_tokens_per_second"] > 0
+  assert decode["packed_vs_float"] > 0 and decode["tokens_equal"] is True

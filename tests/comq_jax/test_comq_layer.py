@@ -96,6 +96,27 @@ def test_objective_never_increases_and_beats_rtn(grid, granularity, bits):
       assert np.all(np.diff(np.asarray(hist)) <= tol), hist
 
 
+@pytest.mark.parametrize("order", ["greedy", "cyclic", "diag"])
+@pytest.mark.parametrize("granularity, group_size, grid", [
+    ("channel", None, "asymmetric"), ("group", 8, "asymmetric"), ("channel", None, "pow2")])
+def test_no_sweep_of_any_order_raises_the_objective(order, granularity, group_size, grid):
+  # The property each visiting order must keep: every coordinate step is an exact 1-D
+  # minimisation over the grid, so no sweep (and no scale step) raises the objective,
+  # from W or from GPTQ's solution.
+  for seed in (5,):
+    w, x = _data(seed)
+    kw = dict(bits=3, grid=grid, granularity=granularity, group_size=group_size,
+              order=order, iters=4)
+    rtn = comq_jax.rtn(3, grid=grid, granularity=granularity,
+                       group_size=group_size).quantize_layer(w, x)
+    tol = 1e-6 * float(rtn.error)
+    for extra in ({}, {"scale_update": grid != "pow2"}, {"init": "gptq"}):
+      result = comq_jax.comq(**kw, **extra).quantize_layer(w, x)
+      history = np.asarray(result.history)
+      assert history.size >= 4 and np.all(np.diff(history) <= tol), (extra, history)
+      assert float(result.error) <= float(rtn.error) + tol
+
+
 def test_pow2_levels_are_inq_codebook():
   w, x = _data(4)
   plain = comq_jax.comq(bits=4, grid="pow2", iters=2).quantize_layer(w, x)

@@ -46,18 +46,22 @@ def reference_l1_projection(v, radius=1.0):
     active = keep
 
 
-def reference_magr(w0, gram, alpha, iters):
+def reference_magr(w0, gram, alpha, iters, group_size=None):
   """The MagR iteration, one channel (column) at a time, in float64:
   ``w <- prox_{alpha ||.||_inf}(w - H_hat (w - w0))`` with ``H_hat = H / lambda_max``
-  and the prox from the Moreau decomposition."""
+  and the prox from the Moreau decomposition; with ``group_size``, the prox of
+  each group of consecutive inputs on its own (a last group takes the rest)."""
   w0 = np.asarray(w0, np.float64)
   gram = np.asarray(gram, np.float64)
   h = gram / np.linalg.eigvalsh(gram)[-1]
   w = w0.copy()
+  step = group_size or w.shape[0]
   for _ in range(iters):
     v = w - h @ (w - w0)
     for j in range(w.shape[1]):
-      w[:, j] = v[:, j] - alpha * reference_l1_projection(v[:, j] / alpha)
+      for start in range(0, w.shape[0], step):
+        part = v[start:start + step, j]
+        w[start:start + step, j] = part - alpha * reference_l1_projection(part / alpha)
   return w
 
 
@@ -79,6 +83,20 @@ def test_matches_the_float64_reference_iteration(alpha):
   # The iteration really moved the weights, by far more than the tolerance.
   assert np.abs(expected - w).max() > 1e-3
   np.testing.assert_allclose(got, expected, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("group_size", [8, 10])  # 24 inputs: 3 groups, or 10 + 10 + 4
+def test_per_group_matches_the_float64_reference_iteration(group_size):
+  w, x = correlated_layer(9)
+  gram = gram_of(x)
+  got = np.asarray(comq_jax.magr(w, gram, alpha=1e-4, group_size=group_size))
+  expected = reference_magr(w, gram, 1e-4, 200, group_size)
+  assert np.abs(expected - w).max() > 1e-4
+  np.testing.assert_allclose(got, expected, rtol=0, atol=2e-7)
+  # Each group's largest magnitude falls, not only the channel's.
+  starts = range(0, D_IN, group_size)
+  top = lambda a: np.stack([np.abs(a[s:s + group_size]).max(axis=0) for s in starts])
+  assert np.all(top(got) < top(w))
 
 
 def test_lowers_every_channel_maximum_and_keeps_the_output():
@@ -194,9 +212,96 @@ def test_lowers_the_round_to_nearest_error_of_a_layer_with_outliers():
     (dict(iters=0), r"iters must be an int >= 1, got 0"),
     (dict(iters=2.5), r"iters must be an int >= 1, got 2.5"),
     (dict(iters=True), r"iters must be an int >= 1, got True"),
+    (dict(group_size=0), r"group_size must be an int >= 1, got 0"),
 ])
 def test_bad_inputs_are_refused_with_what_is_allowed(change, message):
   w, x = correlated_layer(8)
   args = dict(w=w, gram=gram_of(x), alpha=1e-3, iters=10) | change
   with pytest.raises(ValueError, match=message):
     comq_jax.magr(args.pop("w"), args.pop("gram"), **args)
+
+
+SOLVERS = {
+    "rtn": lambda **kw: comq_jax.rtn(3, **kw),
+    "gptq": lambda **kw: comq_jax.gptq(3, **kw),
+    "comq": lambda **kw: comq_jax.comq(3, iters=2, **kw),
+    "comq from gptq": lambda **kw: comq_jax.comq(3, iters=2, init="gptq", **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("grid, granularity, group_size", [
+    ("asymmetric", "channel", None), ("asymmetric", "group", 8), ("pow2", "channel", None),
+    ("symmetric", "layer", None)])
+def test_solver_option_quantizes_the_preprocessed_weights_and_measures_the_original(
+    name, grid, granularity, group_size):
+  w, x = correlated_layer(10)
+  gram = gram_of(x)
+  grid_kw = dict(grid=grid, granularity=granularity, group_size=group_size)
+  with_magr = SOLVERS[name](preprocess="magr", **grid_kw)
+  got = with_magr.quantize_layer(w, gram=gram)
+  # The paper's alpha for the granularity, and one l-infinity term per grid group.
+  grouped = granularity == "group"
+  w_pre = comq_jax.magr(w, gram, alpha=1e-4 if grouped else 1e-3,
+                        group_size=group_size if grouped else None)
+  by_hand = SOLVERS[name](**grid_kw).quantize_layer(w_pre, gram=gram)
+  np.testing.assert_array_equal(got.codes, by_hand.codes)
+  np.testing.assert_allclose(got.weights, by_hand.weights, rtol=0, atol=1e-7)
+  np.testing.assert_allclose(float(got.error),
+                             float(comq_jax.reconstruction_error(w, got.weights, gram)),
+                             rtol=1e-5)
+  # by_hand.error is against w_pre, a different target.
+  assert abs(float(got.error) - float(by_hand.error)) > 1e-6 * float(by_hand.error)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_solver_option_lowers_the_3_bit_per_channel_error_of_a_layer_with_outliers(name):
+  w, x = correlated_layer(6, d_in=64, d_out=8, n=256, rank=16, noise=0.02)
+  rng = np.random.default_rng(7)
+  w[rng.choice(64, size=8, replace=False), np.arange(8)] = 0.15
+  plain = SOLVERS[name]().quantize_layer(w, x)
+  pre = SOLVERS[name](preprocess="magr").quantize_layer(w, x)
+  assert float(pre.error) < float(plain.error), (float(pre.error), float(plain.error))
+
+
+def test_solver_option_runs_in_quantize_model_with_errors_against_the_original():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(6, name="head")(nn.relu(nn.Dense(16, name="hidden")(x)))
+
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(64, 12)), jnp.float32)
+  model = Net()
+  variables = model.init(jax.random.key(0), x)
+  solver = comq_jax.comq(3, preprocess="magr", magr_alpha=1e-3, magr_iters=50)
+  result = comq_jax.quantize_model(model, variables, [x], solver)
+  first = result.layers[0]
+  assert first.path == "hidden"
+  w = np.asarray(variables["params"]["hidden"]["kernel"])
+  q = np.asarray(result.variables["params"]["hidden"]["kernel"])
+  gram = gram_of(x)
+  np.testing.assert_allclose(first.error, float(comq_jax.reconstruction_error(w, q, gram)),
+                             rtol=1e-4)
+  assert first.solver.settings()["preprocess"] == "magr"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(preprocess="smooth"), r"preprocess must be one of \(None, 'magr'\), got 'smooth'"),
+    (dict(magr_alpha=1e-3), "magr_alpha and magr_iters apply only with preprocess='magr'"),
+    (dict(magr_iters=10), "magr_alpha and magr_iters apply only with preprocess='magr'"),
+    (dict(preprocess="magr", magr_alpha=-1.0), "alpha must be a finite real scalar >= 0"),
+    (dict(preprocess="magr", magr_iters=0), "magr_iters must be an int >= 1, got 0"),
+])
+def test_solver_option_bad_settings_are_refused(kwargs, message):
+  for build in (comq_jax.rtn, comq_jax.gptq, comq_jax.comq):
+    with pytest.raises(ValueError, match=message):
+      build(3, **kwargs)
+
+
+def test_rtn_with_magr_needs_data():
+  w, _ = correlated_layer(12)
+  with pytest.raises(ValueError, match="needs calibration data"):
+    comq_jax.rtn(3, preprocess="magr").quantize_layer(w)

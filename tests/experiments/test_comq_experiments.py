@@ -223,3 +223,54 @@ def test_digits_layers_more_sweeps_and_scale_updates_never_hurt(tmp_path):
     assert k1.error <= k1.rtn_error + tolerance, k1
     assert k3.error <= k1.error + tolerance, (k3, k1)
     assert scaled.error <= k3.error + tolerance, (scaled, k3)
+
+
+@pytest.mark.integration
+def test_mixed_precision_budget_through_the_job(tmp_path):
+  # A budget between uniform 2 and 4 bits: the layers take several widths, the packed
+  # file holds each at its own width, and the sizes follow from the chosen widths.
+  config = tiny_config("rtn_4bit", **{"rtn.bit_budget": 4.0, "rtn.bit_choices": (2, 4, 8),
+                                      "calibration.num_examples": 32})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  chosen = {layer["path"]: layer["bits"] for layer in results["layers"]}
+  _, progress = train.latest_checkpoint(str(tmp_path))
+  allocation = progress["records"]["rtn"]["allocation"]
+  assert allocation["bits"] == chosen and len(set(chosen.values())) > 1, chosen
+  assert allocation["average_bits"] <= 4.0
+  params, batch_stats = final_params(str(tmp_path))
+  expected = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path({"params": params,
+                                                         "batch_stats": batch_stats}):
+    name = path[-2].key
+    if path[-1].key == "kernel":
+      expected += math.ceil(chosen[name] * leaf.size / 8) + 8 * leaf.shape[-1]
+    else:
+      expected += 4 * leaf.size
+  assert results["packed_bytes"] == expected
+  kernel_bits = sum(8 * (math.ceil(chosen[name] * params[name]["kernel"].size / 8)
+                         + 8 * params[name]["kernel"].shape[-1]) for name in KERNELS)
+  weights = sum(params[name]["kernel"].size for name in KERNELS)
+  np.testing.assert_allclose(allocation["average_bits"], kernel_bits / weights, rtol=1e-9)
+  with open(os.path.join(str(tmp_path), train.PACKED_MODEL_FILE), "rb") as file:
+    assert len(file.read()) == results["packed_file_bytes"]
+
+
+def test_mixed_precision_bad_settings_are_refused(tmp_path):
+  for fields, message in (
+      ({"rtn.bit_budget": 3.0, "rtn.sensitivity": "hessian"}, "rtn.sensitivity must be"),
+      ({"rtn.bit_budget": 3.0, "rtn.bit_choices": (2, 99)}, "rtn.bit_choices"),
+      ({"rtn.bit_budget": 3.0, "rtn.inputs": "sequential"}, "needs rtn.inputs='fp'")):
+    with pytest.raises(ValueError, match=message):
+      train.train_and_evaluate(tiny_config("rtn_4bit", **fields), str(tmp_path))
+
+
+def test_mixed_precision_packing_gathers_kernels_under_nnx_integer_keys():
+  # NNX params hold list entries under integer keys ("layers/0" is layers[0]).
+  old = {"params": {"layers": {0: {"proj": {"kernel": "float", "bias": "b"}},
+                               1: {"proj": {"kernel": "float"}}}}}
+  packed = {"params": {"layers": {0: {"proj": {"kernel": "packed-2"}},
+                                  1: {"proj": {"kernel": "packed-4"}}}}}
+  merged = post_training._with_kernels(old, packed, ["layers/1/proj"])
+  assert merged["params"]["layers"][1]["proj"]["kernel"] == "packed-4"
+  assert merged["params"]["layers"][0]["proj"] == {"kernel": "float", "bias": "b"}
+  assert old["params"]["layers"][1]["proj"]["kernel"] == "float"  # not changed in place

@@ -5,7 +5,8 @@ scaling, grouped-query attention, SwiGLU, optional q/k/v biases, tied or separat
 :class:`Gemma3` (QK-norm, pre- and post-norms, scaled embeddings, local/global attention).
 Every projection is an ``nnx.Linear`` and a tied head is ``embed.attend``, which is how
 comq_jax / quant_core find them. ``model(tokens)`` gives logits;
-``model.forward_with_cache(tokens, cache)`` and :func:`generate` decode with a KV cache.
+``model.forward_with_cache(tokens, cache)`` and :func:`generate` decode with a KV cache,
+in float or, with ``packed_variables``, through the packed ``quantized_matmul`` kernels.
 """
 
 from experiments.models.llm.build import MODEL_CLASSES
@@ -21,6 +22,7 @@ from experiments.models.llm.decoder import Llama
 from experiments.models.llm.decoder import LlamaBlock
 from experiments.models.llm.gemma3 import Gemma3
 from experiments.models.llm.gemma3 import Gemma3Block
+from experiments.models.llm.generate import cached_forward
 from experiments.models.llm.generate import generate
 from experiments.models.llm.generate import generate_with_logits
 from experiments.models.llm.layers import Attention
@@ -38,6 +40,6 @@ __all__ = [
     "LLM_CONFIGS", "MODEL_CLASSES", "Attention", "CausalLM", "GatedMLP", "Gemma3",
     "Gemma3Block", "Gemma3Config", "KVCache", "LayerCache", "Llama", "Llama3RopeScaling",
     "LlamaBlock", "LlamaConfig", "RMSNorm", "RopeSpec", "abstract_llm", "apply_rope",
-    "attention_mask", "count_params", "create_llm", "generate", "generate_with_logits",
-    "grouped_query_attention", "llm_config",
+    "attention_mask", "cached_forward", "count_params", "create_llm", "generate",
+    "generate_with_logits", "grouped_query_attention", "llm_config",
 ]
