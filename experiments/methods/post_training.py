@@ -161,7 +161,7 @@ class PostTrainingMethod(base.Method):
     super().check(config)
     require_one_process(jax.process_count())  # before any training
     calibration_devices(config, None)
-    solver(config, self.name)
+    method_solver = solver(config, self.name)
     block = config[self.name]
     if block.bit_budget is not None:
       if block.sensitivity not in SENSITIVITIES:
@@ -169,7 +169,7 @@ class PostTrainingMethod(base.Method):
                          f"{block.sensitivity!r}.")
       try:
         for bits in bit_allocation.check_bit_choices(block.bit_choices):
-          dataclasses.replace(solver(config, self.name), bits=bits)
+          dataclasses.replace(method_solver, bits=bits)
       except ValueError as error:
         raise ValueError(f"{self.name}.bit_choices: {error}") from None
       if block.inputs != "fp":
@@ -204,13 +204,14 @@ class PostTrainingMethod(base.Method):
                                    config.model.num_classes)
       rules += [(re.escape(path), None) for path in sorted(ends)]
     inputs = config[self.name].inputs
+    method_solver = solver(config, self.name)
     allocation = None
     if config[self.name].bit_budget is not None:
-      allocation = allocate(config[self.name], solver(config, self.name), model, variables,
+      allocation = allocate(config[self.name], method_solver, model, variables,
                             calibration, rules, task.apply_kwargs)
-      rules += allocation.rules(solver(config, self.name))
+      rules += allocation.rules(method_solver)
     result = comq_jax.quantize_model(model, variables, calibration,
-                                     solver(config, self.name), rules=rules or None,
+                                     method_solver, rules=rules or None,
                                      inputs=inputs, blocks=config[self.name].blocks,
                                      progress=config.progress and jax.process_index() == 0,
                                      **task.apply_kwargs,
@@ -218,7 +219,7 @@ class PostTrainingMethod(base.Method):
     # JSON types, so that a run resumed from its checkpoint reports the same.
     record = {"layers": [report.record() for report in result.layers],
               "skipped": [entry._asdict() for entry in result.skipped],
-              "settings": solver(config, self.name).settings(), "inputs": inputs}
+              "settings": method_solver.settings(), "inputs": inputs}
     if allocation is not None:
       record["allocation"] = allocation.record()
     return dict(state, variables=result.variables), record
