@@ -193,10 +193,14 @@ def _best_step(num, den, old_step, old_exponent, is_pow2, scale_dtype=None):
 
 
 def _scale_statistics(wt, codes, g, gram):
-  """Per channel ``(u_j^T H w_j, u_j^T H u_j)``, ``u_j`` the level units of the
-  codes: the numerator and denominator of the paper's least-squares scale."""
+  """Per channel ``(u_j^T H (w_j - m_j), u_j^T H u_j)``, ``u_j`` the level units of
+  the codes and ``m_j`` the grid's offset (0 but for ``grid="offset"``, whose min
+  stays fixed): the numerator and denominator of the paper's least-squares
+  scale."""
   u = jnp.take_along_axis(g.units, codes, axis=1)
   uh = _matmul(u, gram)
+  if g.offset is not None:
+    wt = wt - g.offset[:, None]
   return jnp.sum(uh * wt, axis=1), jnp.sum(uh * u, axis=1)
 
 
@@ -205,9 +209,10 @@ def _update_group_scales(wt, codes, g, gram, size, is_pow2, scale_dtype=None):
 
   For group ``k`` with the other groups' scales fixed, the objective is a
   quadratic in ``δ_jk`` with optimum ``u_jk^T H (w_j - q_j^{(-k)}) /
-  (u_jk^T H u_jk)``, ``u_jk`` the units of group ``k`` (zero elsewhere). One
-  pass of these exact block steps (block coordinate descent) never raises the
-  objective; the residual ``H (w - q)`` follows each step.
+  (u_jk^T H u_jk)``, ``u_jk`` the units of group ``k`` (zero elsewhere), and
+  ``q_j^{(-k)}`` the quantized weights without ``δ_jk u_jk`` (offsets, fixed,
+  included). One pass of these exact block steps (block coordinate descent)
+  never raises the objective; the residual ``H (w - q)`` follows each step.
   """
   d_out, d_in = wt.shape
   groups = grid_lib.num_groups(d_in, size)
@@ -217,6 +222,8 @@ def _update_group_scales(wt, codes, g, gram, size, is_pow2, scale_dtype=None):
   steps = g.step.reshape(d_out, groups)
   exponents = g.exponent.reshape(d_out, groups)
   q = u * jnp.repeat(steps, size, axis=1)
+  if g.offset is not None:
+    q = q + jnp.repeat(g.offset.reshape(d_out, groups), size, axis=1)
   residual = _matmul(jnp.pad(wt, ((0, 0), (0, pad))) - q, gram)
 
   def group_step(k, carry):

@@ -46,8 +46,10 @@ class Solver:
 
   Attributes:
     bits: bit width in 2..8.
-    grid: ``"asymmetric"`` (official COMQ min-max grid), ``"symmetric"`` or
-      ``"pow2"`` (INQ's power-of-two set).
+    grid: ``"asymmetric"`` (official COMQ min-max grid), ``"symmetric"``,
+      ``"pow2"`` (INQ's power-of-two set), or the grids of llama.cpp's GGUF
+      blocks: ``"signed"`` (Q4_0) and ``"offset"`` (Q4_1, a free min); see
+      :func:`quant_core.grids.make_grid`.
     granularity: ``"channel"``, ``"group"`` (one grid per ``group_size``
       consecutive inputs of a channel) or ``"layer"`` (one per matrix).
     group_size: inputs per grid with ``granularity="group"``, else None; a last

@@ -381,9 +381,10 @@ def text_defaults(config):
   config.model.name = "byte_llama"
   config.init_checkpoint = ""
   # "gptq": also write the quantized model as a GPTQ-format checkpoint (Hugging Face
-  # names, config.json with quantization_config) to workdir/gptq_checkpoint; needs a
-  # comq, gptq or rtn run on a uniform grid with <method>.scale_dtype="float16"
-  # (experiments.llm_export). None: no export.
+  # names, config.json with quantization_config) to workdir/gptq_checkpoint; "gguf": as
+  # one GGUF file (Q4_0 / Q8_0 blocks, tokenizer, metadata) to workdir/model.gguf. Both
+  # need a comq, gptq or rtn run with <method>.scale_dtype="float16" on a grid the
+  # format holds (experiments.llm_export). None: no export.
   config.export = config_dict.placeholder(str)
   config.batch_size = 32
   config.eval_batch_size = 16

@@ -1,6 +1,7 @@
-"""`--config.export=gptq`: the quantized language model as a GPTQ-format checkpoint.
+"""`--config.export`: the quantized language model as a GPTQ-format checkpoint (``gptq``)
+or as one GGUF file (``gguf``, `experiments.llm_gguf`).
 
-The run's quantized linear layers are written under their Hugging Face names (the
+GPTQ: the run's quantized linear layers are written under their Hugging Face names (the
 inverse of `experiments.importers.hf_safetensors.hf_key_map`) by
 `quant_core.deploy.export_gptq`, with the other parameters (embedding, norms, biases, a
 float `lm_head`) in float16 and a `config.json` of the architecture (LlamaForCausalLM,
@@ -11,13 +12,18 @@ import os
 
 import numpy as np
 
+from experiments import importers
+from experiments import llm_gguf
+from experiments import text_data
 from experiments.importers import hf_safetensors
 from experiments.models.llm import Gemma3Config
 from quant_core.deploy import export_gptq
 
-EXPORTS = (None, "gptq")
-# The folder of the export in the run's workdir.
-EXPORT_DIRS = {"gptq": "gptq_checkpoint"}
+EXPORTS = (None, "gptq", "gguf")
+# The export in the run's workdir: a folder (gptq) or a file (gguf).
+EXPORT_DIRS = {"gptq": "gptq_checkpoint", "gguf": llm_gguf.GGUF_FILE}
+# (bits, grid) pairs of the job (whose grids are packed) that GGUF blocks hold: Q4_0, Q8_0.
+GGUF_GRIDS = ((4, "signed"), (4, "symmetric"), (8, "symmetric"))
 # Methods whose layers are on uniform grids with codes.
 EXPORT_METHODS = ("comq", "gptq", "rtn")
 
@@ -32,6 +38,9 @@ def check_export(config) -> None:
     raise ValueError(f"export={config.export!r} needs a post-training method "
                      f"{EXPORT_METHODS}, got method {config.method!r}.")
   block = config[config.method]
+  if config.export == "gguf":
+    _check_gguf_export(config, block)
+    return
   if block.grid == "pow2":
     raise ValueError(f"export={config.export!r}: a pow2 grid has no GPTQ form; use "
                      f"{config.method}.grid='asymmetric' or 'symmetric'.")
@@ -45,6 +54,32 @@ def check_export(config) -> None:
   if block.bit_budget is not None:
     raise ValueError(f"export={config.export!r}: quantization_config holds one bit width, "
                      f"so {config.method}.bit_budget (mixed precision) must be None.")
+
+
+def _check_gguf_export(config, block) -> None:
+  checkpoint = config.init_checkpoint or None
+  if checkpoint is not None and not checkpoint.endswith(".gguf"):
+    raise ValueError("export='gguf' of a model from safetensors: its tokenizer.json is not "
+                     "converted to GGUF metadata; start from the model's GGUF file "
+                     f"(init_checkpoint={checkpoint!r}).")
+  widths = (sorted(block.bit_choices) if block.bit_budget is not None else [block.bits])
+  bad = [bits for bits in widths if (bits, block.grid) not in GGUF_GRIDS]
+  if bad:
+    raise ValueError(
+        f"export='gguf': {config.method}.grid={block.grid!r} at bits={bad[0]} has no GGUF "
+        "block format; the formats hold " + ", ".join(
+            f"bits={bits} grid={grid!r}" for bits, grid in GGUF_GRIDS)
+        + " (Q4_0 and Q8_0).")
+  if block.scale_dtype != "float16":
+    raise ValueError(f"export='gguf' stores float16 scales: set "
+                     f"--config.{config.method}.scale_dtype=float16 so that the weights "
+                     "are written exactly.")
+  group = block.group_size if block.granularity == "group" else None
+  if block.granularity == "layer" or (group is not None and group % 32):
+    raise ValueError(f"export='gguf' writes blocks of 32 inputs, each with its own scale: "
+                     f"{config.method}.granularity must be 'group' with group_size a "
+                     f"multiple of 32 (32 is the format's own), or 'channel'; got "
+                     f"granularity={block.granularity!r}, group_size={block.group_size!r}.")
 
 
 def hf_module_names(model_config) -> dict:
@@ -137,7 +172,28 @@ def export_checkpoint(model_config, variables, packed, directory, *,
 
 
 def export_run(config, model_config, variables, packed, workdir) -> str:
-  """The export of `config.export` into the workdir; returns its folder."""
-  directory = os.path.join(workdir, EXPORT_DIRS[config.export])
-  export_checkpoint(model_config, variables, packed, directory)
-  return directory
+  """The export of `config.export` into the workdir; returns its path.
+
+  A GGUF export copies the metadata (tokenizer included) of a GGUF source; a byte-level
+  model gets the byte vocabulary.
+
+  Raises:
+    ValueError: a GGUF export of a model from safetensors (its tokenizer.json is not
+      converted), or as the export functions.
+  """
+  path = os.path.join(workdir, EXPORT_DIRS[config.export])
+  if config.export == "gptq":
+    export_checkpoint(model_config, variables, packed, path)
+    return path
+  weights = text_data.model_source(config).weights
+  source, tokenizer_fields = None, None
+  if weights is None:
+    tokenizer_fields = llm_gguf.byte_tokenizer_fields()
+  elif weights.endswith(".gguf"):
+    source = importers.open_gguf(weights)
+  else:
+    raise ValueError("export='gguf' of a model from safetensors: its tokenizer.json is not "
+                     "converted to GGUF metadata; start from the model's GGUF file.")
+  llm_gguf.export_model(path, model_config, variables, packed=packed, source=source,
+                        tokenizer_fields=tokenizer_fields, name=config.model.name)
+  return path

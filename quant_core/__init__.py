@@ -4,9 +4,9 @@
   and NNX, found by interception) and their 2-D views;
 * :mod:`quant_core.capture`: the Gram of every layer's inputs (conv and
   depthwise Grams, row masks, microbatches, meshes);
-* :mod:`quant_core.grids`: uniform (asymmetric, symmetric) and power-of-two
-  grids per channel, group or layer, with one bits check, and the
-  :class:`LayerQuantization` a solver returns;
+* :mod:`quant_core.grids`: uniform (asymmetric, symmetric, and GGUF's signed
+  and offset) and power-of-two grids per channel, group or layer, with one bits
+  check, and the :class:`LayerQuantization` a solver returns;
 * :mod:`quant_core.pow2`: the power-of-two codebook (INQ Eqs. 1-4);
 * :mod:`quant_core.paths`: key paths as ``/``-joined names;
 * :mod:`quant_core.nnx_params`: an NNX module with other parameter values;

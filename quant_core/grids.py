@@ -8,10 +8,11 @@ Every grid here is, per output channel ``j``, a sorted table of ``L`` values
 
 .. math::
 
-  G_j = \\{ u_{j,t} \\cdot \\delta_j : t = 0, \\dots, L-1 \\}
+  G_j = \\{ u_{j,t} \\cdot \\delta_j + m_j : t = 0, \\dots, L-1 \\}
 
-with ``u`` the *level units* (fixed while COMQ runs) and ``δ`` the step
-(the only thing a scale update changes). Internally weights are in channel-major
+with ``u`` the *level units* (fixed while COMQ runs), ``δ`` the step (the only
+thing a scale update changes) and ``m`` an offset, zero except for
+``grid="offset"``. Internally weights are in channel-major
 ("torch") layout ``(d_out, d_in)``: row ``j`` is output channel ``j``.
 """
 
@@ -25,14 +26,15 @@ import numpy as np
 
 from quant_core import pow2
 
-GRIDS = ("asymmetric", "symmetric", "pow2")
+GRIDS = ("asymmetric", "symmetric", "pow2", "signed", "offset")
 GRANULARITIES = ("channel", "group", "layer")
 # Storage dtypes a uniform grid's scales can be held to (``scale_dtype``).
 SCALE_DTYPES = ("float16",)
 
 
 class Grid(NamedTuple):
-  """Per-channel (or per-group) quantization grid, values ``units * step[:, None]``.
+  """Per-channel (or per-group) quantization grid, values ``units * step[:, None]``
+  (plus ``offset[:, None]`` for ``grid="offset"``).
 
   Its rows are the output channels, or with ``granularity="group"`` the
   ``(channel, group)`` pairs (``d_out * groups`` rows, see :func:`make_grid`);
@@ -46,19 +48,36 @@ class Grid(NamedTuple):
       scale is ``step * unit_scale``.
     zero_point: ``(d_out,)`` int32 code of the level nearest to ``0 - min``:
       uniform grids decode as ``scale * (code - zero_point)``; for pow2,
-      ``code - zero_point`` is the signed magnitude index.
+      ``code - zero_point`` is the signed magnitude index. Zeros for
+      ``"offset"``, where it has no meaning (the values are ``step * code +
+      offset``).
     exponent: ``(d_out,)`` int32, for pow2 the INQ ``n1`` of each channel
       (``step = 2^n1``); zeros for the uniform grids.
+    offset: ``(d_out,)`` the smallest value of an ``"offset"`` grid, None for
+      every other grid.
   """
   units: jax.Array
   step: jax.Array
   unit_scale: jax.Array
   zero_point: jax.Array
   exponent: jax.Array
+  offset: Optional[jax.Array] = None
 
   def values(self) -> jax.Array:
-    """``(d_out, L)`` grid values."""
-    return self.units * self.step[:, None]
+    """``(d_out, L)`` grid values: ``units * step``, then ``+ offset`` if set.
+
+    With an offset the product is rounded before the sum, so every value is
+    float32 ``step * t + offset`` as a GGUF Q4_1 dequantizer computes it.
+    """
+    scaled = self.units * self.step[:, None]
+    if self.offset is None:
+      return scaled
+    # XLA contracts a product and a sum into one fused multiply-add (one
+    # rounding, not two) even across an optimization barrier; a select between
+    # them, which no simplification can remove (only a NaN step makes a NaN
+    # product), keeps the two roundings.
+    step = jnp.broadcast_to(self.step[:, None], scaled.shape)
+    return jnp.where(jnp.isnan(scaled), step, scaled) + self.offset[:, None]
 
 
 def check_options(*, bits, grid, granularity, scalar, group_size=None,
@@ -77,6 +96,10 @@ def check_options(*, bits, grid, granularity, scalar, group_size=None,
     raise ValueError(
         "grid='pow2' needs scalar=1.0: a shrink factor would move the levels "
         f"off the powers of two, got scalar={scalar!r}.")
+  if grid == "offset" and scalar != 1.0:
+    raise ValueError(
+        "grid='offset' needs scalar=1.0: its levels are min + step * t, with no "
+        f"shrink factor, got scalar={scalar!r}.")
   if granularity == "group":
     if (isinstance(group_size, (bool, np.bool_))
         or not isinstance(group_size, (int, np.integer)) or group_size < 1):
@@ -173,6 +196,26 @@ def representable_step(step, scale_dtype, *, round_up: bool = True):
   return narrow.astype(step.dtype)
 
 
+def _round_down(value, scale_dtype):
+  """The largest value of ``scale_dtype`` ``<= value``, in ``value``'s dtype (None:
+  ``value``)."""
+  if scale_dtype is None:
+    return value
+  narrow = value.astype(scale_dtype)
+  narrow = jnp.where(narrow.astype(value.dtype) > value,
+                     jnp.nextafter(narrow, jnp.asarray(-jnp.inf, narrow.dtype)), narrow)
+  return narrow.astype(value.dtype)
+
+
+def _signed_extreme(wt, granularity):
+  """Per row the weight of largest magnitude, sign kept; the first one (in
+  row-major order for ``"layer"``) among equal magnitudes."""
+  flat = wt.reshape(1, -1) if granularity == "layer" else wt
+  first = jnp.argmax(jnp.abs(flat), axis=1)
+  extreme = jnp.take_along_axis(flat, first[:, None], axis=1)[:, 0]
+  return jnp.broadcast_to(extreme, wt.shape[:1])
+
+
 def make_grid(wt, *, bits: int, grid: str = "asymmetric",
               granularity: str = "channel", scalar: float = 1.0,
               group_size=None, scale_dtype=None) -> Grid:
@@ -190,6 +233,21 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     division), units ``scalar * t`` for ``t = -(2^(b-1)-1)..2^(b-1)-1``
     (``2^b - 1`` levels, zero included; 2 bits is ternary). An all-zero
     channel gets ``δ = 1``.
+  * ``"signed"`` (llama.cpp's Q4_0 rule): ``2^b`` consecutive integers times
+    ``δ = |e| / 2^(b-1)`` (the same exact division), ``e`` the weight of
+    largest magnitude, sign kept (the first of equal magnitudes, in index
+    order, as llama.cpp's ``quantize_row_q4_0_ref``). Units ``scalar * t``
+    with ``t = -2^(b-1)..2^(b-1)-1`` (zero point ``2^(b-1)``) when ``e < 0``,
+    ``t = -(2^(b-1)-1)..2^(b-1)`` (zero point ``2^(b-1)-1``) when ``e > 0``,
+    so with ``scalar = 1`` ``e`` itself is a level. An all-zero channel gets
+    ``δ = 1`` and the ``e < 0`` layout.
+  * ``"offset"`` (llama.cpp's Q4_1 rule): values ``m + δ t`` for ``t =
+    0..2^b-1``, with ``m = min`` a free float (not a multiple of ``δ``) and
+    ``δ = (max - m) / (2^b - 1)``; units ``t``, unit scale 1, ``offset = m``
+    and zero point 0 (meaningless here: the smallest level ``values[:, 0]``
+    is ``m`` exactly). Each value is the float32 ``δ t``, then ``+ m`` (two
+    roundings, no fused multiply-add). A constant channel ``c`` gets ``δ =
+    |c|`` (1 when ``c = 0``) and ``m = c``. Needs ``scalar = 1``.
   * ``"pow2"``: the INQ level set ``{0, ±2^n2, ..., ±2^n1}`` with
     ``n1 = floor(log2(4 max|w| / 3))`` (:func:`quant_core.pow2.pow2_exponents`),
     i.e. units ``{0, ±2^-k : k = 0..2^(b-2)-1}`` and step ``2^n1``; values
@@ -202,6 +260,11 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
   product of a float16 scale and a small integer), as a checkpoint that
   stores float16 scales holds it (:mod:`quant_core.deploy.export_gptq`); a
   constant channel is then on the grid only if ``|c|`` is a float16 value.
+  For ``"offset"`` the min is first rounded down to a float16 value ``m``
+  (the grid still reaches the smallest weight), then ``δ = (max - m) / (2^b
+  - 1)`` is rounded up to one (the top level ``m + δ (2^b - 1)``, up to its
+  own float32 rounding, reaches the largest weight); a constant channel is on
+  its grid when ``max > m`` too, since then ``δ`` comes from ``max - m``.
 
   With ``granularity="layer"`` the statistics are taken over the whole
   matrix and broadcast to every channel. With ``granularity="group"`` each
@@ -212,8 +275,8 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
   Args:
     wt: ``(d_out, d_in)`` weights, channel-major.
     bits: bit width in 2..8.
-    grid: ``"asymmetric"``, ``"symmetric"`` or ``"pow2"``.
-    granularity: ``"channel"`` or ``"layer"``.
+    grid: one of :data:`GRIDS`.
+    granularity: ``"channel"``, ``"group"`` or ``"layer"``.
     scalar: the official ``--scalar`` shrink factor λ in (0, 1].
     group_size: inputs per grid with ``granularity="group"``.
     scale_dtype: None, or ``"float16"``: steps held to float16 values.
@@ -240,6 +303,7 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
         jnp.where(skip, jnp.ones((), dtype), jnp.full((), n, dtype)))
 
   exponent = jnp.zeros((d_out,), jnp.int32)
+  offset = None
   if grid == "asymmetric":
     hi = _reduce(wt, jnp.max, granularity)
     lo = _reduce(wt, jnp.min, granularity)
@@ -263,6 +327,29 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     lam = jnp.full_like(step, scalar)
     units = jnp.broadcast_to(scalar * t, (d_out, 2 * half + 1))
     zero_point = jnp.full((d_out,), half, jnp.int32)
+  elif grid == "signed":
+    half = 2 ** (bits - 1)
+    extreme = _signed_extreme(wt, granularity)
+    amax = jnp.abs(extreme)
+    step = amax / divisor(half, amax == 0)
+    step = representable_step(jnp.where(step == 0, jnp.ones_like(step), step),
+                              scale_dtype)
+    # A positive extreme is the top level; a negative (or zero) one the bottom.
+    zero_point = jnp.where(extreme > 0, half - 1, half).astype(jnp.int32)
+    t = jnp.arange(2**bits, dtype=jnp.int32)[None, :] - zero_point[:, None]
+    lam = jnp.full_like(step, scalar)
+    units = scalar * t.astype(dtype)
+  elif grid == "offset":
+    hi = _reduce(wt, jnp.max, granularity)
+    offset = _round_down(_reduce(wt, jnp.min, granularity), scale_dtype)
+    constant = hi == offset
+    step = jnp.where(constant, jnp.abs(offset),
+                     (hi - offset) / divisor(2**bits - 1, constant))
+    step = representable_step(jnp.where(step == 0, jnp.ones_like(step), step),
+                              scale_dtype)
+    units = jnp.broadcast_to(jnp.arange(2**bits, dtype=dtype)[None, :], (d_out, 2**bits))
+    lam = jnp.ones_like(step)
+    zero_point = jnp.zeros((d_out,), jnp.int32)
   else:
     n_mag = pow2.num_magnitudes(bits)
     exponent, _ = pow2.pow2_exponents(
@@ -275,7 +362,7 @@ def make_grid(wt, *, bits: int, grid: str = "asymmetric",
     lam = jnp.ones_like(step)
     zero_point = jnp.full((d_out,), n_mag, jnp.int32)
   return Grid(units=units, step=step, unit_scale=lam, zero_point=zero_point,
-              exponent=exponent)
+              exponent=exponent, offset=offset)
 
 
 def nearest(values, target):
@@ -302,15 +389,16 @@ def nearest(values, target):
 
 
 # Bytes of the grid parameters of one channel (or layer) stored beside the codes:
-# float32 scale and zero point (asymmetric), float32 scale (symmetric), int32
-# exponent n1 (pow2).
-_PARAMETER_BYTES = {"asymmetric": 8, "symmetric": 4, "pow2": 4}
+# float32 scale and zero point (asymmetric; signed, packed as asymmetric), float32
+# scale (symmetric), int32 exponent n1 (pow2), float32 step and min (offset).
+_PARAMETER_BYTES = {"asymmetric": 8, "symmetric": 4, "pow2": 4, "signed": 8,
+                    "offset": 8}
 
 
 def num_levels(bits: int, grid: str) -> int:
   """Number of values of a ``bits``-bit ``grid`` (see :func:`make_grid`)."""
   check_options(bits=bits, grid=grid, granularity="channel", scalar=1.0)
-  if grid == "asymmetric":
+  if grid in ("asymmetric", "signed", "offset"):
     return 2**bits
   if grid == "symmetric":
     return 2**bits - 1
@@ -352,9 +440,11 @@ class LayerQuantization:
     codes: int32 index of each weight into its grid's sorted ``levels``.
     levels: ``(d_out, L)`` grid values of each channel, in ``w``'s dtype.
     scale: ``(d_out,)`` value of one integer code step. Uniform grids decode
-      as ``scale * (codes - zero_point)`` (to 1 ulp); for pow2 this is
-      ``2^n1``.
-    zero_point: ``(d_out,)`` int32 code of zero (``-z`` of the official grid).
+      as ``scale * (codes - zero_point)`` (to 1 ulp), ``"offset"`` as
+      ``scale * codes + levels[..., 0]`` (the min, exactly; see
+      :func:`make_grid`); for pow2 this is ``2^n1``.
+    zero_point: ``(d_out,)`` int32 code of zero (``-z`` of the official grid);
+      zeros, without meaning, for ``"offset"``.
     exponent: ``(d_out,)`` int32 INQ ``n1`` per channel for ``grid="pow2"``
       (pack with :func:`quant_core.pow2.pow2_encode`), zeros otherwise.
     error: ``||X W - X weights||_F`` from the Gram, or None without data.
@@ -362,7 +452,7 @@ class LayerQuantization:
       scale update (``iters`` or ``2 * iters`` entries); empty for RTN.
     group_size: inputs per grid, or None for per-channel and per-layer grids.
     bits: the bit width the weights were quantized to.
-    grid: the grid kind: ``"asymmetric"``, ``"symmetric"`` or ``"pow2"``.
+    grid: the grid kind, one of :data:`GRIDS`.
   """
   weights: jax.Array
   codes: jax.Array

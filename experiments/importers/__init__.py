@@ -10,6 +10,7 @@ from experiments.importers.gguf import SUPPORTED_ARCHITECTURES
 from experiments.importers.gguf import dequantize_tensor
 from experiments.importers.gguf import gguf_config
 from experiments.importers.gguf import gguf_hyperparameters
+from experiments.importers.gguf import gguf_name
 from experiments.importers.gguf import gguf_state_dict
 from experiments.importers.gguf import load_gguf
 from experiments.importers.gguf import open_gguf
@@ -26,7 +27,7 @@ from experiments.importers.tokenizer import tokenizer_from_json
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "Tokenizer", "check_vocab_size", "dequantize_tensor",
-    "gguf_config", "gguf_hyperparameters", "gguf_state_dict", "hf_key_map", "load_gguf",
-    "load_hf_safetensors", "load_hf_state_dict", "open_gguf", "permute_rows",
+    "gguf_config", "gguf_hyperparameters", "gguf_name", "gguf_state_dict", "hf_key_map",
+    "load_gguf", "load_hf_safetensors", "load_hf_state_dict", "open_gguf", "permute_rows",
     "resolve_model", "tokenizer_from_gguf", "tokenizer_from_json", "unpermute_rows",
 ]

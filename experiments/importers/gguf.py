@@ -290,6 +290,27 @@ def hf_name(architecture: str, gguf_name: str) -> Optional[str]:
   return None
 
 
+def gguf_name(architecture: str, hf_key: str) -> str:
+  """llama.cpp's tensor name of Hugging Face key ``hf_key`` (the inverse of
+  :func:`hf_name`).
+
+  Raises:
+    ValueError: for an unsupported architecture or a key with no llama.cpp name.
+  """
+  if architecture not in SUPPORTED_ARCHITECTURES:
+    raise ValueError(f"Unsupported GGUF architecture {architecture!r}; supported: "
+                     f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
+  for name, key in _GLOBAL_NAMES.items():
+    if key == hf_key:
+      return name
+  match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_key)
+  if match:
+    for name, key in _BLOCK_NAMES[architecture].items():
+      if key == match.group(2):
+        return f"blk.{match.group(1)}.{name}"
+  raise ValueError(f"{hf_key!r} has no llama.cpp tensor name in a {architecture!r} model.")
+
+
 def gguf_state_dict(reader, config) -> dict:
   """The GGUF file's tensors as a Hugging Face state dict of float32 numpy arrays.
 

@@ -10,9 +10,11 @@ GGUF stores the vocabulary as ``tokenizer.ggml.tokens`` with ``token_type`` (1 n
   ranked by the score of the union. Spaces become ``▁``, unknown characters fall back to
   the ``<0xNN>`` byte pieces.
 * ``tokenizer.ggml.model == "gpt2"``: byte-level BPE with explicit ``merges`` (Llama 3,
-  Qwen2, SmolLM2). The pre-tokenizer is GPT-2's split; llama.cpp's per-model splitting
-  rules (``tokenizer.ggml.pre``) are not reproduced, so rare texts (long digit runs,
-  some punctuation) may split differently from the original tokenizer.
+  Qwen2, SmolLM2); without ``merges`` every byte-level symbol is a token (the
+  byte vocabulary of this project's byte-level models). The pre-tokenizer is GPT-2's
+  split; llama.cpp's per-model splitting rules (``tokenizer.ggml.pre``) are not
+  reproduced, so rare texts (long digit runs, some punctuation) may split differently
+  from the original tokenizer.
 
 Control and user-defined tokens are matched whole before the BPE.
 """
@@ -204,10 +206,8 @@ def tokenizer_from_gguf(source, *, model: Union[CausalLM, int, None] = None,
         tokens, scores, types, _gguf_field(reader, "tokenizer.ggml.unknown_token_id"),
         _gguf_field(reader, "tokenizer.ggml.add_space_prefix", True))
   else:
-    merges = _gguf_field(reader, "tokenizer.ggml.merges")
-    if merges is None:
-      raise ValueError("A byte-level BPE ('gpt2') GGUF tokenizer needs tokenizer.ggml.merges.")
-    backend = _byte_level_bpe(tokens, merges)
+    # No merges: every byte-level symbol is its own token (a byte vocabulary).
+    backend = _byte_level_bpe(tokens, _gguf_field(reader, "tokenizer.ggml.merges", []))
   backend.add_tokens(_special_tokens(tokens, types))
   tokenizer = Tokenizer(
       backend, bos_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),

@@ -163,6 +163,12 @@ class PostTrainingMethod(base.Method):
     calibration_devices(config, None)
     method_solver = solver(config, self.name)
     block = config[self.name]
+    if block.grid == "offset":
+      raise ValueError(
+          f"{self.name}.grid='offset' has no packed form, and every run writes its packed "
+          "model: use grid='signed' (GGUF Q4_0) or 'symmetric', or quantize with the "
+          "library (comq_jax solvers with grid='offset', then "
+          "experiments.llm_gguf.export_model) for GGUF Q4_1.")
     if block.bit_budget is not None:
       if block.sensitivity not in SENSITIVITIES:
         raise ValueError(f"{self.name}.sensitivity must be one of {SENSITIVITIES}, got "

@@ -520,7 +520,7 @@ def pack_uniform_from_values(w, scale, zero_point=None, *, bits: int,
                       bits=bits, group_size=group_size, k_tile=k_tile)
 
 
-LAYER_GRIDS = ("asymmetric", "symmetric", "pow2")
+LAYER_GRIDS = ("asymmetric", "symmetric", "pow2", "signed")
 
 
 def pack_layer_quantization(result, *, k_tile: Optional[int] = None,
@@ -536,7 +536,12 @@ def pack_layer_quantization(result, *, k_tile: Optional[int] = None,
     values ``scale · (code - zero_point)`` may differ from
     ``result.weights`` by 1 ulp (the result documents the same).
   * ``"symmetric"``: :func:`pack_uniform` with the fixed zero point (checked).
+  * ``"signed"``: as ``"asymmetric"`` (its zero point, ``2^(bits-1)`` or
+    ``2^(bits-1) - 1``, is stored per grid).
   * ``"pow2"``: :func:`pack` of ``weights`` with ``exponent`` as ``n1``.
+
+  ``grid="offset"`` (a free float min per grid) is not packed here: its
+  values are not ``scale · (code - zero_point)``; it is exported as GGUF Q4_1.
 
   Args:
     result: a ``LayerQuantization`` (fields ``weights``, ``codes``,
@@ -551,9 +556,10 @@ def pack_layer_quantization(result, *, k_tile: Optional[int] = None,
 
   Raises:
     ValueError: on a result whose ``grid`` is not one of
-      :data:`LAYER_GRIDS`, a ``grid`` or ``bits`` that differs from the
-      result's, a symmetric result whose zero points are not ``2^(bits-1) -
-      1``, or the errors of the packing functions.
+      :data:`LAYER_GRIDS` (``"offset"``: the message points to GGUF), a
+      ``grid`` or ``bits`` that differs from the result's, a symmetric result
+      whose zero points are not ``2^(bits-1) - 1``, or the errors of the
+      packing functions.
   """
   for name, given in (("grid", grid), ("bits", bits)):
     if given is not None and given != getattr(result, name):
@@ -561,6 +567,12 @@ def pack_layer_quantization(result, *, k_tile: Optional[int] = None,
                        f"{name}={getattr(result, name)!r}; leave {name} out to use the "
                        f"result's.")
   grid = result.grid
+  if grid == "offset":
+    raise ValueError(
+        "grid='offset' (min + scale · code, with a float min per grid) has no packed "
+        f"form here: the packed file holds the grids {LAYER_GRIDS}. Export an offset "
+        "result as GGUF Q4_1 (quant_core.deploy.export_gguf), or quantize with "
+        "grid='signed' (GGUF Q4_0) to pack it.")
   if grid not in LAYER_GRIDS:
     raise ValueError(f"the result's grid must be one of {LAYER_GRIDS}, got {grid!r}.")
   bits = pow2.check_bits(result.bits)

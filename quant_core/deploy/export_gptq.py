@@ -79,10 +79,12 @@ class GPTQTensors(NamedTuple):
   g_idx: np.ndarray
 
 
-class _Layer(NamedTuple):
-  """A uniform-grid matrix in one form: ``weights == scale * (codes - zero)``.
+class UniformLayer(NamedTuple):
+  """A uniform-grid matrix in one form: ``weights == scale * (codes - zero)``, or
+  ``scale * codes + minimum`` for an ``"offset"`` grid.
 
-  ``codes`` and ``weights`` are ``(K, N)``; ``scale`` and ``zero`` ``(groups, N)``."""
+  ``codes`` and ``weights`` are ``(K, N)``; ``scale``, ``zero`` and ``minimum``
+  ``(groups, N)``; ``minimum`` is None except for offset grids. All None for pow2."""
   codes: np.ndarray
   scale: np.ndarray
   zero: np.ndarray
@@ -90,39 +92,46 @@ class _Layer(NamedTuple):
   bits: int
   grid: str
   group_size: Optional[int]
+  minimum: Optional[np.ndarray] = None
 
 
-def _from_quantization(result) -> _Layer:
+def _from_quantization(result) -> UniformLayer:
   """A :class:`quant_core.grids.LayerQuantization` (2-D, or one feature group)."""
   weights, codes = np.asarray(result.weights), np.asarray(result.codes)
   scale, zero = np.asarray(result.scale), np.asarray(result.zero_point)
+  levels = np.asarray(result.levels)
   if weights.ndim == 3:  # a LayerReport's quantization: leading feature-group axis
     if weights.shape[0] != 1:
       raise ValueError(f"a layer with {weights.shape[0]} feature groups (a grouped "
-                       "convolution) has no GPTQ-format form; it holds linear layers.")
-    weights, codes, scale, zero = weights[0], codes[0], scale[0], zero[0]
+                       "convolution) has no such form; it holds linear layers.")
+    weights, codes, scale, zero, levels = (weights[0], codes[0], scale[0], zero[0],
+                                           levels[0])
   if weights.ndim != 2:
     raise ValueError(f"expected a (d_in, d_out) matrix, got weights of shape "
                      f"{weights.shape}.")
   # (d_out,) per channel or (d_out, groups): the format's rows are the groups.
   scale = scale.reshape(scale.shape[0], -1).T
   zero = zero.reshape(zero.shape[0], -1).T
-  return _Layer(codes, scale, zero, weights, result.bits, result.grid, result.group_size)
+  # An offset grid's first level is its minimum exactly (code 0: 0 * scale + minimum).
+  minimum = (levels[..., 0].reshape(levels.shape[0], -1).T if result.grid == "offset"
+             else None)
+  return UniformLayer(codes, scale, zero, weights, result.bits, result.grid,
+                      result.group_size, minimum)
 
 
-def _from_packed(leaf) -> _Layer:
+def _from_packed(leaf) -> UniformLayer:
   """A :class:`~quant_core.deploy.packed_layers.PackedLayer` or a bare packed weight."""
   matrices = leaf.matrices if isinstance(leaf, packed_layers.PackedLayer) else leaf
   if isinstance(leaf, packed_layers.PackedLayer):
     if leaf.groups != 1:
       raise ValueError(f"a layer with {leaf.groups} feature groups (a grouped "
-                       "convolution) has no GPTQ-format form; it holds linear layers.")
+                       "convolution) has no such form; it holds linear layers.")
     if len(leaf.kernel_shape) != 2 or leaf.kernel_perm != (0, 1):
       raise ValueError(f"a kernel of shape {leaf.kernel_shape} is not an (in, out) "
                        "linear weight; the format holds linear layers.")
     matrices = leaf.group(0)
   if isinstance(matrices, codes_lib.PackedPow2):
-    return _Layer(None, None, None, None, matrices.bits, "pow2", matrices.group_size)
+    return UniformLayer(None, None, None, None, matrices.bits, "pow2", matrices.group_size)
   k, n = matrices.k, matrices.n
   codes = np.asarray(codes_lib.unpack_codes(matrices))[:k].reshape(k, n).astype(np.int64)
   scale = np.asarray(matrices.scale).reshape(-1, n)
@@ -131,10 +140,18 @@ def _from_packed(leaf) -> _Layer:
   else:
     zero, grid = np.asarray(matrices.zero_point).reshape(-1, n), "asymmetric"
   weights = np.asarray(codes_lib.unpack_matrix(matrices)).reshape(k, n)
-  return _Layer(codes, scale, zero, weights, matrices.bits, grid, matrices.group_size)
+  return UniformLayer(codes, scale, zero, weights, matrices.bits, grid, matrices.group_size)
 
 
-def _as_layer(layer) -> _Layer:
+def uniform_layer(layer) -> UniformLayer:
+  """The :class:`UniformLayer` form of a quantized linear layer: a
+  :class:`quant_core.grids.LayerQuantization` (``(d_in, d_out)``, or with a leading
+  feature-group axis of size 1), a :class:`~quant_core.deploy.packed_layers.PackedLayer`
+  or a bare packed weight.
+
+  Raises:
+    ValueError: for anything else, or a grouped layer.
+  """
   if isinstance(layer, grids.LayerQuantization):
     return _from_quantization(layer)
   if packed_layers.is_packed_kernel(layer):
@@ -197,11 +214,15 @@ def layer_tensors(layer, *, checkpoint_format: str = "gptq",
   if checkpoint_format not in FORMATS:
     raise ValueError(f"checkpoint_format must be one of {FORMATS}, got "
                      f"{checkpoint_format!r}.")
-  source = _as_layer(layer)
+  source = uniform_layer(layer)
   if source.grid == "pow2":
     raise ValueError(f"{name}: a pow2 grid (values ±2^e) is not scale * (code - zero); "
                      "the GPTQ format holds uniform grids only (grid='asymmetric' or "
                      "'symmetric').")
+  if source.grid == "offset":
+    raise ValueError(f"{name}: an offset grid (scale * code + a float minimum) has no "
+                     "integer zero point; the GPTQ format holds grid='asymmetric', "
+                     "'symmetric' or 'signed' (offset grids export to GGUF Q4_1).")
   bits = source.bits
   if bits not in BITS:
     raise ValueError(f"{name}: the GPTQ format holds {BITS}-bit codes, got bits={bits}.")

@@ -98,7 +98,8 @@ def test_objective_never_increases_and_beats_rtn(grid, granularity, bits):
 
 @pytest.mark.parametrize("order", ["greedy", "cyclic", "diag"])
 @pytest.mark.parametrize("granularity, group_size, grid", [
-    ("channel", None, "asymmetric"), ("group", 8, "asymmetric"), ("channel", None, "pow2")])
+    ("channel", None, "asymmetric"), ("group", 8, "asymmetric"), ("channel", None, "pow2"),
+    ("channel", None, "signed"), ("group", 8, "offset")])
 def test_no_sweep_of_any_order_raises_the_objective(order, granularity, group_size, grid):
   # The property each visiting order must keep: every coordinate step is an exact 1-D
   # minimisation over the grid, so no sweep (and no scale step) raises the objective,

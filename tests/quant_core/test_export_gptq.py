@@ -238,6 +238,18 @@ def test_pow2_grid_is_refused(tmp_path):
   assert not os.path.exists(tmp_path / "ckpt")
 
 
+def test_offset_grid_is_refused_and_signed_grid_round_trips(tmp_path):
+  w, x = layer_data()
+  options = dict(granularity="group", group_size=32, scale_dtype=F16)
+  offset = comq_jax.rtn(4, grid="offset", **options).quantize_layer(w, x)
+  with pytest.raises(ValueError, match="offset grid .* no integer zero point"):
+    export_one(tmp_path, offset)
+  signed = comq_jax.comq(4, grid="signed", **options).quantize_layer(w, x)
+  weights, config, _ = export_one(tmp_path, signed)
+  assert config["quantization_config"]["sym"] is False
+  np.testing.assert_array_equal(weights, np.asarray(signed.weights).T)
+
+
 def test_float32_scales_are_refused_naming_the_setting(tmp_path):
   w, x = layer_data()
   result = comq_jax.rtn(4, granularity="group", group_size=128).quantize_layer(w, x)

@@ -90,6 +90,9 @@ def test_all_lists_resolvable_public_names():
         assert name.isupper() and value is not None, (package.__name__, name)
 
 
+# Slow (about 45 s, a pip install): CI's own fresh install covers the package with its
+# extras; this checks the bare library without them.
+@pytest.mark.slow
 @pytest.mark.integration
 def test_bare_library_installs_into_a_fresh_venv_and_imports(tmp_path):
   source = tmp_path / "source"
