@@ -95,10 +95,10 @@ def _q4_0_orientation(levels: np.ndarray):
   return (low >= -8) & (high <= 7), (low >= -7) & (high <= 8)
 
 
-def _choose_type(source, levels: np.ndarray) -> str:
+def _choose_type(source, upright: np.ndarray, flipped: np.ndarray) -> str:
   if source.bits == 8:
     return "Q8_0"
-  if source.grid != "offset" and np.all(np.logical_or(*_q4_0_orientation(levels))):
+  if source.grid != "offset" and np.all(upright | flipped):
     return "Q4_0"
   return "Q4_1"
 
@@ -154,7 +154,8 @@ def layer_tensor(layer, *, tensor_type: Optional[str] = None,
   weights = np.asarray(source.weights).T.astype(np.float32).reshape(n, blocks, BLOCK_SIZE)
   # The integer level of each weight: weights are scale * level (not for offset grids).
   levels = codes - zero[..., None]
-  chosen = tensor_type or _choose_type(source, levels)
+  upright, flipped = _q4_0_orientation(levels)
+  chosen = tensor_type or _choose_type(source, upright, flipped)
   if (chosen == "Q8_0") != (source.bits == 8):
     raise ValueError(f"{name}: {chosen} holds {8 if chosen == 'Q8_0' else 4}-bit codes, "
                      f"got bits={source.bits}.")
@@ -165,7 +166,6 @@ def layer_tensor(layer, *, tensor_type: Optional[str] = None,
       raise ValueError(f"{name}: code - zero point outside -128..127, the int8 range of "
                        "Q8_0.")
   elif chosen == "Q4_0":
-    upright, flipped = _q4_0_orientation(levels)
     if source.grid == "offset" or not np.all(upright | flipped):
       raise ValueError(f"{name}: Q4_0 holds d * (q - 8) with q in 0..15: every block's "
                        "levels code - zero point must lie in -8..7 or in -7..8 (grid="
