@@ -33,8 +33,10 @@ import dataclasses
 import math
 import numbers
 import re
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from comq_jax import solvers
@@ -305,23 +307,153 @@ def objectives_from_grams(grams: Mapping, weights_by_path: Mapping, solver: solv
     ValueError: no layers, a layer without a Gram or with a Gram of another shape,
       matrices that are not 3-D, or bad solver settings or bit choices.
   """
+  def objective(chosen, matrix, group_gram, _):
+    return float(chosen.quantize_layer(matrix, gram=group_gram).error) ** 2  # the norm
+  return _objectives(weights_by_path, solver, bit_choices, objective, grams=grams)
+
+
+def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Any],
+                    layer_paths: Sequence[str]) -> dict:
+  """The diagonal empirical Fisher of each layer's kernel.
+
+  .. math:: F_l = \\frac{1}{N} \\sum_{n=1}^{N}
+    \\Big(\\frac{\\partial \\mathcal{L}(\\theta, x_n)}{\\partial W_l}\\Big)^2
+
+  over the ``N`` batches ``x_n`` (element-wise square). With one example per batch
+  this is the per-example empirical Fisher; larger batches average the gradients
+  first and give a smaller, coarser estimate.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` loss (e.g. the mean next-token
+      cross-entropy of a language model).
+    params: the parameters, a nested dict holding ``{"kernel": array}`` at each
+      ``/``-joined path of ``layer_paths``.
+    batches: the batches, read once; one compiled gradient serves them all when
+      they share a shape.
+    layer_paths: the layers' module paths (as in :func:`layer_matrices`).
+
+  Returns:
+    ``{path: float32 array of the kernel's shape}``; map it to a layer's matrices
+    with its view (:func:`fisher_matrices`).
+
+  Raises:
+    ValueError: no batches or no layers, or a path without a kernel.
+  """
+  layer_paths = list(layer_paths)
+  if not layer_paths:
+    raise ValueError("layer_paths is empty: there is no layer to measure.")
+  kernels = {}
+  for path in layer_paths:
+    try:
+      kernels[path] = paths_lib.get(params, path.split("/"))["kernel"]
+    except (KeyError, IndexError, TypeError):
+      raise ValueError(f"{path}: params has no kernel at that path.") from None
+
+  def loss_of_kernels(chosen, batch):
+    tree = jax.tree.map(lambda leaf: leaf, params)
+    for path, kernel in chosen.items():
+      paths_lib.get(tree, path.split("/"))["kernel"] = kernel
+    return loss_fn(tree, batch)
+
+  @jax.jit
+  def add_squares(sums, batch):
+    grads = jax.grad(loss_of_kernels)(kernels, batch)
+    return {path: sums[path] + jnp.square(grads[path].astype(jnp.float32)) for path in sums}
+
+  sums = {path: jnp.zeros(kernel.shape, jnp.float32) for path, kernel in kernels.items()}
+  count = 0
+  for batch in batches:
+    sums = add_squares(sums, batch)
+    count += 1
+  if not count:
+    raise ValueError("batches is empty: the Fisher needs at least one batch.")
+  return {path: total / count for path, total in sums.items()}
+
+
+def fisher_matrices(model_or_apply, variables, batch, fisher: Mapping,
+                    **apply_kwargs) -> dict:
+  """``{path: (groups, d_in, d_out)}``: each kernel-shaped Fisher of
+  :func:`fisher_diagonal` laid out as the layer's matrices (as
+  :func:`layer_matrices` lays out the weights)."""
+  views = layers.layer_views(model_or_apply, variables, batch, **apply_kwargs)
+  missing = sorted(path for path in fisher if views.get(path) is None)
+  if missing:
+    raise ValueError(f"fisher has layers without a supported linear view: {missing}.")
+  return {path: views[path].matrices(values) for path, values in fisher.items()}
+
+
+def objectives_from_fisher(fisher: Mapping, weights_by_path: Mapping, solver: solvers.Solver,
+                           bit_choices: Sequence[int], *, grams: Optional[Mapping] = None):
+  """Layer objectives at each bit width as the loss increase they cause, to second order.
+
+  .. math:: E_l(b) = \\tfrac{1}{2} \\sum_{g,i,j} F_{lgij}\\,(W_{lgij} - Q_{lgij}(b))^2
+
+  the diagonal Fisher ``F`` standing in for the loss's Hessian at a trained model
+  (whose gradient is about zero). Unlike the layer objective of
+  :func:`objectives_from_grams`, it weighs each layer by what its outputs cost the
+  model's loss downstream (a layer whose outputs are normalized away costs little).
+
+  Args:
+    fisher: ``{path: (groups, d_in, d_out) array}`` of the layers' matrices
+      (:func:`fisher_matrices`).
+    weights_by_path: ``{path: (groups, d_in, d_out) array}`` (:func:`layer_matrices`);
+      its order is kept.
+    solver: quantizes each layer at each width (its ``bits`` replaced);
+      :func:`comq_jax.rtn` needs no data, other solvers need ``grams``.
+    bit_choices: the bit widths each layer may take.
+    grams: ``{path: Gram}`` as in :func:`objectives_from_grams`, for solvers that
+      need them.
+
+  Returns:
+    ``(objectives, costs, weights)`` as :func:`allocate_bits` takes them.
+
+  Raises:
+    ValueError: no layers, a layer without a Fisher or with one of another shape,
+      a solver that needs Grams without them, or bad solver settings or bit choices.
+  """
+  def objective(chosen, matrix, group_gram, group_fisher):
+    quantized = chosen.quantize_layer(matrix, gram=group_gram).weights
+    return 0.5 * float(np.sum(np.asarray(group_fisher, np.float64) * np.square(
+        np.asarray(matrix, np.float64) - np.asarray(quantized, np.float64))))
+
+  for path, matrices in weights_by_path.items():
+    if path not in fisher:
+      raise ValueError(f"{path}: no Fisher in fisher (it has {sorted(fisher)}).")
+    if np.shape(fisher[path]) != np.shape(matrices):
+      raise ValueError(f"{path}: the Fisher must have the matrices' shape "
+                       f"{np.shape(matrices)}, got {np.shape(fisher[path])}.")
+  if grams is None and not isinstance(solver, solvers.RTN):
+    raise ValueError(f"solver {type(solver).__name__} needs the layers' Grams: pass grams "
+                     "(or measure with comq_jax.rtn).")
+  return _objectives(weights_by_path, solver, bit_choices, objective, grams=grams,
+                     fisher=fisher)
+
+
+def _objectives(weights_by_path, solver, bit_choices, objective, *, grams, fisher=None):
+  """``(objectives, costs, weights)`` with ``objective(solver at b bits, matrix, Gram or
+  None, Fisher or None)`` summed over each layer's matrices."""
   _check_solver(solver)
   bit_choices = check_bit_choices(bit_choices)
   if not weights_by_path:
     raise ValueError("weights_by_path is empty: there is no layer to allocate bits to.")
   objectives, costs, weights = {}, {}, {}
   for path, matrices in weights_by_path.items():
-    if path not in grams:
-      raise ValueError(f"{path}: no Gram in grams (it has {sorted(grams)}).")
-    gram = np.asarray(getattr(grams[path], "gram", grams[path]))
     matrices = np.asarray(matrices)
-    if matrices.ndim != 3 or gram.shape != (matrices.shape[0],) + matrices.shape[1:2] * 2:
-      raise ValueError(f"{path}: matrices must be (groups, d_in, d_out) and the Gram "
-                       f"(groups, d_in, d_in), got {matrices.shape} and {gram.shape}.")
+    if matrices.ndim != 3:
+      raise ValueError(f"{path}: matrices must be (groups, d_in, d_out), got "
+                       f"{matrices.shape}.")
+    gram = [None] * matrices.shape[0]
+    if grams is not None:
+      if path not in grams:
+        raise ValueError(f"{path}: no Gram in grams (it has {sorted(grams)}).")
+      gram = np.asarray(getattr(grams[path], "gram", grams[path]))
+      if gram.shape != (matrices.shape[0],) + matrices.shape[1:2] * 2:
+        raise ValueError(f"{path}: matrices must be (groups, d_in, d_out) and the Gram "
+                         f"(groups, d_in, d_in), got {matrices.shape} and {gram.shape}.")
+    group_fisher = [None] * matrices.shape[0] if fisher is None else np.asarray(fisher[path])
     objectives[path] = {
-        bits: sum(float(dataclasses.replace(solver, bits=bits).quantize_layer(
-            matrix, gram=group_gram).error) ** 2  # .error is the norm.
-                  for matrix, group_gram in zip(matrices, gram, strict=True))
+        bits: sum(objective(dataclasses.replace(solver, bits=bits), matrix, group_gram, f)
+                  for matrix, group_gram, f in zip(matrices, gram, group_fisher, strict=True))
         for bits in bit_choices}
     costs[path] = {bits: layer_cost_bits(matrices.shape, solver, bits) for bits in bit_choices}
     weights[path] = math.prod(matrices.shape)

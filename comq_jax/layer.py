@@ -386,11 +386,12 @@ def solve_on_devices(wt, gram, *, bits, iters, order, scale_update, scalar, grid
   g = grid_lib.make_grid(wt, bits=bits, grid=grid, granularity=granularity,
                          scalar=scalar, group_size=group_size, scale_dtype=scale_dtype)
   start = wt
-  if init == "gptq":
+  if init != "float":
     gptq, _, _, _, positive_definite = baselines.gptq_solve(
         wt, gram, bits=bits, grid=grid, granularity=granularity,
         group_size=group_size, scalar=scalar, static_groups=True,
-        scale_dtype=scale_dtype, **baselines.GPTQ_DEFAULTS)
+        scale_dtype=scale_dtype,
+        **dict(baselines.GPTQ_DEFAULTS, act_order=init == "gptq-act-order"))
     # Without a usable Cholesky factor GPTQ has no solution: start from W.
     start = jnp.where(positive_definite, gptq, wt)
   chunk = min(_CHANNEL_CHUNK, d_out)
@@ -456,7 +457,7 @@ def solve(wt, gram, *, bits, iters, order, scale_update, scalar, grid,
       check_vma=False)(wt, gram)
 
 
-INITS = ("float", "gptq")
+INITS = ("float", "gptq", "gptq-act-order")
 
 
 def check_options(*, iters, order, init) -> None:

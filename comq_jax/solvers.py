@@ -385,8 +385,9 @@ def comq(bits: int, *, iters: int = 1, order: str = "greedy", scale_update: bool
   objective. The defaults reproduce the official code.
 
   ``init="gptq"`` starts the sweeps from GPTQ's solution on the same grid (the
-  default :func:`gptq` options, static groups) instead of from ``W``: since no
-  sweep raises the objective, the result is never worse than GPTQ's. (Where
+  default :func:`gptq` options, static groups) instead of from ``W``, and
+  ``init="gptq-act-order"`` from GPTQ's with ``act_order=True`` (static groups):
+  since no sweep raises the objective, the result is never worse than that GPTQ's. (Where
   ``H`` is not positive definite even after GPTQ's damping, the sweeps start
   from ``W``.)
 
@@ -410,7 +411,8 @@ def comq(bits: int, *, iters: int = 1, order: str = "greedy", scale_update: bool
     order: ``"greedy"``, ``"cyclic"`` or ``"diag"``.
     scale_update: alternate sweeps with least-squares scale updates.
     scalar, grid, granularity, group_size, scale_dtype: the grid (:class:`Solver`).
-    init: ``"float"`` (start from ``W``, official) or ``"gptq"``.
+    init: ``"float"`` (start from ``W``, official), ``"gptq"`` or
+      ``"gptq-act-order"``.
     preprocess, magr_alpha, magr_iters: MagR before the sweeps (:class:`Solver`);
       with ``init="gptq"``, GPTQ's start is computed on the preprocessed weights.
 

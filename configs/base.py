@@ -192,8 +192,10 @@ def get_config(dataset):
   # Mixed precision: with bit_budget (average bits per weight, grid parameters included
   # as the packed file stores them), each layer takes one of bit_choices on the method's
   # grid, chosen by an exact knapsack over the layer objectives measured from the FP
-  # model's Grams (sensitivity "rtn": round-to-nearest; "solver": the method's solver);
-  # needs inputs "fp". None: every layer at bits.
+  # model's Grams (sensitivity "rtn": round-to-nearest; "solver": the method's solver), or
+  # the round-to-nearest loss increase weighted by the diagonal empirical Fisher of the
+  # calibration examples, one backward pass each ("fisher"); needs inputs "fp". None:
+  # every layer at bits.
   config.comq.bit_budget = config_dict.placeholder(float)
   config.comq.bit_choices = (2, 3, 4, 8)
   config.comq.sensitivity = "rtn"

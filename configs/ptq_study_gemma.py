@@ -7,9 +7,11 @@ the FP weights or from GPTQ's solution, without and with MagR (per-group l-infin
 the paper's alpha 1e-4 and 200 steps); GPTQ with MagR; mixed precision at two budgets.
 GPTQ, RTN and one-sweep COMQ without MagR are llm_ptq_gemma's runs (same settings and
 seed). The points run in the order the study needs them; the first 12 (through COMQ from
-GPTQ with MagR at W2 g64) are the study's figures. The last 6 (W3 g128 COMQ with and
-without MagR on calibration seeds 1 and 2, and round-to-nearest with MagR) were not run
-for it.
+GPTQ with MagR at W2 g64) ran, and docs/ptq-study.md quotes their W2 g64 figures. The
+last 6 (W3 g128 COMQ with and without MagR on calibration seeds 1 and 2, and
+round-to-nearest with MagR) were not run. The whole matrix (every method, with and
+without MagR, at 4, 3 and 2 bits, per channel and with groups of 128) comes from
+experiments.ptq_study_lm, which captures the Grams once for all its cells.
 
   python -m experiments.sweep --config=ptq_study_gemma --dataset=text \\
       --workdir=workdirs/sweeps/ptq_study_gemma

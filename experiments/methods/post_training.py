@@ -100,7 +100,7 @@ def first_and_last_layers(model, variables, image, num_classes):
 # (and blocks), the recipe's skip_first_last and the mixed-precision allocation.
 DRIVER_FIELDS = ("inputs", "skip_first_last", "blocks", "bit_budget", "bit_choices",
                  "sensitivity")
-SENSITIVITIES = ("rtn", "solver")
+SENSITIVITIES = ("rtn", "solver", "fisher")
 
 
 def solver(config, name):
@@ -124,25 +124,53 @@ def _with_kernels(variables, source, layer_paths):
   return dict(variables, params=params)
 
 
-def allocate(block, method_solver, model, variables, calibration, rules, apply_kwargs):
+def fisher_examples(config, task, dataset, shuffle_seed):
+  """The calibration examples (the first `calibration.num_examples` of the seeded order, as
+  `calibration_inputs` draws them) one at a time, as whole batches (inputs and labels or
+  next tokens), for the per-example Fisher."""
+  batches = dataset.train_epoch(1, shuffle_seed)
+  return list(itertools.islice(batches, config.calibration.num_examples))
+
+
+def task_loss(task, variables):
+  """``loss_fn(params, batch)``: the task's training loss of the model with ``params``
+  (and the other collections of ``variables``) in evaluation mode."""
+  def loss_fn(params, batch):
+    logits = task.forward(dict(variables, params=params), task.inputs(batch), train=False)[0]
+    return task.loss(logits, batch)[0]
+  return loss_fn
+
+
+def allocate(block, method_solver, model, variables, calibration, rules, apply_kwargs,
+             fisher=None):
   """The mixed-precision allocation of a method block with `bit_budget` set: layer
   objectives at each of `bit_choices` from the FP model's Grams (`sensitivity` "rtn":
-  round-to-nearest on the method's grid; "solver": the method's own solver), then the
-  exact knapsack of `comq_jax.bit_allocation.allocate_bits`. Layers that `rules` keep in
-  float are left out."""
+  round-to-nearest on the method's grid; "solver": the method's own solver), or the
+  round-to-nearest loss increase weighted by the diagonal empirical Fisher ("fisher":
+  `fisher` is ``(loss_fn, params, examples)`` of `comq_jax.bit_allocation.fisher_diagonal`),
+  then the exact knapsack of `comq_jax.bit_allocation.allocate_bits`. Layers that `rules`
+  keep in float are left out."""
   checked = rules_lib.check_rules(rules or None)
   grams = quant_core.layer_grams(model, variables, calibration, **apply_kwargs)
   matrices = bit_allocation.layer_matrices(model, variables, calibration[0], **apply_kwargs)
   matrices = {path: mats for path, mats in matrices.items()
               if path in grams and rules_lib.solver_for(path, checked, method_solver)[0]}
   measure = method_solver
-  if block.sensitivity == "rtn":
+  if block.sensitivity in ("rtn", "fisher"):
     measure = solvers.rtn(method_solver.bits, grid=method_solver.grid,
                           granularity=method_solver.granularity,
                           group_size=method_solver.group_size,
                           scalar=method_solver.scalar)
-  triple = bit_allocation.objectives_from_grams(grams, matrices, measure,
-                                                tuple(block.bit_choices))
+  if block.sensitivity == "fisher":
+    loss_fn, params, examples = fisher
+    by_kernel = bit_allocation.fisher_diagonal(loss_fn, params, examples, list(matrices))
+    triple = bit_allocation.objectives_from_fisher(
+        bit_allocation.fisher_matrices(model, variables, calibration[0], by_kernel,
+                                       **apply_kwargs),
+        matrices, measure, tuple(block.bit_choices))
+  else:
+    triple = bit_allocation.objectives_from_grams(grams, matrices, measure,
+                                                  tuple(block.bit_choices))
   allocation = bit_allocation.allocate_bits(*triple, budget=block.bit_budget)
   counts = {bits: list(allocation.bits.values()).count(bits)
             for bits in sorted(set(allocation.bits.values()))}
@@ -213,8 +241,14 @@ class PostTrainingMethod(base.Method):
     method_solver = solver(config, self.name)
     allocation = None
     if config[self.name].bit_budget is not None:
+      fisher = None
+      if config[self.name].sensitivity == "fisher":
+        state_variables = jax.device_put(jax.device_get(state["variables"]))
+        fisher = (task_loss(task, state_variables), state_variables["params"],
+                  fisher_examples(config, task, context.dataset,
+                                  (config.seed, context.phase_index, 0)))
       allocation = allocate(config[self.name], method_solver, model, variables,
-                            calibration, rules, task.apply_kwargs)
+                            calibration, rules, task.apply_kwargs, fisher=fisher)
       rules += allocation.rules(method_solver)
     result = comq_jax.quantize_model(model, variables, calibration,
                                      method_solver, rules=rules or None,

@@ -250,3 +250,72 @@ def test_helpers_reject_bad_inputs(tiny_model):
   with pytest.raises(ValueError, match="Dense_0: the runs give it matrices"):
     bit_allocation.objectives_from_results({4: first, 3: other._replace(
         layers=[report._replace(bits=3)])})
+
+
+def _squared_error_loss(model):
+  def loss_fn(params, batch):
+    inputs, targets = batch
+    return ((model.apply({"params": params}, inputs) - targets) ** 2).mean() / 2
+  return loss_fn
+
+
+def test_fisher_diagonal_is_the_mean_squared_gradient(tiny_model):
+  model, variables, batches, *_ = tiny_model
+  rng = np.random.default_rng(0)
+  data = [(x, rng.normal(size=(x.shape[0], 6)).astype(np.float32)) for x in batches]
+  loss_fn = _squared_error_loss(model)
+  fisher = bit_allocation.fisher_diagonal(loss_fn, variables["params"], data,
+                                          ["Dense_0", "Dense_2"])
+  assert list(fisher) == ["Dense_0", "Dense_2"]
+  # Reference: float64 gradients of each batch by jax.grad, squared and averaged.
+  with jax.enable_x64():
+    params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    grads = [jax.grad(loss_fn)(params64, (np.asarray(x, np.float64), np.asarray(y, np.float64)))
+             for x, y in data]
+  for path in fisher:
+    expected = np.mean([np.square(np.asarray(g[path]["kernel"])) for g in grads], axis=0)
+    assert fisher[path].shape == variables["params"][path]["kernel"].shape
+    np.testing.assert_allclose(fisher[path], expected, rtol=1e-4, atol=1e-12)
+  # The last layer's gradient is X^T (XW + b - Y) / (rows * 6): the Fisher is not zero.
+  assert float(np.min(np.asarray(fisher["Dense_2"]).max(axis=0))) > 0
+  with pytest.raises(ValueError, match="batches is empty"):
+    bit_allocation.fisher_diagonal(loss_fn, variables["params"], [], ["Dense_0"])
+  with pytest.raises(ValueError, match="Dense_7: params has no kernel"):
+    bit_allocation.fisher_diagonal(loss_fn, variables["params"], data, ["Dense_7"])
+  with pytest.raises(ValueError, match="layer_paths is empty"):
+    bit_allocation.fisher_diagonal(loss_fn, variables["params"], data, [])
+
+
+def test_objectives_from_fisher_weigh_the_rounding_errors(tiny_model):
+  model, variables, batches, grams, matrices, _ = tiny_model
+  rng = np.random.default_rng(1)
+  fisher = {path: rng.uniform(0.0, 2.0, size=mats.shape).astype(np.float32)
+            for path, mats in matrices.items()}
+  as_matrices = bit_allocation.fisher_matrices(
+      model, variables, batches[0], {path: values[0] for path, values in fisher.items()})
+  for path in fisher:
+    np.testing.assert_array_equal(as_matrices[path], fisher[path])
+  objectives, costs, weights = bit_allocation.objectives_from_fisher(
+      fisher, matrices, comq_jax.rtn(4), _BITS)
+  for path, table in objectives.items():
+    for bits, value in table.items():
+      rounded = comq_jax.rtn(bits).quantize_layer(matrices[path][0]).weights
+      expected = 0.5 * np.sum(np.float64(fisher[path][0])
+                              * np.square(np.float64(matrices[path][0]) - np.float64(rounded)))
+      assert value == pytest.approx(expected, rel=1e-9)
+  assert (costs, weights) == bit_allocation.objectives_from_grams(
+      grams, matrices, comq_jax.rtn(4), _BITS)[1:]
+  # With GPTQ the Grams are needed, and the objective follows GPTQ's weights.
+  gptq = bit_allocation.objectives_from_fisher(fisher, matrices, comq_jax.gptq(4), (3,),
+                                               grams=grams)[0]
+  assert gptq["Dense_1"][3] != objectives["Dense_1"][3]
+  with pytest.raises(ValueError, match="needs the layers' Grams"):
+    bit_allocation.objectives_from_fisher(fisher, matrices, comq_jax.gptq(4), _BITS)
+  with pytest.raises(ValueError, match="Dense_1: the Fisher must have the matrices' shape"):
+    bit_allocation.objectives_from_fisher(dict(fisher, Dense_1=fisher["Dense_0"]), matrices,
+                                          comq_jax.rtn(4), _BITS)
+  with pytest.raises(ValueError, match="Dense_1: no Fisher"):
+    bit_allocation.objectives_from_fisher({"Dense_0": fisher["Dense_0"]}, matrices,
+                                          comq_jax.rtn(4), _BITS)
+  with pytest.raises(ValueError, match="without a supported linear view"):
+    bit_allocation.fisher_matrices(model, variables, batches[0], {"Dense_9": fisher["Dense_0"]})

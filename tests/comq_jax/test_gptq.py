@@ -121,6 +121,10 @@ def test_gptq_beats_round_to_nearest_and_comq_from_gptq_beats_gptq(
   assert float(gptq.error) < float(rtn.error)
   assert float(comq_from_gptq.error) <= float(gptq.error) * (1 + 1e-6)
   assert np.all(np.diff(np.asarray(comq_from_gptq.history)) <= 1e-6 * float(rtn.error))
+  # The same from act-order GPTQ.
+  act_order = comq_jax.gptq(act_order=True, static_groups=True, **options).quantize_layer(w, x)
+  comq_from_act_order = comq_jax.comq(init="gptq-act-order", **options).quantize_layer(w, x)
+  assert float(comq_from_act_order.error) <= float(act_order.error) * (1 + 1e-6)
 
 
 # Slow: it trains the digits CNN first. The same per-layer properties (GPTQ below RTN)

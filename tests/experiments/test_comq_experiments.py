@@ -226,10 +226,14 @@ def test_digits_layers_more_sweeps_and_scale_updates_never_hurt(tmp_path):
 
 
 @pytest.mark.integration
-def test_mixed_precision_budget_through_the_job(tmp_path):
+@pytest.mark.parametrize("sensitivity", ["rtn", "fisher"])
+def test_mixed_precision_budget_through_the_job(tmp_path, sensitivity):
   # A budget between uniform 2 and 4 bits: the layers take several widths, the packed
-  # file holds each at its own width, and the sizes follow from the chosen widths.
+  # file holds each at its own width, and the sizes follow from the chosen widths. With
+  # "fisher", the per-example Fisher of the CNN's loss (batch statistics in evaluation
+  # mode) weighs the rounding errors.
   config = tiny_config("rtn_4bit", **{"rtn.bit_budget": 4.0, "rtn.bit_choices": (2, 4, 8),
+                                      "rtn.sensitivity": sensitivity,
                                       "calibration.num_examples": 32})
   results = train.train_and_evaluate(config, str(tmp_path))
   chosen = {layer["path"]: layer["bits"] for layer in results["layers"]}
